@@ -1,0 +1,3 @@
+"""epdserve: disaggregated encode / prefill / decode serving for multimodal LLMs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,176 @@
+"""Every command-line flag and environment variable of epdserve, parsed in one place.
+
+Entry points call `parse_worker_args` / `parse_frontend_args` with `os.environ` and pass the
+resulting dataclasses down; nothing else reads flags or the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Role(str, Enum):
+    PROCESSOR = "processor"
+    PD = "pd"                      # encode (EPD) + prefill + decode
+    PREFILL = "prefill"
+    DECODE = "decode"
+    ENCODE = "encode"
+    ENCODE_PREFILL = "encode_prefill"
+    NATIVE_ENCODER = "native_encoder"
+    TEXT = "text"                  # processor + PD in one process, no media
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    etcd_endpoints: str = "http://127.0.0.1:2379"
+    nats_server: str = "nats://127.0.0.1:4222"
+    namespace: str = "epdserve"
+    lease_ttl: float = 10.0
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    """Where media may come from and how long fetching may take (seconds)."""
+
+    image_fetch_timeout: float = 5.0
+    video_fetch_timeout: float = 30.0
+    audio_fetch_timeout: float = 10.0
+    allow_redirects: bool = True
+    allowed_domains: tuple[str, ...] = ()        # empty: any domain
+    allowed_local_path: str | None = None       # file:// URLs only under this directory
+    limit_per_prompt: Mapping[str, int] = field(default_factory=lambda: {"image": 4, "video": 1, "audio": 1})
+    enable_mm_embeds: bool = False
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    role: Role
+    model: str
+    served_model_name: str
+    enable_multimodal: bool
+    runtime: RuntimeConfig
+    media: MediaConfig
+    dtype: str = "auto"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int | None = None
+    max_num_seqs: int = 64
+    max_model_len: int | None = None
+    ec_storage_path: str | None = None
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    runtime: RuntimeConfig
+    http_host: str = "0.0.0.0"
+    http_port: int = 8000
+
+
+# Dynamo's role flags, each a multimodal role that needs --enable-multimodal.
+_ROLE_FLAGS = {
+    "multimodal_processor": Role.PROCESSOR,
+    "multimodal_encode_worker": Role.ENCODE,
+    "multimodal_worker": Role.PD,
+    "multimodal_decode_worker": Role.DECODE,
+    "multimodal_encode_prefill_worker": Role.ENCODE_PREFILL,
+    "native_encoder_worker": Role.NATIVE_ENCODER,
+}
+
+
+def _add_runtime_args(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--etcd-endpoints", default=env.get("ETCD_ENDPOINTS", RuntimeConfig.etcd_endpoints))
+    g.add_argument("--nats-server", default=env.get("NATS_SERVER", RuntimeConfig.nats_server))
+    g.add_argument("--namespace", default=RuntimeConfig.namespace)
+    g.add_argument("--lease-ttl", type=float, default=RuntimeConfig.lease_ttl,
+                   help="seconds a dead instance stays discoverable")
+
+
+def _runtime(args: argparse.Namespace) -> RuntimeConfig:
+    return RuntimeConfig(args.etcd_endpoints, args.nats_server, args.namespace, args.lease_ttl)
+
+
+def _json_limits(text: str) -> dict[str, int]:
+    limits = json.loads(text)
+    if not isinstance(limits, dict) or not all(isinstance(v, int) and v >= 0 for v in limits.values()):
+        raise argparse.ArgumentTypeError('expected JSON like {"image": 4, "video": 1}')
+    return limits
+
+
+def worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m epdserve.worker", description="Run one epdserve worker role.")
+    roles = p.add_argument_group("role (none: a text-only processor + worker in one process)")
+    for dest in _ROLE_FLAGS:
+        roles.add_argument("--" + dest.replace("_", "-"), dest=dest, action="store_true")
+    roles.add_argument("--is-prefill-worker", action="store_true")
+    p.add_argument("--enable-multimodal", action="store_true",
+                   help="required by every multimodal role; media requests are refused without it")
+    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--served-model-name", default=None, help="default: --model as given")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--limit-mm-per-prompt", type=_json_limits, default=None)
+    p.add_argument("--allowed-media-domains", nargs="*", default=[])
+    p.add_argument("--allowed-local-media-path", default=None)
+    p.add_argument("--enable-mm-embeds", action="store_true")
+    p.add_argument("--ec-storage-path", default=None)
+    _add_runtime_args(p, env)
+    return p
+
+
+def _role(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Role:
+    chosen = [role for dest, role in _ROLE_FLAGS.items() if getattr(args, dest)]
+    if len(chosen) > 1:
+        parser.error("choose one role flag")
+    if not chosen:
+        if args.is_prefill_worker:
+            parser.error("--is-prefill-worker needs --multimodal-worker or --multimodal-encode-prefill-worker")
+        return Role.TEXT
+    if not args.enable_multimodal:
+        parser.error("multimodal roles require --enable-multimodal (it allows this deployment to "
+                     "process media from requests)")
+    role = chosen[0]
+    if args.is_prefill_worker:
+        if role not in (Role.PD, Role.ENCODE_PREFILL):
+            parser.error("--is-prefill-worker goes with --multimodal-worker or --multimodal-encode-prefill-worker")
+        return Role.PREFILL if role is Role.PD else Role.ENCODE_PREFILL
+    return role
+
+
+def parse_worker_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> WorkerConfig:
+    parser = worker_parser(env)
+    args = parser.parse_args(argv)
+    role = _role(args, parser)
+    media = MediaConfig(
+        image_fetch_timeout=float(env.get("EPDSERVE_IMAGE_FETCH_TIMEOUT", MediaConfig.image_fetch_timeout)),
+        video_fetch_timeout=float(env.get("EPDSERVE_VIDEO_FETCH_TIMEOUT", MediaConfig.video_fetch_timeout)),
+        audio_fetch_timeout=float(env.get("EPDSERVE_AUDIO_FETCH_TIMEOUT", MediaConfig.audio_fetch_timeout)),
+        allow_redirects=env.get("EPDSERVE_MEDIA_URL_ALLOW_REDIRECTS", "1") not in ("0", "false", "False"),
+        allowed_domains=tuple(args.allowed_media_domains),
+        allowed_local_path=args.allowed_local_media_path,
+        enable_mm_embeds=args.enable_mm_embeds,
+        **({"limit_per_prompt": args.limit_mm_per_prompt} if args.limit_mm_per_prompt is not None else {}),
+    )
+    return WorkerConfig(
+        role=role, model=args.model, served_model_name=args.served_model_name or args.model,
+        enable_multimodal=args.enable_multimodal, runtime=_runtime(args), media=media, dtype=args.dtype,
+        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, ec_storage_path=args.ec_storage_path,
+    )
+
+
+def parse_frontend_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> FrontendConfig:
+    p = argparse.ArgumentParser(prog="python -m epdserve.frontend", description="OpenAI-compatible HTTP frontend.")
+    p.add_argument("--http-host", default=FrontendConfig.http_host)
+    p.add_argument("--http-port", type=int, default=FrontendConfig.http_port)
+    _add_runtime_args(p, env)
+    args = p.parse_args(argv)
+    return FrontendConfig(runtime=_runtime(args), http_host=args.http_host, http_port=args.http_port)

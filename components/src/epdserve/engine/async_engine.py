@@ -1,0 +1,99 @@
+"""Drives an `Engine` on its own thread and exposes per-request async output streams."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from epdserve.engine.base import Engine, EngineOutput, EngineRequest
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    """Thread-safe front of an `Engine`.
+
+    The engine runs on one background thread (torch releases the GIL, so the event loop
+    stays responsive); requests and aborts cross to it through a locked inbox, outputs come
+    back through `loop.call_soon_threadsafe` into one asyncio queue per request.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._cond = threading.Condition()
+        self._adds: list[EngineRequest] = []
+        self._aborts: list[str] = []
+        self._queues: dict[str, asyncio.Queue[EngineOutput]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
+
+    async def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        await asyncio.to_thread(self._thread.join)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._queues)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """Stream a request's outputs until it finishes; closing the stream aborts it."""
+        rid = request.request_id
+        queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
+        self._queues[rid] = queue
+        finished = False
+        with self._cond:
+            self._adds.append(request)
+            self._cond.notify()
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finish_reason is not None
+                yield out
+        finally:
+            del self._queues[rid]
+            if not finished:
+                with self._cond:
+                    self._aborts.append(rid)
+                    self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopped or self._adds or self._aborts or self.engine.has_unfinished()):
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                adds, self._adds = self._adds, []
+                aborts, self._aborts = self._aborts, []
+            for req in adds:
+                self.engine.add_request(req)
+            for rid in aborts:  # after adds: a request may be cancelled in the same batch
+                self.engine.abort(rid)
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a bug in one step must not kill the worker silently
+                log.exception("engine step failed")
+                outputs = self._fail_all(str(exc))
+            for out in outputs:
+                self._loop.call_soon_threadsafe(self._deliver, out)
+
+    def _fail_all(self, message: str) -> list[EngineOutput]:
+        outputs = []
+        for rid in list(self._queues):
+            self.engine.abort(rid)
+            outputs.append(EngineOutput(rid, [], "error", error=message))
+        return outputs
+
+    def _deliver(self, out: EngineOutput) -> None:
+        queue = self._queues.get(out.request_id)
+        if queue is not None:  # absent when the consumer already left
+            queue.put_nowait(out)

@@ -1,0 +1,78 @@
+"""The engine contract: requests with token ids and media in, tokens out.
+
+The engine knows nothing of NATS, etcd, HTTP or NIXL; `AsyncEngine` drives any `Engine`
+from an asyncio program, and tests drive it in-process.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0          # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0                    # 0 or -1 means off
+    seed: int | None = None
+    max_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = ()   # EOS ids, unless the request ignores EOS, and extras
+
+
+@dataclass
+class MultiModalInput:
+    """One media item of a prompt, spliced in at `token_ids[offset : offset + length]`.
+
+    Exactly one of `features` (encoder inputs, e.g. pixel_values, encoded by the engine) or
+    `embeddings` (`[length, H]`, already encoded) is set. Items of one modality with
+    `features` are encoded together, as `transformers` does for one prompt.
+    """
+
+    modality: str
+    hash: str
+    offset: int
+    length: int
+    features: dict[str, torch.Tensor] | None = None
+    embeddings: torch.Tensor | None = None
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    mm_inputs: list[MultiModalInput] = field(default_factory=list)
+
+
+@dataclass
+class EngineOutput:
+    """Tokens a request produced in one step; `finish_reason` is set on its last output."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None   # "stop" (EOS) or "length"
+    num_prompt_tokens: int = 0
+    error: str | None = None           # set when the request failed inside the engine
+
+
+class Engine(ABC):
+    """Single-threaded core: `add_request` and `abort` between `step` calls, never during."""
+
+    @abstractmethod
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request; its outputs appear in later `step` results."""
+
+    @abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Drop a request and free everything it holds at once; unknown ids are ignored."""
+
+    @abstractmethod
+    def step(self) -> list[EngineOutput]:
+        """Advance every scheduled request by one model call; return what they produced."""
+
+    @abstractmethod
+    def has_unfinished(self) -> bool:
+        """True while any request is queued or running."""

@@ -1,0 +1,109 @@
+"""OpenAI-compatible HTTP frontend: validates, finds a processor in etcd, relays its stream."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+
+from epdserve.frontend.formatting import ResponseBuilder, sse
+from epdserve.frontend.models import ModelDirectory
+from epdserve.protocol import epdserve_pb2 as pb
+from epdserve.protocol.errors import EpdError
+from epdserve.protocol.openai import parse_request
+from epdserve.runtime.request_plane import RequestPlane
+
+log = logging.getLogger(__name__)
+
+
+def _error(err: EpdError) -> JSONResponse:
+    return JSONResponse(err.to_openai(), status_code=err.code)
+
+
+def create_app(models: ModelDirectory, plane: RequestPlane) -> FastAPI:
+    app = FastAPI(title="epdserve")
+    registry = CollectorRegistry()
+    requests_total = Counter("epdserve_http_requests", "HTTP requests by endpoint and status",
+                             ["endpoint", "status"], registry=registry)
+
+    @app.exception_handler(EpdError)
+    async def _on_error(request: Request, err: EpdError) -> JSONResponse:
+        return _error(err)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "healthy", "models": [m["id"] for m in models.list()]}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": models.list()}
+
+    async def complete(request: Request, endpoint: str) -> Response:
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        body = await request.body()
+        try:
+            req = parse_request(endpoint, body)
+            card = models.pick(req.model)
+            payload = pb.ProcessorRequest(request_id=rid, endpoint=endpoint, body=body).SerializeToString()
+            stream = _deltas(plane.stream(card.subject, payload, rid))
+            builder = ResponseBuilder(endpoint, req.model, rid, return_token_ids=req.return_token_ids)
+            if not req.stream:
+                async with contextlib.aclosing(stream):
+                    deltas = [d async for d in stream]
+                requests_total.labels(endpoint, 200).inc()
+                return JSONResponse(builder.response(deltas))
+            # Wait for the first delta so request errors still get their HTTP status.
+            first = await anext(stream)
+        except EpdError as err:
+            log.info("[%s] %s %d: %s", rid, endpoint, err.code, err.message)
+            requests_total.labels(endpoint, err.code).inc()
+            return _error(err)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        requests_total.labels(endpoint, 200).inc()
+        return StreamingResponse(_sse(builder, first, stream, include_usage, rid), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await complete(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await complete(request, "completions")
+
+    return app
+
+
+async def _deltas(frames: AsyncIterator[bytes]) -> AsyncIterator[pb.TextDelta]:
+    async with contextlib.aclosing(frames):
+        async for data in frames:
+            yield pb.TextDelta.FromString(data)
+
+
+async def _sse(builder: ResponseBuilder, first: pb.TextDelta, rest: AsyncIterator[pb.TextDelta],
+               include_usage: bool, rid: str) -> AsyncIterator[bytes]:
+    """SSE body; a client that disconnects closes `rest`, which cancels the request upstream."""
+    async with contextlib.aclosing(rest):
+        delta, is_first = first, True
+        try:
+            while True:
+                yield sse(builder.chunk(delta, is_first, include_usage))
+                if delta.finish_reason:
+                    if include_usage:
+                        yield sse(builder.usage_chunk(delta.usage))
+                    break
+                delta, is_first = await anext(rest), False
+        except (EpdError, StopAsyncIteration) as exc:
+            err = exc if isinstance(exc, EpdError) else EpdError(500, "the stream ended without a finish reason")
+            log.warning("[%s] stream failed: %s", rid, err.message)
+            yield sse(json.dumps(err.to_openai()))
+    yield sse("[DONE]")

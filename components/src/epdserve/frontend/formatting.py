@@ -1,0 +1,75 @@
+"""OpenAI response bodies for chat and text completions, streamed and not."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from epdserve.protocol import epdserve_pb2 as pb
+
+
+@dataclass
+class ResponseBuilder:
+    """Turns the processor's `TextDelta`s into OpenAI objects for one request."""
+
+    endpoint: str                  # "chat" or "completions"
+    model: str
+    request_id: str
+    created: int = field(default_factory=lambda: int(time.time()))
+    return_token_ids: bool = False
+
+    @property
+    def _object(self) -> str:
+        return "chat.completion" if self.endpoint == "chat" else "text_completion"
+
+    def _base(self, obj: str) -> dict:
+        prefix = "chatcmpl-" if self.endpoint == "chat" else "cmpl-"
+        return {"id": prefix + self.request_id, "object": obj, "created": self.created, "model": self.model}
+
+    @staticmethod
+    def usage(u: pb.Usage) -> dict:
+        return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                "total_tokens": u.prompt_tokens + u.completion_tokens}
+
+    def response(self, deltas: list[pb.TextDelta]) -> dict:
+        """The non-streaming body from every delta of the request."""
+        text = "".join(d.text for d in deltas)
+        last = deltas[-1]
+        choice: dict = {"index": 0, "logprobs": None, "finish_reason": last.finish_reason or None}
+        if self.endpoint == "chat":
+            choice["message"] = {"role": "assistant", "content": text, "refusal": None, "tool_calls": []}
+        else:
+            choice["text"] = text
+        body = self._base(self._object) | {"choices": [choice], "usage": self.usage(last.usage)}
+        if self.return_token_ids:
+            choice["token_ids"] = [t for d in deltas for t in d.token_ids]
+            body["prompt_token_ids"] = list(deltas[0].prompt_token_ids)
+        return body
+
+    def chunk(self, delta: pb.TextDelta, first: bool, include_usage: bool) -> dict:
+        """One streamed chunk; the first chat chunk also carries the assistant role."""
+        choice: dict = {"index": 0, "logprobs": None, "finish_reason": delta.finish_reason or None}
+        if self.endpoint == "chat":
+            choice["delta"] = ({"role": "assistant"} if first else {}) | ({"content": delta.text} if delta.text or first else {})
+            obj = "chat.completion.chunk"
+        else:
+            choice["text"] = delta.text
+            obj = "text_completion"
+        body = self._base(obj) | {"choices": [choice]}
+        if self.return_token_ids:
+            choice["token_ids"] = list(delta.token_ids)
+            if first:
+                body["prompt_token_ids"] = list(delta.prompt_token_ids)
+        if include_usage:
+            body["usage"] = None
+        return body
+
+    def usage_chunk(self, usage: pb.Usage) -> dict:
+        obj = "chat.completion.chunk" if self.endpoint == "chat" else "text_completion"
+        return self._base(obj) | {"choices": [], "usage": self.usage(usage)}
+
+
+def sse(data: dict | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()

@@ -1,0 +1,85 @@
+"""Contracts between model families and the rest of epdserve.
+
+A family has two halves: what the processor needs (placeholders, chat-template parts; no
+weights) and what a worker needs (media preprocessing, the model itself). Everything
+family-specific lives under `models/`; callers only see these bases.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from epdserve.media.types import MediaInfo
+
+
+class ModelFamily(ABC):
+    """Processor-side knowledge of a model family, built from a HF model directory.
+
+    `hf_config` is the `transformers` config of the directory. Subclasses set `model_types`
+    (HF `model_type` values they serve) and `modalities`.
+    """
+
+    model_types: tuple[str, ...] = ()
+    modalities: tuple[str, ...] = ()
+
+    def __init__(self, model_dir: Path, hf_config: Any):
+        self.model_dir = model_dir
+        self.hf_config = hf_config
+
+    @property
+    @abstractmethod
+    def context_length(self) -> int:
+        """Maximum positions of the text decoder."""
+
+    @abstractmethod
+    def placeholder_token_id(self, modality: str) -> int:
+        """The token id repeated once per embedding position of a `modality` item."""
+
+    @abstractmethod
+    def num_placeholders(self, info: MediaInfo) -> int:
+        """Number of embedding positions the encoder yields for this item."""
+
+    def template_part(self, modality: str) -> dict:
+        """The content part the HF chat template expects for one media item."""
+        return {"type": modality}
+
+    def load_runner(self, dtype: torch.dtype | None) -> "MultimodalModel":
+        """Load the weights for a worker. `dtype=None` keeps the checkpoint's dtype."""
+        raise NotImplementedError(f"{type(self).__name__} has no worker-side model yet")
+
+
+class MultimodalModel(ABC):
+    """Worker-side model: media encoder plus a causal text decoder with a KV cache.
+
+    Tensors are on `self.device`; hidden size is H, vocabulary V. The cache object returned
+    by `new_cache` is owned by the caller (one per sequence) and mutated by `forward`.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @abstractmethod
+    def preprocess(self, modality: str, items: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """Turn decoded media of one request into encoder inputs (e.g. `pixel_values`)."""
+
+    @abstractmethod
+    def encode(self, modality: str, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Encoder outputs, one `[num_placeholders_i, H]` tensor per item, in order."""
+
+    @abstractmethod
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """`[T]` token ids -> `[T, H]` input embeddings."""
+
+    @abstractmethod
+    def new_cache(self) -> Any:
+        """An empty KV cache for one sequence."""
+
+    @abstractmethod
+    def forward(self, inputs_embeds: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Run `[T, H]` new positions after those already in `cache`, append their KV to
+        it, and return the `[V]` float32 logits of the last position."""

@@ -1,0 +1,60 @@
+"""Incremental detokenization and stop strings, so streamed text equals the final text."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Prompt tokens decoded with the first output tokens, so tokenizers that drop a leading
+# space at the start of a decode (SentencePiece) render it as they would mid-text.
+_CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    Text is released only once it no longer ends in an incomplete UTF-8 character (decoded
+    as U+FFFD), so a character split across byte-level tokens is never emitted in halves.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_ids: list[int]):
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids[-_CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def add(self, token_ids: list[int]) -> str:
+        self.ids.extend(token_ids)
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        prefix_text = decode(self.ids[self.prefix_offset : self.read_offset])
+        new_text = decode(self.ids[self.prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return new_text[len(prefix_text) :]
+
+
+class StopStrings:
+    """Holds back the tail that could still grow into a stop string.
+
+    `feed` returns (text safe to emit, True when a stop string was hit); the stop string
+    itself is never emitted, as in OpenAI's API.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.holdback = max((len(s) for s in stops), default=1) - 1
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        cut = max(len(self.pending) - self.holdback, 0)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out

@@ -1,0 +1,121 @@
+"""Builds the worker's view of a request: token ids with expanded media placeholders."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from epdserve.config import MediaConfig
+from epdserve.media.fetch import MediaFetcher
+from epdserve.media.image import probe_image
+from epdserve.media.types import MediaInfo
+from epdserve.models.base import ModelFamily
+from epdserve.processor.chat import MediaRef, attach_uuids, convert_messages, template_takes_parts
+from epdserve.protocol import epdserve_pb2 as pb
+from epdserve.protocol.errors import EpdError
+from epdserve.protocol.openai import ChatCompletionRequest, CompletionRequest
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]
+    media: list[pb.MediaItem] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Media:
+    ref: MediaRef
+    data: bytes
+    info: MediaInfo
+
+    @property
+    def hash(self) -> str:
+        return self.ref.uuid or hashlib.sha256(self.data).hexdigest()
+
+
+class PromptBuilder:
+    """Chat template, tokenization, media fetch and placeholder expansion for one model."""
+
+    def __init__(self, family: ModelFamily, tokenizer: Any, chat_template: str | None,
+                 media: MediaConfig, enable_multimodal: bool, fetcher: MediaFetcher):
+        self.family = family
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.takes_parts = template_takes_parts(chat_template or "")
+        self.media = media
+        self.enable_multimodal = enable_multimodal
+        self.fetcher = fetcher
+        self.placeholders = {family.placeholder_token_id(m): m for m in family.modalities}
+
+    async def build(self, req: ChatCompletionRequest | CompletionRequest) -> Prompt:
+        if isinstance(req, CompletionRequest):
+            return Prompt(self._completion_ids(req.prompt))
+        if self.chat_template is None:
+            raise EpdError.bad_request("this model has no chat template; use /v1/completions")
+        messages, refs = convert_messages(req.messages, self.takes_parts)
+        self._check_media_allowed(refs)
+        refs = attach_uuids(refs, req.multi_modal_uuids)
+        items = await asyncio.gather(*(self._load(ref) for ref in refs))
+        text = self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False)
+        return self._expand(self._tokenize(text), list(items))
+
+    def _tokenize(self, text: str) -> list[int]:
+        # Templates that write the BOS themselves must not get a second one.
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+    def _completion_ids(self, prompt: str | list) -> list[int]:
+        if isinstance(prompt, str):
+            return self._tokenize(prompt)
+        if prompt and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        if len(prompt) == 1:
+            return self._completion_ids(prompt[0])
+        raise EpdError.bad_request("prompt must be one string or one list of token ids", param="prompt")
+
+    def _check_media_allowed(self, refs: list[MediaRef]) -> None:
+        if not refs:
+            return
+        if not self.enable_multimodal:
+            raise EpdError.bad_request("this model was deployed without --enable-multimodal; "
+                                       "requests may not carry media", param="messages")
+        for modality in {r.modality for r in refs}:
+            count = sum(r.modality == modality for r in refs)
+            if modality not in self.family.modalities:
+                raise EpdError.bad_request(f"this model does not accept {modality} input", param="messages")
+            limit = self.media.limit_per_prompt.get(modality, 0)
+            if count > limit:
+                raise EpdError.bad_request(f"at most {limit} {modality}(s) may be provided in one prompt; "
+                                           f"got {count}", param="messages")
+
+    async def _load(self, ref: MediaRef) -> _Media:
+        data = await self.fetcher.fetch(ref.url, ref.modality)
+        if not data:
+            raise EpdError.bad_request(f"media at {ref.url[:80]} is empty")
+        info = probe_image(data) if ref.modality == "image" else MediaInfo(ref.modality)
+        return _Media(ref, data, info)
+
+    def _expand(self, ids: list[int], items: list[_Media]) -> Prompt:
+        """Repeat each media token once per embedding position of its item."""
+        queues = {m: [it for it in items if it.ref.modality == m] for m in self.family.modalities}
+        out: list[int] = []
+        media: list[pb.MediaItem] = []
+        for tok in ids:
+            modality = self.placeholders.get(tok)
+            if modality is None:
+                out.append(tok)
+                continue
+            if not queues[modality]:
+                raise EpdError.bad_request(f"the prompt has more {modality} placeholders than {modality}s")
+            item = queues[modality].pop(0)
+            length = self.family.num_placeholders(item.info)
+            media.append(pb.MediaItem(modality=modality, hash=item.hash, offset=len(out),
+                                      length=length, data=item.data))
+            out.extend([tok] * length)
+        if any(queues.values()):
+            raise EpdError.bad_request("the chat template placed fewer media placeholders than media items")
+        return Prompt(out, media)

@@ -1,0 +1,93 @@
+"""OpenAI request bodies, validated the same way by the frontend and the processor.
+
+Unknown fields are accepted and ignored, as OpenAI clients send many; fields we do not
+implement but that change results (e.g. `n` > 1) are refused by the processor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from epdserve.protocol.errors import EpdError
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ChatMessage(_Lenient):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class SamplingFields(_Lenient):
+    """Fields shared by chat and completion requests."""
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1)
+    return_token_ids: bool = False   # vLLM extension: token ids alongside the text
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    multi_modal_uuids: dict[str, list[str | None]] | None = None   # vLLM extension
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+
+    @property
+    def token_limit(self) -> int:
+        return self.max_tokens or 16   # OpenAI's default for completions
+
+
+ENDPOINTS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
+    "chat": ChatCompletionRequest,
+    "completions": CompletionRequest,
+}
+
+Endpoint = Literal["chat", "completions"]
+
+
+def parse_request(endpoint: str, body: bytes | dict) -> ChatCompletionRequest | CompletionRequest:
+    """Validate a request body; any problem is a 400 naming the offending field."""
+    cls = ENDPOINTS[endpoint]
+    try:
+        if isinstance(body, dict):
+            return cls.model_validate(body)
+        return cls.model_validate_json(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "json_invalid":
+            raise EpdError.bad_request(f"request body is not valid JSON: {err['msg']}")
+        raise EpdError.bad_request(f"{where}: {err['msg']}", param=where)

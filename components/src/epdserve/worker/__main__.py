@@ -1,0 +1,56 @@
+"""`python -m epdserve.worker`: run the worker role(s) chosen by the flags until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import uvloop
+
+from epdserve.config import Role, WorkerConfig, parse_worker_args
+from epdserve.models.registry import load_family
+from epdserve.runtime.component import Runtime
+from epdserve.worker.services import PDService, ProcessorService, Service
+
+log = logging.getLogger("epdserve.worker")
+
+SERVICES: dict[Role, tuple[type[Service], ...]] = {
+    Role.PROCESSOR: (ProcessorService,),
+    Role.PD: (PDService,),
+    Role.TEXT: (PDService, ProcessorService),
+}
+
+
+async def run(config: WorkerConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    family = load_family(config.model)
+    runtime = await Runtime.connect(config.runtime)
+    services = [cls(config, runtime, family) for cls in SERVICES[config.role]]
+    try:
+        for service in services:
+            await service.start()
+        log.info("%s ready: model %r, instance %s", config.role.value, config.served_model_name, runtime.instance_id)
+        await stop.wait()
+        log.info("shutting down: deregistering, draining in-flight requests")
+    finally:
+        await runtime.shutdown()
+        for service in reversed(services):
+            await service.stop()
+
+
+def main() -> None:
+    config = parse_worker_args(sys.argv[1:], os.environ)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.role not in SERVICES:
+        sys.exit(f"epdserve.worker: the {config.role.value} role is not available yet")
+    uvloop.run(run(config))
+
+
+if __name__ == "__main__":
+    main()

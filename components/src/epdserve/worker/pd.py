@@ -1,0 +1,53 @@
+"""The PD worker role: decode media, encode, prefill and decode in one process (EPD)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from epdserve.engine.async_engine import AsyncEngine
+from epdserve.engine.base import EngineRequest, MultiModalInput, SamplingParams
+from epdserve.media.image import decode_image
+from epdserve.models.base import MultimodalModel
+from epdserve.protocol import epdserve_pb2 as pb
+from epdserve.protocol.errors import EpdError
+
+log = logging.getLogger(__name__)
+
+DECODERS = {"image": decode_image}
+
+
+def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
+    return SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                          seed=p.seed if p.HasField("seed") else None,
+                          max_tokens=p.max_tokens, stop_token_ids=tuple(p.stop_token_ids))
+
+
+class PDHandler:
+    """Serves `GenerateRequest` -> stream of `TokenDelta`; media arrive as encoded bytes."""
+
+    def __init__(self, engine: AsyncEngine, model: MultimodalModel):
+        self.engine = engine
+        self.model = model
+
+    async def generate(self, payload: bytes) -> AsyncIterator[bytes]:
+        req = pb.GenerateRequest.FromString(payload)
+        # Decoding and resizing a photo takes tens of ms: keep it off the event loop.
+        mm_inputs = await asyncio.to_thread(self._mm_inputs, req)
+        ereq = EngineRequest(req.request_id, list(req.token_ids), sampling_from_proto(req.sampling), mm_inputs)
+        async for out in self.engine.generate(ereq):
+            if out.error is not None:
+                raise EpdError(500, f"generation failed: {out.error}")
+            yield pb.TokenDelta(token_ids=out.new_token_ids, finish_reason=out.finish_reason or "",
+                                num_prompt_tokens=out.num_prompt_tokens).SerializeToString()
+
+    def _mm_inputs(self, req: pb.GenerateRequest) -> list[MultiModalInput]:
+        inputs = []
+        for item in req.media:
+            decode = DECODERS.get(item.modality)
+            if decode is None:
+                raise EpdError.bad_request(f"this worker cannot decode {item.modality}")
+            features = self.model.preprocess(item.modality, [decode(item.data)])
+            inputs.append(MultiModalInput(item.modality, item.hash, item.offset, item.length, features=features))
+        return inputs

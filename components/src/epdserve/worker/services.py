@@ -1,0 +1,126 @@
+"""Assembles each role from the shared machinery: a `Service` per role, started in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from abc import ABC, abstractmethod
+
+import torch
+from transformers import AutoProcessor, GenerationConfig
+
+from epdserve.config import WorkerConfig
+from epdserve.engine.async_engine import AsyncEngine
+from epdserve.engine.simple import SimpleEngine
+from epdserve.media.fetch import MediaFetcher
+from epdserve.models.base import ModelFamily
+from epdserve.processor.handler import ProcessorHandler
+from epdserve.processor.prompt import PromptBuilder
+from epdserve.protocol import epdserve_pb2 as pb
+from epdserve.runtime.component import Runtime
+from epdserve.runtime.pool import InstancePool
+from epdserve.worker.pd import PDHandler
+
+log = logging.getLogger(__name__)
+
+PROCESSOR, BACKEND = "processor", "backend"   # component names in discovery
+
+
+class Service(ABC):
+    """One role inside a worker process. `stop` runs after the runtime stopped routing here
+    and drained in-flight requests."""
+
+    def __init__(self, config: WorkerConfig, runtime: Runtime, family: ModelFamily):
+        self.config = config
+        self.runtime = runtime
+        self.family = family
+
+    @property
+    def max_model_len(self) -> int:
+        return min(self.config.max_model_len or self.family.context_length, self.family.context_length)
+
+    def card(self, input: str, component: str, subject: str) -> pb.ModelCard:
+        c = self.config
+        return pb.ModelCard(
+            served_model_name=c.served_model_name, model_path=c.model, model_type=self.family.hf_config.model_type,
+            input=input, context_length=self.max_model_len, enable_multimodal=c.enable_multimodal,
+            modalities=self.family.modalities if c.enable_multimodal else [],
+            limit_mm_per_prompt=dict(c.media.limit_per_prompt) if c.enable_multimodal else {},
+            subject=subject, instance_id=self.runtime.instance_id, component=component, created=int(time.time()))
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None:
+        return None
+
+
+class ProcessorService(Service):
+    """Announces the model to frontends only while at least one backend serves it."""
+
+    async def start(self) -> None:
+        c = self.config
+        hf_processor = await asyncio.to_thread(AutoProcessor.from_pretrained, c.model)
+        tokenizer = getattr(hf_processor, "tokenizer", hf_processor)
+        chat_template = getattr(hf_processor, "chat_template", None) or tokenizer.chat_template
+        self.fetcher = MediaFetcher(c.media)
+        prompts = PromptBuilder(self.family, tokenizer, chat_template, c.media, c.enable_multimodal, self.fetcher)
+        self.backends = InstancePool(
+            await self.runtime.watch_cards(c.served_model_name),
+            accept=lambda card: card.served_model_name == c.served_model_name and card.input == "tokens",
+            what=f"worker for model {c.served_model_name!r}")
+        handler = ProcessorHandler(prompts, tokenizer, self.backends, self.runtime.plane,
+                                   _eos_token_ids(c.model, tokenizer), self.max_model_len)
+        subject = await self.runtime.serve(PROCESSOR, "generate", handler.generate)
+        self._card = self.card("text", PROCESSOR, subject)
+        self._changed = asyncio.Event()
+        self.backends.watch.add_listener(self._changed.set)
+        self._gate = asyncio.create_task(self._follow_backends())
+
+    async def _follow_backends(self) -> None:
+        announced = False
+        while True:
+            alive = bool(self.backends.cards())
+            if alive != announced:
+                if alive:
+                    await self.runtime.publish_card(self._card)
+                else:
+                    await self.runtime.withdraw_card(self.config.served_model_name)
+                announced = alive
+                log.info("model %r %s", self.config.served_model_name, "announced" if alive else "withdrawn: no backend")
+            await self._changed.wait()
+            self._changed.clear()
+
+    async def stop(self) -> None:
+        self._gate.cancel()
+        await self.fetcher.close()
+
+
+class PDService(Service):
+    """Encode + prefill + decode in this process, on the step-1 engine."""
+
+    async def start(self) -> None:
+        c = self.config
+        dtype = None if c.dtype == "auto" else getattr(torch, c.dtype)
+        model = await asyncio.to_thread(self.family.load_runner, dtype)
+        self.engine = AsyncEngine(SimpleEngine(model, c.max_num_seqs, self.max_model_len))
+        self.engine.start()
+        subject = await self.runtime.serve(BACKEND, "generate", PDHandler(self.engine, model).generate)
+        await self.runtime.publish_card(self.card("tokens", BACKEND, subject))
+
+    async def stop(self) -> None:
+        await self.engine.stop()
+
+
+def _eos_token_ids(model_dir: str, tokenizer) -> list[int]:
+    """EOS ids from generation_config.json, else the tokenizer's, as `generate()` uses them."""
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:
+        eos = None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]

@@ -1,0 +1,116 @@
+# Shared machinery of the launch scripts: arguments, infrastructure, children, shutdown.
+# Sourced by launch/<topology>.sh; see DESIGN.md "Launch scripts (contract)".
+
+PYTHON=${PYTHON:-python}
+ETCD_ENDPOINTS=${ETCD_ENDPOINTS:-http://127.0.0.1:2379}
+NATS_SERVER=${NATS_SERVER:-nats://127.0.0.1:4222}
+HTTP_HOST=${HTTP_HOST:-0.0.0.0}
+EPDSERVE_CACHE=${EPDSERVE_CACHE:-$HOME/.cache/epdserve}
+export ETCD_ENDPOINTS NATS_SERVER
+
+MODEL=""
+HTTP_PORT=8000
+NAMESPACE=epdserve
+SERVED_NAME=""
+EXTRA_ARGS=()
+CHILDREN=()
+ESSENTIAL=()   # etcd/NATS supervisor and frontend: the cluster stops when one of them exits
+WAITER=""
+
+# parse_args "$@": --model, --http-port, --namespace, --served-model-name; the rest goes to workers.
+parse_args() {
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --model) MODEL=$2; shift 2 ;;
+      --http-port) HTTP_PORT=$2; shift 2 ;;
+      --namespace) NAMESPACE=$2; shift 2 ;;
+      --served-model-name) SERVED_NAME=$2; shift 2 ;;
+      -h|--help) sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+      *) EXTRA_ARGS+=("$1"); shift ;;
+    esac
+  done
+}
+
+# ensure_model FAMILY: without --model, build (once, cached) a tiny random-weight model.
+ensure_model() {
+  local family=$1
+  if [ -z "$MODEL" ]; then
+    MODEL="$EPDSERVE_CACHE/tiny-$family"
+    SERVED_NAME=${SERVED_NAME:-tiny-$family}
+    if [ ! -f "$MODEL/config.json" ]; then
+      echo "epdserve: building the tiny $family model in $MODEL" >&2
+      local tmp="$MODEL.tmp.$$"
+      "$PYTHON" -m epdserve.tools.tiny_model --family "$family" --out "$tmp" && mv -T "$tmp" "$MODEL" \
+        || { rm -rf "$tmp"; echo "epdserve: building the tiny model failed" >&2; exit 1; }
+    fi
+  fi
+  SERVED_NAME=${SERVED_NAME:-$MODEL}
+}
+
+# worker CMD_FLAGS...: start one worker with the flags every worker of this cluster gets.
+worker() {
+  spawn "$PYTHON" -m epdserve.worker "$@" --model "$MODEL" --served-model-name "$SERVED_NAME" \
+    --namespace "$NAMESPACE" "${EXTRA_ARGS[@]}"
+}
+
+# spawn CMD...: start a child in its own process group and remember its PID.
+spawn() {
+  setsid "$@" &
+  CHILDREN+=($!)
+}
+
+# signal_and_wait SIGNAL SECONDS PID...: signal each process group, wait until all are gone.
+signal_and_wait() {
+  local sig=$1 secs=$2 pid
+  shift 2
+  for pid in "$@"; do kill "-$sig" -- "-$pid" 2>/dev/null || kill "-$sig" "$pid" 2>/dev/null; done
+  for _ in $(seq 1 $((secs * 10))); do
+    local alive=0
+    for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ $alive = 0 ] && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+# stop_children: components first (they deregister and drain through etcd/NATS), infra last.
+stop_children() {
+  trap - INT TERM EXIT
+  set +e   # best effort: a child that is already gone must not abort the cleanup
+  [ -n "$WAITER" ] && kill "$WAITER" 2>/dev/null
+  local infra=${ESSENTIAL[0]:-} components=() pid
+  for pid in "${CHILDREN[@]}"; do [ "$pid" != "$infra" ] && components+=("$pid"); done
+  [ ${#components[@]} -gt 0 ] && { signal_and_wait TERM 20 "${components[@]}" || signal_and_wait KILL 5 "${components[@]}"; }
+  [ -n "$infra" ] && { signal_and_wait TERM 10 "$infra" || signal_and_wait KILL 5 "$infra"; }
+}
+
+# start_infra: etcd and NATS from the pip-installed binaries, unless something answers already.
+start_infra() {
+  trap 'stop_children; exit 130' INT
+  trap 'stop_children; exit 143' TERM
+  trap 'stop_children' EXIT
+  local workdir="${TMPDIR:-/tmp}/epdserve-infra-$$"
+  spawn "$PYTHON" -m epdserve.runtime.services --etcd-endpoints "$ETCD_ENDPOINTS" \
+    --nats-server "$NATS_SERVER" --workdir "$workdir"
+  ESSENTIAL+=($!)
+  "$PYTHON" -m epdserve.tools.wait --tcp "$ETCD_ENDPOINTS" --tcp "$NATS_SERVER" --timeout 60 \
+    || { echo "epdserve: etcd/NATS did not come up" >&2; exit 1; }
+}
+
+start_frontend() {
+  spawn "$PYTHON" -m epdserve.frontend --http-host "$HTTP_HOST" --http-port "$HTTP_PORT" --namespace "$NAMESPACE"
+  ESSENTIAL+=($!)
+}
+
+# run_until_stopped: announce readiness, then run until SIGINT/SIGTERM or until the frontend or
+# the etcd/NATS supervisor exits. A worker that dies leaves its lease to expire, so routing
+# drops it, as in a real deployment; the rest keeps serving.
+run_until_stopped() {
+  ( "$PYTHON" -m epdserve.tools.wait --model "http://127.0.0.1:$HTTP_PORT" "$SERVED_NAME" --timeout 600 \
+      && echo "epdserve: ready at http://127.0.0.1:$HTTP_PORT/v1 serving '$SERVED_NAME'" >&2 ) &
+  WAITER=$!
+  local rc=0
+  wait -n "${ESSENTIAL[@]}" || rc=$?
+  echo "epdserve: the frontend or etcd/NATS exited (status $rc); stopping the cluster" >&2
+  exit $(( rc == 0 ? 1 : rc ))
+}

@@ -1,0 +1,110 @@
+"""Start a launch script as a user would, and clean up every process it started by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+
+from helpers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """PIDs of live processes whose environment carries `EPDSERVE_TEST_TAG=tag`."""
+    needle = f"EPDSERVE_TEST_TAG={tag}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if needle in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def pid_of(tag: str, arg: str) -> int:
+    """The PID of the tagged process whose command line contains `arg`."""
+    for pid in tagged_pids(tag):
+        try:
+            if arg.encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                return pid
+        except OSError:
+            continue
+    raise LookupError(f"no process with {arg}")
+
+
+@dataclass
+class Cluster:
+    proc: subprocess.Popen
+    tag: str
+    base_url: str
+    model: str
+    log: Path
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url + "/v1", api_key="none", max_retries=0, timeout=120, **kw)
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.base_url + "/v1", api_key="none", max_retries=0, timeout=300)
+
+    def models(self) -> list[str]:
+        return [m["id"] for m in httpx.get(self.base_url + "/v1/models", timeout=5).json()["data"]]
+
+    def stop(self) -> None:
+        """SIGTERM the script (it stops its children), then kill anything tagged that is left."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in tagged_pids(self.tag):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+
+
+def launch(script: str, infra, log_dir: Path, *args: str, model_dir: Path | None = None,
+           served_name: str = "test-model", timeout: float = 240) -> Cluster:
+    """Run `launch/<script>` against the test etcd/NATS, in its own namespace and port,
+    and wait until `/v1/models` lists `served_name`."""
+    tag = uuid.uuid4().hex
+    port = free_port()
+    env = os.environ | {"ETCD_ENDPOINTS": infra.etcd_endpoints, "NATS_SERVER": infra.nats_server,
+                        "HTTP_HOST": "127.0.0.1", "EPDSERVE_TEST_TAG": tag}
+    cmd = ["bash", str(ROOT / "launch" / script), "--http-port", str(port), "--namespace", f"t{tag[:8]}",
+           "--served-model-name", served_name, *args]
+    if model_dir is not None:
+        cmd += ["--model", str(model_dir)]
+    log = log_dir / f"{script}-{tag[:8]}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    cluster = Cluster(proc, tag, f"http://127.0.0.1:{port}", served_name, log)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{script} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if served_name in cluster.models():
+                    return cluster
+            except (httpx.HTTPError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{script} not ready after {timeout} s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+    except BaseException:
+        cluster.stop()
+        raise

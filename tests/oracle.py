@@ -1,0 +1,122 @@
+"""Correctness oracle: what plain ``transformers`` generates for a request.
+
+Tests compare the server's token ids with ``hf_greedy`` on the same model directory, inputs
+and ``max_tokens``. The model runs in float32 with the directory's default ``AutoProcessor``
+(torchvision image processing where torchvision is installed, as the server must match).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+# On the default tiny llava (seed 0) greedy decoding of this raw prompt reaches EOS: a
+# known request for testing stop handling (finish_reason "stop").
+EOS_PROMPT, EOS_PROMPT_TOKENS = "Hello 5", 35  # EOS included in the count
+
+@lru_cache(maxsize=8)
+def _load(model_dir: str) -> tuple[Any, Any]:
+    """(processor, float32 eval model) for a resolved directory, cached in-process."""
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return processor, model
+
+
+def load_hf(model_dir: str | Path) -> tuple[Any, Any]:
+    """The cached (processor, model) pair for ``model_dir``."""
+    return _load(str(Path(model_dir).resolve()))
+
+
+def _hf_part(part: dict) -> dict:
+    """One OpenAI content part -> the HF chat-template part."""
+    if part["type"] == "text":
+        return {"type": "text", "text": part["text"]}
+    if part["type"] == "image_url":
+        return {"type": "image"}
+    raise ValueError(f"unsupported content part type {part['type']!r}")
+
+
+def hf_messages(messages: list[dict]) -> list[dict]:
+    """OpenAI chat messages -> HF template messages (string contents are kept as they are)."""
+    return [
+        {"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+         else [_hf_part(p) for p in m["content"]]}
+        for m in messages
+    ]
+
+
+def _data_url_images(messages: list[dict]) -> list[bytes]:
+    """The bytes of every base64 ``data:`` image URL in ``messages``, in order."""
+    return [
+        base64.b64decode(p["image_url"]["url"].split(",", 1)[1])
+        for m in messages if not isinstance(m["content"], str)
+        for p in m["content"]
+        if p["type"] == "image_url" and p["image_url"]["url"].startswith("data:")
+    ]
+
+
+def hf_greedy(
+    model_dir: str | Path, messages: list[dict] | None = None, *, prompt: str | None = None,
+    images: list[bytes] | tuple[bytes, ...] = (), max_tokens: int = 16,
+) -> list[int]:
+    """Greedy new token ids for a chat (``messages``) or a raw completion ``prompt``.
+
+    ``images`` are encoded images (PNG, JPEG, ...) in prompt order; when empty, the images
+    come from the ``data:`` URLs of the messages. The result stops after EOS like
+    ``generate`` does and then includes the EOS id; otherwise it has ``max_tokens`` ids.
+    """
+    if (messages is None) == (prompt is None):
+        raise ValueError("give exactly one of messages and prompt")
+    processor, model = load_hf(model_dir)
+    if messages is not None:
+        text = processor.apply_chat_template(
+            hf_messages(messages), add_generation_prompt=True, tokenize=False)
+        images = images or _data_url_images(messages)
+    else:
+        text = prompt
+    pil = [decode_image(b) for b in images]
+    inputs = processor(text=text, images=pil or None, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=max_tokens)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def hf_text(model_dir: str | Path, token_ids: list[int]) -> str:
+    """``token_ids`` decoded by the directory's tokenizer, special tokens skipped."""
+    processor, _ = load_hf(model_dir)
+    return processor.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Encoded image bytes -> an RGB PIL image, as the oracle feeds the processor."""
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def make_image(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
+    """A deterministic PNG of ``size`` (W, H): random 4x4 colour blocks plus noise.
+
+    The coarse blocks make images of different seeds differ in content, not only in noise,
+    so a tiny model's greedy output depends on which image it saw.
+    """
+    rng = np.random.default_rng(seed)
+    width, height = size
+    blocks = rng.integers(0, 256, (4, 4, 3)).astype(np.float64)
+    rows = np.arange(height) * 4 // height
+    cols = np.arange(width) * 4 // width
+    pixels = blocks[rows][:, cols] + rng.normal(0.0, 24.0, (height, width, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(png: bytes) -> str:
+    """A ``data:image/png;base64,...`` URL for an OpenAI ``image_url`` part."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
