@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -83,7 +84,7 @@ def launch(script: str, infra, log_dir: Path, *args: str, model_dir: Path | None
     tag = uuid.uuid4().hex
     port = free_port()
     env = os.environ | {"ETCD_ENDPOINTS": infra.etcd_endpoints, "NATS_SERVER": infra.nats_server,
-                        "HTTP_HOST": "127.0.0.1", "EPDSERVE_TEST_TAG": tag}
+                        "HTTP_HOST": "127.0.0.1", "EPDSERVE_TEST_TAG": tag, "PYTHON": sys.executable}
     cmd = ["bash", str(ROOT / "launch" / script), "--http-port", str(port), "--namespace", f"t{tag[:8]}",
            "--served-model-name", served_name, *args]
     if model_dir is not None:

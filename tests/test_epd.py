@@ -1,0 +1,223 @@
+"""EPD cluster from `launch/agg_multimodal.sh`, driven by the official `openai` client.
+
+Every generation is checked token-for-token against `transformers` greedy `generate()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import signal
+import os
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from cluster import launch, pid_of
+from helpers import free_port
+from oracle import data_url, hf_greedy, hf_text, make_image
+
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from epdserve.tools.tiny_model import build_tiny_model
+    return build_tiny_model("llava", tmp_path_factory.mktemp("llava") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def cluster(infra, model_dir, tmp_path_factory):
+    c = launch("agg_multimodal.sh", infra, tmp_path_factory.mktemp("logs"), model_dir=model_dir)
+    yield c
+    c.stop()
+
+
+def chat_messages(images: list[bytes], text: str = "What is in this image?") -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": data_url(png)}} for png in images]
+    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+
+
+def run_chat(client: openai.OpenAI, model: str, messages: list[dict], stream: bool,
+             max_tokens: int = MAX_TOKENS) -> tuple[str, list[int], str]:
+    """(text, completion token ids, finish reason) of one temperature-0 chat completion."""
+    kw = dict(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
+              extra_body={"return_token_ids": True})
+    if not stream:
+        r = client.chat.completions.create(**kw)
+        choice = r.choices[0]
+        assert r.usage.completion_tokens == len(choice.model_extra["token_ids"])
+        return choice.message.content, choice.model_extra["token_ids"], choice.finish_reason
+    text, ids, finish, usage = "", [], None, None
+    for chunk in client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            ids += choice.model_extra.get("token_ids") or []
+            finish = choice.finish_reason or finish
+    assert usage is not None and usage.completion_tokens == len(ids)
+    return text, ids, finish
+
+
+def assert_matches_oracle(model_dir, messages, text, ids, max_tokens=MAX_TOKENS):
+    expected = hf_greedy(model_dir, messages, max_tokens=max_tokens)
+    assert ids == expected
+    assert text == hf_text(model_dir, expected).rstrip("\ufffd")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize("num_images", [0, 1, 2])
+def test_chat_matches_transformers(cluster, model_dir, num_images, stream):
+    messages = chat_messages([make_image(10 + i) for i in range(num_images)])
+    text, ids, finish = run_chat(cluster.client(), cluster.model, messages, stream)
+    assert_matches_oracle(model_dir, messages, text, ids)
+    assert finish in ("stop", "length")
+
+
+def test_completions_match_transformers(cluster, model_dir):
+    prompt = "The quick brown fox"
+    r = cluster.client().completions.create(model=cluster.model, prompt=prompt, max_tokens=MAX_TOKENS,
+                                            temperature=0, extra_body={"return_token_ids": True})
+    assert r.choices[0].model_extra["token_ids"] == hf_greedy(model_dir, prompt=prompt, max_tokens=MAX_TOKENS)
+    streamed = "".join(c.choices[0].text for c in cluster.client().completions.create(
+        model=cluster.model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True))
+    assert streamed == r.choices[0].text
+
+
+def test_photo_sized_image(cluster, model_dir):
+    """An ~8 MB image (a ~11 MB data URL) is served like a small one, streamed or not."""
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (1650, 1650, 3), dtype=np.uint8)).save(buf, format="PNG")
+    png = buf.getvalue()
+    assert len(png) > 8_000_000
+    messages = chat_messages([png])
+    client = cluster.client()
+    unary = run_chat(client, cluster.model, messages, stream=False)
+    streamed = run_chat(client, cluster.model, messages, stream=True)
+    assert streamed[:2] == unary[:2]
+    assert_matches_oracle(model_dir, messages, unary[0], unary[1])
+
+
+def test_concurrent_requests(cluster, model_dir):
+    cases = [chat_messages([make_image(100 + i)] * (i % 3), f"Request number {i}.") for i in range(8)]
+
+    async def one(client, messages):
+        r = await client.chat.completions.create(model=cluster.model, messages=messages, max_tokens=MAX_TOKENS,
+                                                 temperature=0, extra_body={"return_token_ids": True})
+        return r.choices[0].model_extra["token_ids"]
+
+    async def all_at_once():
+        async with cluster.async_client() as client:
+            return await asyncio.gather(*(one(client, m) for m in cases))
+
+    results = asyncio.run(all_at_once())
+    for messages, ids in zip(cases, results):
+        assert ids == hf_greedy(model_dir, messages, max_tokens=MAX_TOKENS)
+
+
+def test_sampling_parameters(cluster):
+    client = cluster.client()
+    messages = chat_messages([make_image(3)])
+    kw = dict(model=cluster.model, messages=messages, max_tokens=MAX_TOKENS, temperature=0.9, top_p=0.9,
+              extra_body={"top_k": 20})
+    a = client.chat.completions.create(seed=7, **kw).choices[0].message.content
+    b = client.chat.completions.create(seed=7, **kw).choices[0].message.content
+    assert a == b
+    r = client.chat.completions.create(model=cluster.model, messages=messages, max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens <= 3
+
+
+def test_stop_string(cluster, model_dir):
+    messages = chat_messages([make_image(5)])
+    full, _, _ = run_chat(cluster.client(), cluster.model, messages, stream=False, max_tokens=16)
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop.strip()
+    for stream in (False, True):
+        kw = dict(model=cluster.model, messages=messages, max_tokens=16, temperature=0, stop=[stop])
+        if stream:
+            text = "".join(c.choices[0].delta.content or "" for c in cluster.client().chat.completions.create(
+                **kw, stream=True) if c.choices)
+        else:
+            r = cluster.client().chat.completions.create(**kw)
+            text = r.choices[0].message.content
+            assert r.choices[0].finish_reason == "stop"
+        assert text == full[: full.index(stop)]
+
+
+def _post(cluster, body, raw: bytes | None = None) -> httpx.Response:
+    content = raw if raw is not None else json.dumps(body).encode()
+    return httpx.post(cluster.base_url + "/v1/chat/completions", content=content,
+                      headers={"Content-Type": "application/json"}, timeout=60)
+
+
+def test_bad_input_gets_openai_errors(cluster, model_dir):
+    good = {"model": cluster.model, "messages": chat_messages([make_image(1)]), "max_tokens": 4}
+    closed = free_port()
+    garbage = "data:image/png;base64," + base64.b64encode(b"definitely not an image" * 10).decode()
+    cases = {
+        "malformed json": (400, None, b'{"model": "x", "messages": ['),
+        "unknown model": (404, good | {"model": "no-such-model"}, None),
+        "missing messages": (400, {"model": cluster.model}, None),
+        "undecodable image": (400, good | {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": garbage}}]}]}, None),
+        "bad base64": (400, good | {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@not-base64@@"}}]}]}, None),
+        "unreachable url": (400, good | {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{closed}/cat.png"}}]}]}, None),
+        "too many images": (400, good | {"messages": chat_messages([make_image(1)] * 5)}, None),
+        "prompt too long": (400, good | {"max_tokens": 100_000}, None),
+    }
+    for name, (status, body, raw) in cases.items():
+        resp = _post(cluster, body, raw)
+        assert resp.status_code == status, (name, resp.text)
+        err = resp.json()["error"]
+        assert err["message"] and err["code"] == status, name
+    assert f"127.0.0.1:{closed}" in _post(cluster, cases["unreachable url"][1]).json()["error"]["message"]
+    # The same errors reach the official client as typed exceptions, and serving goes on.
+    with pytest.raises(openai.NotFoundError):
+        cluster.client().chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    text, ids, _ = run_chat(cluster.client(), cluster.model, good["messages"], stream=False)
+    assert_matches_oracle(model_dir, good["messages"], text, ids)
+
+
+def test_other_sizes_and_published_layout(infra, tmp_path_factory):
+    """A LLaVA with other sizes, saved in the llava-hf key layout, served side by side."""
+    from epdserve.tools.tiny_model import build_tiny_model
+    model_dir = build_tiny_model("llava", tmp_path_factory.mktemp("llava-odd") / "m", hidden_size=96,
+                                 num_heads=3, num_kv_heads=1, intermediate_size=160, vocab_size=1536,
+                                 image_size=48, patch_size=12, vision_hidden_size=48,
+                                 weight_layout="llava-hf", seed=3)
+    c = launch("agg_multimodal.sh", infra, tmp_path_factory.mktemp("logs"), model_dir=model_dir,
+               served_name="odd-llava")
+    try:
+        for images in ([], [make_image(7)], [make_image(8), make_image(9)]):
+            messages = chat_messages(images)
+            for stream in (False, True):
+                text, ids, _ = run_chat(c.client(), c.model, messages, stream)
+                assert_matches_oracle(model_dir, messages, text, ids)
+    finally:
+        c.stop()
+
+
+def test_dead_worker_leaves_models_within_lease_ttl(infra, model_dir, tmp_path_factory):
+    ttl = 2
+    c = launch("agg_multimodal.sh", infra, tmp_path_factory.mktemp("logs"), "--lease-ttl", str(ttl),
+               model_dir=model_dir, served_name="mortal")
+    try:
+        os.kill(pid_of(c.tag, "--multimodal-worker"), signal.SIGKILL)
+        killed = time.monotonic()
+        while "mortal" in c.models():
+            assert time.monotonic() - killed < ttl + 2, "model still listed after the lease TTL"
+            time.sleep(0.1)
+        resp = _post(c, {"model": "mortal", "messages": [{"role": "user", "content": "hi"}]})
+        assert resp.status_code == 404
+    finally:
+        c.stop()
