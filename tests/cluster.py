@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,30 +82,38 @@ def launch(script: str, infra, log_dir: Path, *args: str, model_dir: Path | None
            served_name: str = "test-model", timeout: float = 240) -> Cluster:
     """Run `launch/<script>` against the test etcd/NATS, in its own namespace and port,
     and wait until `/v1/models` lists `served_name`."""
+    def command(port: int, namespace: str) -> list[str]:
+        cmd = ["bash", str(ROOT / "launch" / script), "--http-port", str(port), "--namespace", namespace,
+               "--served-model-name", served_name, *args]
+        return cmd + (["--model", str(model_dir)] if model_dir is not None else [])
+    return start(command, infra, log_dir / f"{script}.log", served_name, timeout)
+
+
+def start(command: Callable[[int, str], list[str]], infra, log: Path, served_name: str,
+          timeout: float = 240) -> Cluster:
+    """Run `command(http_port, namespace)` (one process that starts the cluster) with the test
+    etcd/NATS and a tag in its environment; wait until `served_name` is listed."""
     tag = uuid.uuid4().hex
     port = free_port()
     env = os.environ | {"ETCD_ENDPOINTS": infra.etcd_endpoints, "NATS_SERVER": infra.nats_server,
                         "HTTP_HOST": "127.0.0.1", "EPDSERVE_TEST_TAG": tag, "PYTHON": sys.executable}
-    cmd = ["bash", str(ROOT / "launch" / script), "--http-port", str(port), "--namespace", f"t{tag[:8]}",
-           "--served-model-name", served_name, *args]
-    if model_dir is not None:
-        cmd += ["--model", str(model_dir)]
-    log = log_dir / f"{script}-{tag[:8]}.log"
+    log = log.with_name(f"{log.stem}-{tag[:8]}.log")
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(command(port, f"t{tag[:8]}"), stdout=out, stderr=subprocess.STDOUT,
+                                env=env, cwd=ROOT)
     cluster = Cluster(proc, tag, f"http://127.0.0.1:{port}", served_name, log)
     deadline = time.monotonic() + timeout
     try:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"{script} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+                raise RuntimeError(f"{log.name}: exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
             try:
                 if served_name in cluster.models():
                     return cluster
             except (httpx.HTTPError, ValueError):
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{script} not ready after {timeout} s:\n{log.read_text()[-4000:]}")
+                raise TimeoutError(f"{log.name}: not ready after {timeout} s:\n{log.read_text()[-4000:]}")
             time.sleep(0.5)
     except BaseException:
         cluster.stop()

@@ -18,21 +18,24 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-# On the default tiny llava (seed 0) greedy decoding of this raw prompt reaches EOS: a
-# known request for testing stop handling (finish_reason "stop").
-EOS_PROMPT, EOS_PROMPT_TOKENS = "Hello 5", 35  # EOS included in the count
+# Requests whose greedy output on the default tiny llava (seed 0) ends in EOS, for testing
+# stop handling (finish_reason "stop"); the token counts include the EOS.
+EOS_PROMPT, EOS_PROMPT_TOKENS = "Why? 14", 8
+EOS_CHAT, EOS_CHAT_TOKENS = [{"role": "user", "content": "Hi 5"}], 19
+
 
 @lru_cache(maxsize=8)
-def _load(model_dir: str) -> tuple[Any, Any]:
-    """(processor, float32 eval model) for a resolved directory, cached in-process."""
+def _load(model_dir: str, config_mtime_ns: int) -> tuple[Any, Any]:
+    """(processor, float32 eval model); the mtime in the key drops a rebuilt directory."""
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     return processor, model
 
 
 def load_hf(model_dir: str | Path) -> tuple[Any, Any]:
-    """The cached (processor, model) pair for ``model_dir``."""
-    return _load(str(Path(model_dir).resolve()))
+    """The cached (processor, model) pair for ``model_dir``; do not modify them."""
+    path = Path(model_dir).resolve()
+    return _load(str(path), (path / "config.json").stat().st_mtime_ns)
 
 
 def _hf_part(part: dict) -> dict:

@@ -10,8 +10,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-from epdserve.tools.tiny_model import build_tiny_model, main
-from oracle import EOS_PROMPT, EOS_PROMPT_TOKENS, data_url, decode_image, hf_greedy, hf_text, load_hf, make_image
+from epdserve.tools.tiny_model import build_tiny_model, main, make_spec
+from oracle import (
+    EOS_CHAT, EOS_CHAT_TOKENS, EOS_PROMPT, EOS_PROMPT_TOKENS, data_url, decode_image, hf_greedy,
+    hf_text, load_hf, make_image,
+)
 
 QUESTION = "What is shown in this picture?"
 
@@ -23,6 +26,7 @@ def image_chat(text: str, *pngs: bytes) -> list[dict]:
 
 
 def safetensors_keys(model_dir: Path) -> set[str]:
+    """The tensor names stored in the directory's model.safetensors."""
     with safe_open(model_dir / "model.safetensors", "pt") as f:
         return set(f.keys())
 
@@ -103,9 +107,13 @@ def test_oracle_matches_plain_generate(tiny: Path) -> None:
 
 
 def test_oracle_stops_at_eos(tiny: Path) -> None:
-    out = hf_greedy(tiny, prompt=EOS_PROMPT, max_tokens=64)
     eos = load_hf(tiny)[0].tokenizer.eos_token_id
-    assert len(out) == EOS_PROMPT_TOKENS and out[-1] == eos and eos not in out[:-1]
+    by_prompt = hf_greedy(tiny, prompt=EOS_PROMPT, max_tokens=64)
+    by_chat = hf_greedy(tiny, EOS_CHAT, max_tokens=64)
+    for out, count in [(by_prompt, EOS_PROMPT_TOKENS), (by_chat, EOS_CHAT_TOKENS)]:
+        assert len(out) == count and out[-1] == eos and eos not in out[:-1]
+    # A max_tokens limit cuts the same sequence short.
+    assert hf_greedy(tiny, prompt=EOS_PROMPT, max_tokens=EOS_PROMPT_TOKENS - 1) == by_prompt[:-1]
 
 
 @pytest.mark.parametrize("which, per_image", [("tiny", 16), ("custom", 25)])
@@ -144,8 +152,9 @@ def test_tokenizer(tiny: Path, custom: Path) -> None:
     generation = json.loads((tiny / "generation_config.json").read_text())
     text = "The farmer painted 12 red boats, then said: \"café & naïve!\"\n  Done."
     ids = tokenizer(text).input_ids
+    # bos is prepended (by tokenizer.json's post-processor), eos is not appended.
     assert ids[0] == tokenizer.bos_token_id == generation["bos_token_id"]
-    assert tokenizer.eos_token_id == generation["eos_token_id"] and ids[-1] != generation["eos_token_id"]
+    assert ids[-1] != tokenizer.eos_token_id == generation["eos_token_id"]
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
     assert len(tokenizer("USER: <image>\n").input_ids) == len(tokenizer("USER: \n").input_ids) + 1
     assert len(tokenizer) == 1024
@@ -159,6 +168,13 @@ def test_custom_sizes(custom: Path) -> None:
     assert (vision["image_size"], vision["patch_size"]) == (40, 8)
     out = hf_greedy(custom, image_chat(QUESTION, make_image(1)), max_tokens=4)
     assert len(out) == 4 and all(0 <= t < 700 for t in out)
+
+
+def test_preset_with_overrides() -> None:
+    spec = make_spec("bench", vocab_size=4096)
+    assert (spec.hidden_size, spec.vocab_size, spec.image_size) == (512, 4096, 224)
+    with pytest.raises(ValueError):
+        make_spec(image_size=30)
 
 
 def test_build_is_deterministic(tmp_path: Path, tiny: Path) -> None:

@@ -48,14 +48,15 @@ class Runtime:
         log.info("serving %s/%s as %s", component, endpoint, subject)
         return subject
 
-    def card_key(self, model_name: str) -> str:
-        return self.discovery.key("models", model_name, self.instance_id)
+    def card_key(self, model_name: str, component: str) -> str:
+        # One process may serve several components (the text-only role), each with a card.
+        return self.discovery.key("models", model_name, f"{component}-{self.instance_id}")
 
     async def publish_card(self, card: pb.ModelCard) -> None:
-        await self.discovery.register(self.card_key(card.served_model_name), encode_card(card))
+        await self.discovery.register(self.card_key(card.served_model_name, card.component), encode_card(card))
 
-    async def withdraw_card(self, model_name: str) -> None:
-        await self.discovery.unregister(self.card_key(model_name))
+    async def withdraw_card(self, card: pb.ModelCard) -> None:
+        await self.discovery.unregister(self.card_key(card.served_model_name, card.component))
 
     async def watch_cards(self, model_name: str | None = None) -> Watch:
         """Watch every model card, or those of one model."""

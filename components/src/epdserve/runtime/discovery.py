@@ -13,7 +13,7 @@ import aetcd
 log = logging.getLogger(__name__)
 
 RPC_TIMEOUT = 5  # seconds per unary etcd call; the watch stream itself has no deadline
-RETRY_DELAY = 0.5  # between attempts to re-establish a dropped watch
+RETRY_DELAY, MAX_RETRY_DELAY = 0.5, 4.0  # backoff while re-establishing a dropped watch
 
 
 def _parse_endpoint(endpoints: str) -> tuple[str, int]:
@@ -36,6 +36,7 @@ class Discovery:
         self._lock = asyncio.Lock()  # orders registrations against lease replacement
         self._watches: set[Watch] = set()
         self._keepalive: asyncio.Task | None = None
+        self._closed = False
 
     @classmethod
     async def connect(cls, endpoints: str, namespace: str, lease_ttl: float = 10.0) -> "Discovery":
@@ -81,7 +82,11 @@ class Discovery:
         return watch
 
     async def close(self) -> None:
-        """Stop keepalive and watches, revoke the lease (registered keys vanish at once)."""
+        """Stop keepalive and watches, revoke the lease (registered keys vanish at once).
+        Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         if self._keepalive is not None:
             self._keepalive.cancel()
             await asyncio.gather(self._keepalive, return_exceptions=True)
@@ -94,10 +99,15 @@ class Discovery:
         await self._client.close()
 
     async def _new_lease(self) -> None:
-        """Grant a fresh lease and re-put every registered key on it. Caller holds _lock."""
-        self._lease_id = (await self._client.lease(self._ttl)).id
+        """Grant a fresh lease and re-put every registered key on it. Caller holds _lock.
+
+        The new lease is adopted only once every key is on it: if a put fails, keepalive
+        still sees the dead lease and retries the whole move (the orphan lease expires).
+        """
+        lease_id = (await self._client.lease(self._ttl)).id
         for key, value in self._registered.items():
-            await self._client.put(key.encode(), value, lease=self._lease_id)
+            await self._client.put(key.encode(), value, lease=lease_id)
+        self._lease_id = lease_id
         log.warning("etcd lease replaced; re-registered %d keys", len(self._registered))
 
     async def _keep_alive(self) -> None:
@@ -187,13 +197,15 @@ class Watch:
                 log.warning("etcd watch on %r ended; re-listing", self._prefix)
             except Exception as e:  # stream dropped (etcd restart, compaction, ...)
                 log.warning("etcd watch on %r failed: %s; re-listing", self._prefix, e)
+            delay = RETRY_DELAY
             while True:
-                await asyncio.sleep(RETRY_DELAY)
+                await asyncio.sleep(delay)
                 try:
                     stream = await self._resync()
                     break
                 except Exception as e:
                     log.warning("etcd re-list of %r failed: %s", self._prefix, e)
+                    delay = min(2 * delay, MAX_RETRY_DELAY)
 
     def _notify(self) -> None:
         for fn in list(self._listeners):

@@ -70,19 +70,25 @@ class _Assembler:
     """Joins chunked messages; one in-progress payload per key (the inbox)."""
 
     def __init__(self) -> None:
-        self._parts: dict[str, tuple[float, list[bytes]]] = {}
+        # key -> (first seen, chunks so far); None chunks: discarded, drop what still comes
+        self._parts: dict[str, tuple[float, list[bytes] | None]] = {}
 
     def add(self, key: str, msg: Msg) -> bytes | None:
-        """The whole payload once `msg` completes it, else None (malformed chunks are dropped)."""
+        """The whole payload once `msg` completes it; None while incomplete or if discarded.
+
+        Raises ValueError (and forgets the payload) when a chunk is missing: NATS keeps order,
+        so a gap means the server dropped messages (slow consumer).
+        """
+        started, parts = self._parts.get(key, (time.monotonic(), []))
+        if parts is None:
+            return None
         headers = msg.headers or {}
         if CHUNKS not in headers:
             return msg.data
         index, count = int(headers[CHUNK]), int(headers[CHUNKS])
-        started, parts = self._parts.get(key, (time.monotonic(), []))
         if index != len(parts):
-            log.warning("chunk %d/%d out of order for %s; dropping request", index, count, key)
             self._parts.pop(key, None)
-            return None
+            raise ValueError(f"got chunk {index} of {count} after {len(parts)} chunks")
         parts.append(msg.data)
         if len(parts) < count:
             self._parts[key] = (started, parts)
@@ -91,10 +97,11 @@ class _Assembler:
         return b"".join(parts)
 
     def discard(self, key: str) -> None:
-        self._parts.pop(key, None)
+        """Drop `key`'s payload, including chunks still to come (for PARTIAL_TTL)."""
+        self._parts[key] = (time.monotonic(), None)
 
     def expire(self) -> None:
-        """Forget payloads whose sender stopped mid-way (it died or gave up)."""
+        """Forget payloads whose sender stopped mid-way (it died or gave up) and old discards."""
         cutoff = time.monotonic() - PARTIAL_TTL
         for key in [k for k, (started, _) in self._parts.items() if started < cutoff]:
             del self._parts[key]
@@ -106,7 +113,6 @@ class RequestPlane:
     def __init__(self, nc: nats.NATS):
         self._nc = nc
         self._subs: list = []  # request subscriptions, dropped first on close
-        self._cancel_subs: list = []  # kept until in-flight handlers are done
         self._tasks: dict[str, asyncio.Task] = {}  # inbox -> handler task
         self._requests = _Assembler()
         self._heartbeat: asyncio.Task | None = None
@@ -129,7 +135,11 @@ class RequestPlane:
             if not msg.reply:
                 return  # nowhere to answer
             self._requests.expire()
-            payload = self._requests.add(msg.reply, msg)
+            try:
+                payload = self._requests.add(msg.reply, msg)
+            except ValueError as e:  # the client gets no ack and reports 503
+                log.warning("dropping request on %s from %s: %s", subject, msg.reply, e)
+                return
             if payload is None:
                 return
             request_id = (msg.headers or {}).get(REQUEST_ID, "")
@@ -139,12 +149,15 @@ class RequestPlane:
 
         async def on_cancel(msg: Msg) -> None:
             inbox = msg.data.decode()
+            # A cancel may overtake its request (separate subscriptions): the discard also
+            # drops the request if it completes later.
             self._requests.discard(inbox)
             if task := self._tasks.get(inbox):
                 task.cancel()
 
         self._subs.append(await self._nc.subscribe(subject, cb=on_request))
-        self._cancel_subs.append(await self._nc.subscribe(f"{subject}.cancel", cb=on_cancel))
+        # Cancels keep flowing while close() drains; the connection's drain ends them.
+        await self._nc.subscribe(f"{subject}.cancel", cb=on_cancel)
         await round_trip(self._nc)  # the server knows our subscriptions before callers publish
         if self._heartbeat is None:
             self._heartbeat = asyncio.create_task(self._heartbeats(), name="request-heartbeats")
@@ -178,7 +191,10 @@ class RequestPlane:
             # Close the generator now so its `finally` runs even if we were cancelled while
             # it was suspended at a yield (workers abort engine requests there).
             if items is not None and hasattr(items, "aclose"):
-                await items.aclose()
+                try:
+                    await items.aclose()
+                except Exception:
+                    log.exception("handler for %s failed while closing", subject)
 
     async def _try_send(self, inbox: str, request_id: str, frame: pb.Frame) -> None:
         try:
@@ -204,10 +220,14 @@ class RequestPlane:
 
         Raises EpdError(503) if no server acks within `ack_timeout` or the stream is silent
         (not even heartbeats) for `idle_timeout`; re-raises the server's EpdError (handler
-        bugs arrive as code 500). Closing the generator early cancels the server's handler.
+        bugs arrive as code 500); NATS failures become EpdError(503) too. Closing the
+        generator early cancels the server's handler.
         """
         inbox = self._nc.new_inbox()
-        sub = await self._nc.subscribe(inbox)
+        try:
+            sub = await self._nc.subscribe(inbox)
+        except nats.errors.Error as e:
+            raise EpdError(503, f"request plane unavailable: {e!r}") from e
         replies = _Assembler()
         finished = False
         acked = False
@@ -223,7 +243,10 @@ class RequestPlane:
                                         f"{idle_timeout}s (request {request_id})") from None
                 if (msg.headers or {}).get("Status") == "503":  # NATS: nobody subscribes
                     raise EpdError(503, f"no worker answered on {subject}")
-                data = replies.add(inbox, msg)
+                try:
+                    data = replies.add(inbox, msg)
+                except ValueError as e:
+                    raise EpdError(503, f"reply from {subject} was cut: {e}") from None
                 if data is None:
                     continue
                 frame = pb.Frame.FromString(data)
@@ -237,6 +260,8 @@ class RequestPlane:
                 elif kind == "error":
                     finished = True
                     raise EpdError.from_proto(frame.error)
+        except nats.errors.Error as e:  # connection closed, reconnect buffer full, ...
+            raise EpdError(503, f"request plane failed on {subject}: {e!r}") from e
         finally:
             if not finished:  # consumer stopped early, timed out, or was cancelled
                 try:
@@ -264,4 +289,7 @@ class RequestPlane:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
-        await self._nc.drain()  # flushes the last frames, then closes
+        try:
+            await self._nc.drain()  # flushes the last frames, then closes
+        except nats.errors.Error:  # reconnecting: nothing can be flushed anyway
+            await self._nc.close()

@@ -18,6 +18,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlsplit
 
 START_TIMEOUT = 15.0
@@ -84,7 +85,7 @@ def _log_tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-def _wait_ready(proc: subprocess.Popen, name: str, ready, log: Path) -> None:
+def _wait_ready(proc: subprocess.Popen, name: str, ready: Callable[[], bool], log: Path) -> None:
     """Poll `ready()` until true; on timeout or early exit stop `proc` and raise with the log."""
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
@@ -168,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nats-server",
                         default=os.environ.get("NATS_SERVER", "nats://127.0.0.1:4222"))
     parser.add_argument("--workdir", type=Path, default=None,
-                        help="etcd data and logs (default: a fresh temporary directory)")
+                        help="etcd data, NATS config, logs (default: a new directory in $TMPDIR)")
     args = parser.parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="epdserve-services-"))
+    workdir = args.workdir or Path(tempfile.gettempdir()) / f"epdserve-services-{os.getpid()}"
     etcd_url = args.etcd_endpoints.split(",")[0]
 
     stopping = False

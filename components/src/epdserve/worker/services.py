@@ -86,7 +86,7 @@ class ProcessorService(Service):
                 if alive:
                     await self.runtime.publish_card(self._card)
                 else:
-                    await self.runtime.withdraw_card(self.config.served_model_name)
+                    await self.runtime.withdraw_card(self._card)
                 announced = alive
                 log.info("model %r %s", self.config.served_model_name, "announced" if alive else "withdrawn: no backend")
             await self._changed.wait()
