@@ -1,0 +1,103 @@
+"""The engine driven in-process: concurrent requests, aborts, sampling, against `generate()`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from epdserve.engine.async_engine import AsyncEngine
+from epdserve.engine.base import EngineRequest, MultiModalInput, SamplingParams
+from epdserve.engine.sampling import make_generator, sample
+from epdserve.engine.simple import SimpleEngine
+from epdserve.media.image import decode_image
+from epdserve.models.registry import load_family
+from oracle import hf_greedy, load_hf, make_image
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from epdserve.tools.tiny_model import build_tiny_model
+    return build_tiny_model("llava", tmp_path_factory.mktemp("llava") / "m")
+
+
+@pytest.fixture(scope="module")
+def runner(model_dir):
+    return load_family(model_dir).load_runner(None)
+
+
+def engine_request(model_dir, runner, rid: str, text: str, images: list[bytes], max_tokens: int) -> EngineRequest:
+    """The request the processor would send for one user turn, built with the HF processor."""
+    processor, _ = load_hf(model_dir)
+    messages = [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": text}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    pil = [decode_image(b) for b in images]
+    ids = processor(text=prompt, images=pil or None, return_tensors="pt")["input_ids"][0].tolist()
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    mm, pos = [], 0
+    for k, img in enumerate(pil):
+        start = ids.index(image_id, pos)
+        end = start
+        while end < len(ids) and ids[end] == image_id:
+            end += 1
+        mm.append(MultiModalInput("image", f"h{k}", start, end - start, features=runner.preprocess("image", [img])))
+        pos = end
+    eos = processor.tokenizer.eos_token_id
+    return EngineRequest(rid, ids, SamplingParams(max_tokens=max_tokens, stop_token_ids=(eos,)), mm)
+
+
+def test_interleaved_requests_match_generate_and_abort_frees(model_dir, runner):
+    cases = {f"r{i}": (f"Question {i} about this", [make_image(i)] * (i % 3), 6 + i) for i in range(6)}
+    engine = SimpleEngine(runner, max_num_seqs=4, max_model_len=2048)
+    engine.add_request(engine_request(model_dir, runner, "doomed", "abort me", [], 50))
+    for rid, (text, images, n) in cases.items():   # more than max_num_seqs: some wait
+        engine.add_request(engine_request(model_dir, runner, rid, text, images, n))
+    got: dict[str, list[int]] = {}
+    steps = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+        steps += 1
+        if steps == 3:
+            engine.abort("doomed")
+    assert not engine.running and not engine.waiting
+    assert len(got["doomed"]) < 50
+    for rid, (text, images, n) in cases.items():
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}}] * len(images)
+                     + [{"type": "text", "text": text}]}]
+        assert got[rid] == hf_greedy(model_dir, messages, images=images, max_tokens=n), rid
+
+
+def test_async_engine_streams_and_cancels(model_dir, runner):
+    async def main():
+        engine = AsyncEngine(SimpleEngine(runner, max_num_seqs=8, max_model_len=2048))
+        engine.start()
+        try:
+            req = engine_request(model_dir, runner, "a", "hello", [make_image(1)], 5)
+            outs = [o async for o in engine.generate(req)]
+            assert sum(len(o.new_token_ids) for o in outs) <= 5 and outs[-1].finish_reason
+            stream = engine.generate(engine_request(model_dir, runner, "b", "long", [], 500))
+            await anext(stream)
+            await stream.aclose()                       # the consumer leaves: the engine drops it
+            for _ in range(100):
+                if not engine.engine.has_unfinished():
+                    break
+                await asyncio.sleep(0.02)
+            assert not engine.engine.has_unfinished() and engine.num_requests == 0
+        finally:
+            await engine.stop()
+    asyncio.run(main())
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    logits = torch.randn(100)
+    params = SamplingParams(temperature=1.0, top_k=3, seed=11)
+    draws = [sample(logits, params, make_generator(params)) for _ in range(5)]
+    assert len(set(draws)) == 1                                 # same seed, same token
+    allowed = set(torch.topk(logits, 3).indices.tolist())
+    gen = make_generator(SamplingParams(temperature=1.0, seed=1))
+    assert all(sample(logits, params, gen) in allowed for _ in range(50))
+    assert sample(logits, SamplingParams(), None) == int(logits.argmax())
+    top_p = SamplingParams(temperature=1.0, top_p=1e-6, seed=3)
+    assert sample(logits, top_p, make_generator(top_p)) == int(logits.argmax())

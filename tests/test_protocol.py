@@ -1,0 +1,42 @@
+"""The generated protobuf module is current, and OpenAI request validation speaks 400s."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from epdserve.protocol import codegen
+from epdserve.protocol.errors import EpdError
+from epdserve.protocol.openai import parse_request
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generated_code_is_current(tmp_path):
+    fresh = codegen.generate(ROOT / "protos" / "epdserve.proto", tmp_path)
+    checked_in = Path(codegen.__file__).parent / "epdserve_pb2.py"
+    assert fresh.read_text() == checked_in.read_text(), "run: python -m epdserve.protocol.codegen"
+
+
+@pytest.mark.parametrize("body, param", [
+    (b'{"model": "m"', None),
+    (b'{"model": "m"}', "messages"),
+    (b'{"model": "m", "messages": []}', "messages"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 9}', "temperature"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', "max_tokens"),
+])
+def test_invalid_chat_requests_are_400(body, param):
+    with pytest.raises(EpdError) as err:
+        parse_request("chat", body)
+    assert err.value.code == 400
+    if param:
+        assert err.value.param == param
+    assert err.value.to_openai()["error"]["code"] == 400
+
+
+def test_unknown_fields_are_accepted():
+    req = parse_request("chat", b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "user": "u",'
+                                b' "stop": "END", "presence_penalty": 0}')
+    assert req.stop_strings == ["END"] and req.token_limit is None
+    assert parse_request("completions", b'{"model": "m", "prompt": "hi"}').token_limit == 16
