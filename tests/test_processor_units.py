@@ -20,7 +20,7 @@ def tokenizer(tmp_path_factory):
 def test_streamed_text_equals_full_decode(tokenizer):
     text = "naïve café — 東京 and emoji 🙂 end"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    detok = IncrementalDetokenizer(tokenizer, prompt_ids=[1])
+    detok = IncrementalDetokenizer(tokenizer)
     pieces = [detok.add([t]) for t in ids]
     assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
     assert all("\ufffd" not in p for p in pieces)

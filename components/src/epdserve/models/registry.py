@@ -18,6 +18,8 @@ def load_family(model_dir: str | Path) -> ModelFamily:
     Raises ValueError naming the model type when no family supports it.
     """
     path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
     config = AutoConfig.from_pretrained(path)
     for family in FAMILIES:
         if config.model_type in family.model_types:

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-# Prompt tokens decoded with the first output tokens, so tokenizers that drop a leading
-# space at the start of a decode (SentencePiece) render it as they would mid-text.
-_CONTEXT_TOKENS = 5
-
-
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas.
 
-    Text is released only once it no longer ends in an incomplete UTF-8 character (decoded
-    as U+FFFD), so a character split across byte-level tokens is never emitted in halves.
+    The concatenated deltas equal `tokenizer.decode(output_ids, skip_special_tokens=True)`,
+    what `transformers` users print, minus a trailing incomplete character: text is released
+    only once it no longer ends in an incomplete UTF-8 character (decoded as U+FFFD), so a
+    character split across byte-level tokens is never emitted in halves.
     """
 
-    def __init__(self, tokenizer: Any, prompt_ids: list[int]):
+    def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
-        self.ids = list(prompt_ids[-_CONTEXT_TOKENS:])
+        self.ids: list[int] = []
         self.prefix_offset = 0
-        self.read_offset = len(self.ids)
+        self.read_offset = 0
 
     def add(self, token_ids: list[int]) -> str:
         self.ids.extend(token_ids)

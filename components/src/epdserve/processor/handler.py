@@ -47,7 +47,7 @@ class ProcessorHandler:
         log.info("[%s] %d prompt tokens, %d media item(s) -> %s", rid, len(prompt.token_ids),
                  len(prompt.media), backend.instance_id)
 
-        detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids)
+        detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopStrings(req.stop_strings)
         completion_tokens = 0
         first = True

@@ -38,12 +38,14 @@ class _Media:
 class PromptBuilder:
     """Chat template, tokenization, media fetch and placeholder expansion for one model."""
 
-    def __init__(self, family: ModelFamily, tokenizer: Any, chat_template: str | None,
+    def __init__(self, family: ModelFamily, tokenizer: Any, templater: Any,
                  media: MediaConfig, enable_multimodal: bool, fetcher: MediaFetcher):
+        """`templater` is the HF processor (or tokenizer) whose `chat_template` and
+        `apply_chat_template` render prompts exactly as `transformers` users do."""
         self.family = family
         self.tokenizer = tokenizer
-        self.chat_template = chat_template
-        self.takes_parts = template_takes_parts(chat_template or "")
+        self.templater = templater
+        self.takes_parts = template_takes_parts(templater.chat_template or "")
         self.media = media
         self.enable_multimodal = enable_multimodal
         self.fetcher = fetcher
@@ -52,14 +54,13 @@ class PromptBuilder:
     async def build(self, req: ChatCompletionRequest | CompletionRequest) -> Prompt:
         if isinstance(req, CompletionRequest):
             return Prompt(self._completion_ids(req.prompt))
-        if self.chat_template is None:
+        if not self.templater.chat_template:
             raise EpdError.bad_request("this model has no chat template; use /v1/completions")
         messages, refs = convert_messages(req.messages, self.takes_parts)
         self._check_media_allowed(refs)
         refs = attach_uuids(refs, req.multi_modal_uuids)
         items = await asyncio.gather(*(self._load(ref) for ref in refs))
-        text = self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False)
+        text = self.templater.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self._expand(self._tokenize(text), list(items))
 
     def _tokenize(self, text: str) -> list[int]:

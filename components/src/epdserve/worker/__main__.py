@@ -31,10 +31,12 @@ async def run(config: WorkerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     family = load_family(config.model)
     runtime = await Runtime.connect(config.runtime)
-    services = [cls(config, runtime, family) for cls in SERVICES[config.role]]
+    services: list[Service] = []
     try:
-        for service in services:
+        for cls in SERVICES[config.role]:
+            service = cls(config, runtime, family)
             await service.start()
+            services.append(service)
         log.info("%s ready: model %r, instance %s", config.role.value, config.served_model_name, runtime.instance_id)
         await stop.wait()
         log.info("shutting down: deregistering, draining in-flight requests")
@@ -49,7 +51,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.role not in SERVICES:
         sys.exit(f"epdserve.worker: the {config.role.value} role is not available yet")
-    uvloop.run(run(config))
+    try:
+        uvloop.run(run(config))
+    except (ValueError, OSError) as exc:   # unusable model directory, unreachable etcd/NATS
+        log.error("cannot start: %s", exc)
+        sys.exit(f"epdserve.worker: {exc}")
 
 
 if __name__ == "__main__":

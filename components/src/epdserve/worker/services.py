@@ -63,9 +63,9 @@ class ProcessorService(Service):
         c = self.config
         hf_processor = await asyncio.to_thread(AutoProcessor.from_pretrained, c.model)
         tokenizer = getattr(hf_processor, "tokenizer", hf_processor)
-        chat_template = getattr(hf_processor, "chat_template", None) or tokenizer.chat_template
+        templater = hf_processor if getattr(hf_processor, "chat_template", None) else tokenizer
         self.fetcher = MediaFetcher(c.media)
-        prompts = PromptBuilder(self.family, tokenizer, chat_template, c.media, c.enable_multimodal, self.fetcher)
+        prompts = PromptBuilder(self.family, tokenizer, templater, c.media, c.enable_multimodal, self.fetcher)
         self.backends = InstancePool(
             await self.runtime.watch_cards(c.served_model_name),
             accept=lambda card: card.served_model_name == c.served_model_name and card.input == "tokens",
