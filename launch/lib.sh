@@ -15,7 +15,6 @@ SERVED_NAME=""
 EXTRA_ARGS=()
 CHILDREN=()
 ESSENTIAL=()   # etcd/NATS supervisor and frontend: the cluster stops when one of them exits
-WAITER=""
 
 # parse_args "$@": --model, --http-port, --namespace, --served-model-name; the rest goes to workers.
 parse_args() {
@@ -77,10 +76,9 @@ signal_and_wait() {
 stop_children() {
   trap - INT TERM EXIT
   set +e   # best effort: a child that is already gone must not abort the cleanup
-  [ -n "$WAITER" ] && kill "$WAITER" 2>/dev/null
   local infra=${ESSENTIAL[0]:-} components=() pid
   for pid in "${CHILDREN[@]}"; do [ "$pid" != "$infra" ] && components+=("$pid"); done
-  [ ${#components[@]} -gt 0 ] && { signal_and_wait TERM 20 "${components[@]}" || signal_and_wait KILL 5 "${components[@]}"; }
+  [ ${#components[@]} -gt 0 ] && { signal_and_wait TERM 40 "${components[@]}" || signal_and_wait KILL 5 "${components[@]}"; }
   [ -n "$infra" ] && { signal_and_wait TERM 10 "$infra" || signal_and_wait KILL 5 "$infra"; }
 }
 
@@ -102,13 +100,21 @@ start_frontend() {
   ESSENTIAL+=($!)
 }
 
-# run_until_stopped: announce readiness, then run until SIGINT/SIGTERM or until the frontend or
-# the etcd/NATS supervisor exits. A worker that dies leaves its lease to expire, so routing
+# run_until_stopped: until the model is served, any component exiting is fatal (bad flags, a
+# model that does not load); after that, run until SIGINT/SIGTERM or until the frontend or the
+# etcd/NATS supervisor exits. A worker that dies later leaves its lease to expire, so routing
 # drops it, as in a real deployment; the rest keeps serving.
 run_until_stopped() {
-  ( "$PYTHON" -m epdserve.tools.wait --model "http://127.0.0.1:$HTTP_PORT" "$SERVED_NAME" --timeout 600 \
-      && echo "epdserve: ready at http://127.0.0.1:$HTTP_PORT/v1 serving '$SERVED_NAME'" >&2 ) &
-  WAITER=$!
+  local url="http://127.0.0.1:$HTTP_PORT" pid
+  until "$PYTHON" -m epdserve.tools.wait --model "$url" "$SERVED_NAME" --timeout 1 2>/dev/null; do
+    for pid in "${CHILDREN[@]}"; do
+      if ! kill -0 "$pid" 2>/dev/null; then
+        echo "epdserve: a component exited during start-up; stopping the cluster" >&2
+        exit 1
+      fi
+    done
+  done
+  echo "epdserve: ready at $url/v1 serving '$SERVED_NAME'" >&2
   local rc=0
   wait -n "${ESSENTIAL[@]}" || rc=$?
   echo "epdserve: the frontend or etcd/NATS exited (status $rc); stopping the cluster" >&2

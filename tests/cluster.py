@@ -67,7 +67,7 @@ class Cluster:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 pass
         for pid in tagged_pids(self.tag):

@@ -24,7 +24,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runner(model_dir):
-    return load_family(model_dir).load_runner(None)
+    return load_family(model_dir).load_runner(None, torch.device("cpu"))
 
 
 def engine_request(model_dir, runner, rid: str, text: str, images: list[bytes], max_tokens: int) -> EngineRequest:

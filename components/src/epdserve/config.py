@@ -55,6 +55,7 @@ class WorkerConfig:
     runtime: RuntimeConfig
     media: MediaConfig
     dtype: str = "auto"
+    device: str = "auto"           # "auto": cuda when available, else cpu
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory: int | None = None
@@ -111,7 +112,9 @@ def worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                    help="required by every multimodal role; media requests are refused without it")
     p.add_argument("--model", required=True, help="Hugging Face model directory")
     p.add_argument("--served-model-name", default=None, help="default: --model as given")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: the checkpoint's dtype, as transformers loads it")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes")
@@ -162,6 +165,7 @@ def parse_worker_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> Wor
     return WorkerConfig(
         role=role, model=args.model, served_model_name=args.served_model_name or args.model,
         enable_multimodal=args.enable_multimodal, runtime=_runtime(args), media=media, dtype=args.dtype,
+        device=args.device,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, ec_storage_path=args.ec_storage_path,
     )
@@ -174,3 +178,20 @@ def parse_frontend_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> F
     _add_runtime_args(p, env)
     args = p.parse_args(argv)
     return FrontendConfig(runtime=_runtime(args), http_host=args.http_host, http_port=args.http_port)
+
+
+@dataclass(frozen=True)
+class ServicesConfig:
+    etcd_endpoints: str
+    nats_server: str
+    workdir: str | None
+
+
+def parse_services_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> ServicesConfig:
+    p = argparse.ArgumentParser(prog="python -m epdserve.runtime.services",
+                                description="Start etcd and NATS unless something already answers there.")
+    p.add_argument("--etcd-endpoints", default=env.get("ETCD_ENDPOINTS", RuntimeConfig.etcd_endpoints))
+    p.add_argument("--nats-server", default=env.get("NATS_SERVER", RuntimeConfig.nats_server))
+    p.add_argument("--workdir", default=None, help="etcd data, NATS config, logs (default: a new directory in $TMPDIR)")
+    args = p.parse_args(argv)
+    return ServicesConfig(args.etcd_endpoints, args.nats_server, args.workdir)

@@ -28,6 +28,7 @@ class AsyncEngine:
         self._queues: dict[str, asyncio.Queue[EngineOutput]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
+        self._dead: str | None = None   # set when the engine thread died
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -46,6 +47,8 @@ class AsyncEngine:
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         """Stream a request's outputs until it finishes; closing the stream aborts it."""
+        if self._dead:
+            raise RuntimeError(self._dead)
         rid = request.request_id
         queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
         self._queues[rid] = queue
@@ -66,6 +69,19 @@ class AsyncEngine:
                     self._cond.notify()
 
     def _run(self) -> None:
+        try:
+            self._loop_forever()
+        except BaseException as exc:   # never leave consumers waiting on a dead thread
+            log.exception("engine thread died")
+            self._dead = f"engine stopped: {exc}"
+            self._loop.call_soon_threadsafe(self._fail_consumers)
+
+    def _fail_consumers(self) -> None:
+        for rid in list(self._queues):
+            self._deliver(EngineOutput(rid, [], "error", error=self._dead))
+
+    def _loop_forever(self) -> None:
+        live: set[str] = set()   # requests inside the engine; owned by this thread
         while True:
             with self._cond:
                 while not (self._stopped or self._adds or self._aborts or self.engine.has_unfinished()):
@@ -76,22 +92,21 @@ class AsyncEngine:
                 aborts, self._aborts = self._aborts, []
             for req in adds:
                 self.engine.add_request(req)
+                live.add(req.request_id)
             for rid in aborts:  # after adds: a request may be cancelled in the same batch
                 self.engine.abort(rid)
+                live.discard(rid)
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # a bug in one step must not kill the worker silently
+            except Exception as exc:  # a bug in a step fails the requests in it, not the worker
                 log.exception("engine step failed")
-                outputs = self._fail_all(str(exc))
+                for rid in live:
+                    self.engine.abort(rid)
+                outputs = [EngineOutput(rid, [], "error", error=str(exc)) for rid in live]
             for out in outputs:
+                if out.finish_reason is not None:
+                    live.discard(out.request_id)
                 self._loop.call_soon_threadsafe(self._deliver, out)
-
-    def _fail_all(self, message: str) -> list[EngineOutput]:
-        outputs = []
-        for rid in list(self._queues):
-            self.engine.abort(rid)
-            outputs.append(EngineOutput(rid, [], "error", error=message))
-        return outputs
 
     def _deliver(self, out: EngineOutput) -> None:
         queue = self._queues.get(out.request_id)

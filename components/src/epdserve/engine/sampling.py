@@ -23,7 +23,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """Pick the next token from `[V]` float32 logits."""
     if params.temperature <= 0:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
+    logits = logits.float().cpu() / params.temperature   # the per-request generator lives on the CPU
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

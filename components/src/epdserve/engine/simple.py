@@ -53,20 +53,26 @@ class SimpleEngine(Engine):
 
     @torch.inference_mode()
     def step(self) -> list[EngineOutput]:
-        outputs = [self._decode(seq) for seq in list(self.running.values())]
+        outputs = [self._guarded(seq, self._decode) for seq in list(self.running.values())]
         while self.waiting and len(self.running) < self.max_num_seqs:
-            outputs.append(self._prefill(self.waiting.popleft()))
+            outputs.append(self._guarded(self.waiting.popleft(), self._prefill))
         return outputs
+
+    def _guarded(self, seq: _Sequence, run) -> EngineOutput:
+        """Run one sequence's model call; a failure ends that request only."""
+        try:
+            return run(seq)
+        except Exception as exc:
+            rid = seq.request.request_id
+            log.exception("[%s] generation failed", rid)
+            self.running.pop(rid, None)
+            return EngineOutput(rid, [], "error", error=str(exc))
 
     def _prefill(self, seq: _Sequence) -> EngineOutput:
         req = seq.request
-        try:
-            embeds = self._prompt_embeddings(req)
-            seq.cache = self.model.new_cache()
-            logits = self.model.forward(embeds, seq.cache)
-        except Exception as exc:  # a bad item must fail its request, not the engine
-            log.exception("[%s] prefill failed", req.request_id)
-            return EngineOutput(req.request_id, [], "error", error=str(exc))
+        embeds = self._prompt_embeddings(req)
+        seq.cache = self.model.new_cache()
+        logits = self.model.forward(embeds, seq.cache)
         self.running[req.request_id] = seq
         out = self._append(seq, logits)
         out.num_prompt_tokens = len(req.prompt_token_ids)

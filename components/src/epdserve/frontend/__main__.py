@@ -12,26 +12,22 @@ import uvloop
 from epdserve.config import FrontendConfig, parse_frontend_args
 from epdserve.frontend.app import create_app
 from epdserve.frontend.models import ModelDirectory
-from epdserve.runtime.discovery import Discovery
-from epdserve.runtime.request_plane import RequestPlane
+from epdserve.runtime.component import Runtime
 
 log = logging.getLogger("epdserve.frontend")
 
 
 async def run(config: FrontendConfig) -> None:
-    rt = config.runtime
-    discovery = await Discovery.connect(rt.etcd_endpoints, rt.namespace, rt.lease_ttl)
-    plane = await RequestPlane.connect(rt.nats_server, name="epdserve-frontend")
-    models = ModelDirectory(await discovery.watch(discovery.key("models", "")))
-    app = create_app(models, plane)
+    runtime = await Runtime.connect(config.runtime)
+    app = create_app(ModelDirectory(await runtime.watch_cards()), runtime.plane)
     server = uvicorn.Server(uvicorn.Config(app, host=config.http_host, port=config.http_port,
                                            log_level="warning", loop="none"))
-    log.info("frontend on http://%s:%d (namespace %s)", config.http_host, config.http_port, rt.namespace)
+    log.info("frontend on http://%s:%d (namespace %s)", config.http_host, config.http_port,
+             config.runtime.namespace)
     try:
         await server.serve()   # returns on SIGINT/SIGTERM after finishing open requests
     finally:
-        await plane.close()
-        await discovery.close()
+        await runtime.shutdown()
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -9,7 +10,9 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from epdserve.frontend.formatting import ResponseBuilder, sse
@@ -36,6 +39,14 @@ def create_app(models: ModelDirectory, plane: RequestPlane) -> FastAPI:
     async def _on_error(request: Request, err: EpdError) -> JSONResponse:
         return _error(err)
 
+    @app.exception_handler(HTTPException)
+    async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return _error(EpdError(exc.status_code, str(exc.detail)))   # unknown route, wrong method
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(EpdError.bad_request(str(exc)))
+
     @app.get("/health")
     async def health() -> dict:
         return {"status": "healthy", "models": [m["id"] for m in models.list()]}
@@ -49,7 +60,10 @@ def create_app(models: ModelDirectory, plane: RequestPlane) -> FastAPI:
         return {"object": "list", "data": models.list()}
 
     async def complete(request: Request, endpoint: str) -> Response:
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        # Our own id keys the request everywhere; a client's X-Request-Id may repeat.
+        rid = uuid.uuid4().hex
+        if client_rid := request.headers.get("x-request-id"):
+            log.info("[%s] client request id %s", rid, client_rid)
         body = await request.body()
         try:
             req = parse_request(endpoint, body)
@@ -58,8 +72,10 @@ def create_app(models: ModelDirectory, plane: RequestPlane) -> FastAPI:
             stream = _deltas(plane.stream(card.subject, payload, rid))
             builder = ResponseBuilder(endpoint, req.model, rid, return_token_ids=req.return_token_ids)
             if not req.stream:
-                async with contextlib.aclosing(stream):
-                    deltas = [d async for d in stream]
+                deltas = await _collect_unless_disconnected(request, stream)
+                if deltas is None:
+                    log.info("[%s] client disconnected; request cancelled", rid)
+                    return Response(status_code=499)
                 requests_total.labels(endpoint, 200).inc()
                 return JSONResponse(builder.response(deltas))
             # Wait for the first delta so request errors still get their HTTP status.
@@ -83,6 +99,29 @@ def create_app(models: ModelDirectory, plane: RequestPlane) -> FastAPI:
     return app
 
 
+async def _collect_unless_disconnected(request: Request, stream: AsyncIterator[pb.TextDelta]
+                                       ) -> list[pb.TextDelta] | None:
+    """All deltas of a non-streaming request, or None when the client left first (then the
+    stream is closed, which cancels the request upstream)."""
+    async def collect() -> list[pb.TextDelta]:
+        async with contextlib.aclosing(stream):
+            return [d async for d in stream]
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.create_task(collect()), asyncio.create_task(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+    return None if work.cancelled() else work.result()
+
+
 async def _deltas(frames: AsyncIterator[bytes]) -> AsyncIterator[pb.TextDelta]:
     async with contextlib.aclosing(frames):
         async for data in frames:
@@ -100,6 +139,8 @@ async def _sse(builder: ResponseBuilder, first: pb.TextDelta, rest: AsyncIterato
                 if delta.finish_reason:
                     if include_usage:
                         yield sse(builder.usage_chunk(delta.usage))
+                    async for _ in rest:   # read to the end frame: nothing upstream to cancel
+                        pass
                     break
                 delta, is_first = await anext(rest), False
         except (EpdError, StopAsyncIteration) as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
 from epdserve.runtime.discovery import Watch
-from epdserve.runtime.pool import decode_card
+from epdserve.runtime.pool import watched_cards
 
 
 class ModelDirectory:
@@ -20,10 +20,8 @@ class ModelDirectory:
 
     def _refresh(self) -> None:
         by_name: dict[str, list[pb.ModelCard]] = {}
-        for _, value in sorted(self.watch.items().items()):
-            card = decode_card(value)
-            if card.input == "text":
-                by_name.setdefault(card.served_model_name, []).append(card)
+        for card in watched_cards(self.watch, lambda c: c.input == "text"):
+            by_name.setdefault(card.served_model_name, []).append(card)
         self._by_name = by_name
 
     def list(self) -> list[dict]:

@@ -36,6 +36,11 @@ class ModelFamily(ABC):
     def context_length(self) -> int:
         """Maximum positions of the text decoder."""
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the text decoder's embedding: valid token ids are below it."""
+        return self.hf_config.get_text_config().vocab_size
+
     @abstractmethod
     def placeholder_token_id(self, modality: str) -> int:
         """The token id repeated once per embedding position of a `modality` item."""
@@ -48,8 +53,8 @@ class ModelFamily(ABC):
         """The content part the HF chat template expects for one media item."""
         return {"type": modality}
 
-    def load_runner(self, dtype: torch.dtype | None) -> "MultimodalModel":
-        """Load the weights for a worker. `dtype=None` keeps the checkpoint's dtype."""
+    def load_runner(self, dtype: torch.dtype | None, device: torch.device) -> "MultimodalModel":
+        """Load the weights for a worker onto `device`. `dtype=None` keeps the checkpoint's dtype."""
         raise NotImplementedError(f"{type(self).__name__} has no worker-side model yet")
 
 
@@ -58,6 +63,7 @@ class MultimodalModel(ABC):
 
     Tensors are on `self.device`; hidden size is H, vocabulary V. The cache object returned
     by `new_cache` is owned by the caller (one per sequence) and mutated by `forward`.
+    Callers run these methods under `torch.inference_mode()`.
     """
 
     device: torch.device

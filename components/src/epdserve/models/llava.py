@@ -30,17 +30,17 @@ class LlavaFamily(ModelFamily):
         patches = (vision.image_size // vision.patch_size) ** 2
         return patches + (1 if self.hf_config.vision_feature_select_strategy == "full" else 0)
 
-    def load_runner(self, dtype: torch.dtype | None) -> "LlavaModel":
-        return LlavaModel(self, dtype)
+    def load_runner(self, dtype: torch.dtype | None, device: torch.device) -> "LlavaModel":
+        return LlavaModel(self, dtype, device)
 
 
 class LlavaModel(MultimodalModel):
     """Step-1 runner over the `transformers` modules (paged decoder arrives with the engine)."""
 
-    def __init__(self, family: LlavaFamily, dtype: torch.dtype | None):
+    def __init__(self, family: LlavaFamily, dtype: torch.dtype | None, device: torch.device):
         # `transformers` maps both published key layouts (llava-hf and its own) on load.
         self.hf = AutoModelForImageTextToText.from_pretrained(
-            family.model_dir, dtype=dtype or "auto").eval()
+            family.model_dir, dtype=dtype or "auto").to(device).eval()
         self.image_processor = AutoImageProcessor.from_pretrained(family.model_dir)
         self.config = family.hf_config
         self.device = self.hf.device

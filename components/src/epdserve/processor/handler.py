@@ -28,6 +28,7 @@ class ProcessorHandler:
     def __init__(self, prompts: PromptBuilder, tokenizer: Any, backends: InstancePool,
                  plane: RequestPlane, eos_token_ids: list[int], max_model_len: int):
         self.prompts = prompts
+        self.vocab_size = prompts.vocab_size
         self.tokenizer = tokenizer
         self.backends = backends
         self.plane = plane
@@ -50,10 +51,12 @@ class ProcessorHandler:
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopStrings(req.stop_strings)
         completion_tokens = 0
-        first = True
+        finished = False
         stream = self.plane.stream(backend.subject, gen.SerializeToString(), rid)
         async with contextlib.aclosing(stream):  # leaving early cancels the backend request
             async for data in stream:
+                if finished:
+                    continue   # only the end frame follows a finish; reading it spares a cancel
                 delta = pb.TokenDelta.FromString(data)
                 completion_tokens += len(delta.token_ids)
                 text, hit = stops.feed(detok.add(list(delta.token_ids)))
@@ -63,34 +66,39 @@ class ProcessorHandler:
                 out = pb.TextDelta(text=text, finish_reason=finish)
                 if req.return_token_ids:
                     out.token_ids.extend(delta.token_ids)
-                    if first:
+                    if completion_tokens == len(delta.token_ids):
                         out.prompt_token_ids.extend(prompt.token_ids)
-                first = False
                 if finish:
                     out.usage.CopyFrom(pb.Usage(prompt_tokens=len(prompt.token_ids),
                                                 completion_tokens=completion_tokens))
                 yield out.SerializeToString()
-                if finish:
-                    return
-        raise EpdError(500, "the backend ended the stream without a finish reason")
+                if hit:
+                    return   # the backend is still generating: closing the stream cancels it
+                finished = bool(finish)
+        if not finished:
+            raise EpdError(500, "the backend ended the stream without a finish reason")
 
     def _sampling(self, req: ChatCompletionRequest | CompletionRequest, prompt_len: int) -> pb.SamplingParams:
         room = self.max_model_len - prompt_len
+        prompt_param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
         if room <= 0:
             raise EpdError.bad_request(
                 f"this model's maximum context length is {self.max_model_len} tokens; "
-                f"the prompt has {prompt_len} tokens", param="messages")
+                f"the prompt has {prompt_len} tokens", param=prompt_param)
         max_tokens = req.token_limit or room
         if max_tokens > room:
             raise EpdError.bad_request(
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
                 f"{prompt_len} tokens and max_tokens asks for {max_tokens} more", param="max_tokens")
+        extra_stops = req.stop_token_ids or []
+        if any(not 0 <= t < self.vocab_size for t in extra_stops):
+            raise EpdError.bad_request(f"stop_token_ids must be in [0, {self.vocab_size})", param="stop_token_ids")
         params = pb.SamplingParams(
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=max(req.top_k or 0, 0),
+            top_k=min(max(req.top_k or 0, 0), self.vocab_size),
             max_tokens=max_tokens,
-            stop_token_ids=sorted(set([] if req.ignore_eos else self.eos_token_ids) | set(req.stop_token_ids or [])),
+            stop_token_ids=sorted(set([] if req.ignore_eos else self.eos_token_ids) | set(extra_stops)),
         )
         if req.seed is not None:
             params.seed = req.seed & (2**64 - 1)

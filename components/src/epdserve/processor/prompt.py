@@ -7,6 +7,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import jinja2
+
 from epdserve.config import MediaConfig
 from epdserve.media.fetch import MediaFetcher
 from epdserve.media.image import probe_image
@@ -50,6 +52,7 @@ class PromptBuilder:
         self.enable_multimodal = enable_multimodal
         self.fetcher = fetcher
         self.placeholders = {family.placeholder_token_id(m): m for m in family.modalities}
+        self.vocab_size = family.vocab_size
 
     async def build(self, req: ChatCompletionRequest | CompletionRequest) -> Prompt:
         if isinstance(req, CompletionRequest):
@@ -59,9 +62,20 @@ class PromptBuilder:
         messages, refs = convert_messages(req.messages, self.takes_parts)
         self._check_media_allowed(refs)
         refs = attach_uuids(refs, req.multi_modal_uuids)
-        items = await asyncio.gather(*(self._load(ref) for ref in refs))
-        text = self.templater.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self._expand(self._tokenize(text), list(items))
+        try:
+            text = self.templater.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except jinja2.TemplateError as exc:   # e.g. the template's raise_exception on role order
+            raise EpdError.bad_request(f"the chat template rejected the messages: {exc}", param="messages")
+        return self._expand(self._tokenize(text), await self._load_all(refs))
+
+    async def _load_all(self, refs: list[MediaRef]) -> list[_Media]:
+        """Fetch every item concurrently; the first failure cancels the other fetches."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._load(ref)) for ref in refs]
+        except* EpdError as errors:
+            raise errors.exceptions[0] from None
+        return [t.result() for t in tasks]
 
     def _tokenize(self, text: str) -> list[int]:
         # Templates that write the BOS themselves must not get a second one.
@@ -71,12 +85,21 @@ class PromptBuilder:
 
     def _completion_ids(self, prompt: str | list) -> list[int]:
         if isinstance(prompt, str):
-            return self._tokenize(prompt)
-        if prompt and all(isinstance(t, int) for t in prompt):
-            return list(prompt)
-        if len(prompt) == 1:
+            ids = self._tokenize(prompt)
+        elif prompt and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+            if not all(0 <= t < self.vocab_size for t in ids):
+                raise EpdError.bad_request(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
+        elif len(prompt) == 1:
             return self._completion_ids(prompt[0])
-        raise EpdError.bad_request("prompt must be one string or one list of token ids", param="prompt")
+        else:
+            raise EpdError.bad_request("prompt must be one string or one list of token ids", param="prompt")
+        if not ids:
+            raise EpdError.bad_request("the prompt is empty", param="prompt")
+        if any(t in self.placeholders for t in ids):
+            raise EpdError.bad_request("completion prompts cannot carry media placeholders; "
+                                       "use /v1/chat/completions with media parts", param="prompt")
+        return ids
 
     def _check_media_allowed(self, refs: list[MediaRef]) -> None:
         if not refs:

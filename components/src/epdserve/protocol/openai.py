@@ -1,12 +1,13 @@
 """OpenAI request bodies, validated the same way by the frontend and the processor.
 
 Unknown fields are accepted and ignored, as OpenAI clients send many; fields we do not
-implement but that change results (e.g. `n` > 1) are refused by the processor.
+implement but that change results (e.g. penalties, logprobs) are refused with a 400 unless
+they hold their default.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -62,12 +63,24 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
-    logprobs: int | None = None
 
     @property
     def token_limit(self) -> int:
         return self.max_tokens or 16   # OpenAI's default for completions
+
+
+# Fields that change results and are not implemented yet: refused unless left at a default.
+_NOT_YET = {
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "logit_bias": (None, {}),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
+    "best_of": (None, 1), "suffix": (None, ""), "response_format": (None, {"type": "text"}),
+}
+
+
+def _refuse_unimplemented(req: SamplingFields) -> None:
+    for name, value in (req.model_extra or {}).items():
+        if name in _NOT_YET and value not in _NOT_YET[name]:
+            raise EpdError.bad_request(f"{name}={value!r} is not supported yet", param=name)
 
 
 ENDPOINTS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
@@ -75,19 +88,16 @@ ENDPOINTS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
     "completions": CompletionRequest,
 }
 
-Endpoint = Literal["chat", "completions"]
-
-
 def parse_request(endpoint: str, body: bytes | dict) -> ChatCompletionRequest | CompletionRequest:
     """Validate a request body; any problem is a 400 naming the offending field."""
     cls = ENDPOINTS[endpoint]
     try:
-        if isinstance(body, dict):
-            return cls.model_validate(body)
-        return cls.model_validate_json(body)
+        req = cls.model_validate(body) if isinstance(body, dict) else cls.model_validate_json(body)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         if err["type"] == "json_invalid":
             raise EpdError.bad_request(f"request body is not valid JSON: {err['msg']}")
         raise EpdError.bad_request(f"{where}: {err['msg']}", param=where)
+    _refuse_unimplemented(req)
+    return req

@@ -20,6 +20,12 @@ def decode_card(value: bytes) -> pb.ModelCard:
     return json_format.Parse(value, pb.ModelCard(), ignore_unknown_fields=True)
 
 
+def watched_cards(watch: Watch, accept: Callable[[pb.ModelCard], bool]) -> list[pb.ModelCard]:
+    """The accepted cards of a watch's snapshot, in key order."""
+    cards = (decode_card(v) for _, v in sorted(watch.items().items()))
+    return [c for c in cards if accept(c)]
+
+
 class InstancePool:
     """The cards under a watched prefix that pass `accept`, kept current by the watch.
 
@@ -36,8 +42,7 @@ class InstancePool:
         self._refresh()
 
     def _refresh(self) -> None:
-        cards = (decode_card(v) for _, v in sorted(self.watch.items().items()))
-        self._cards = [c for c in cards if self.accept(c)]
+        self._cards = watched_cards(self.watch, self.accept)
 
     def cards(self) -> list[pb.ModelCard]:
         return list(self._cards)

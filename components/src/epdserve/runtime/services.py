@@ -7,7 +7,6 @@ which then stops exactly the processes it started.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import signal
@@ -20,6 +19,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
+
+from epdserve.config import parse_services_args
 
 START_TIMEOUT = 15.0
 NATS_MAX_PAYLOAD = "8MB"
@@ -163,15 +164,8 @@ def stop(proc: subprocess.Popen, timeout: float = 5) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Start etcd/NATS unless something already answers there; stay up until signalled."""
-    parser = argparse.ArgumentParser(prog="python -m epdserve.runtime.services")
-    parser.add_argument("--etcd-endpoints",
-                        default=os.environ.get("ETCD_ENDPOINTS", "http://127.0.0.1:2379"))
-    parser.add_argument("--nats-server",
-                        default=os.environ.get("NATS_SERVER", "nats://127.0.0.1:4222"))
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="etcd data, NATS config, logs (default: a new directory in $TMPDIR)")
-    args = parser.parse_args(argv)
-    workdir = args.workdir or Path(tempfile.gettempdir()) / f"epdserve-services-{os.getpid()}"
+    args = parse_services_args(argv, os.environ)
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir()) / f"epdserve-services-{os.getpid()}"
     etcd_url = args.etcd_endpoints.split(",")[0]
 
     stopping = False

@@ -83,10 +83,15 @@ class ProcessorService(Service):
         while True:
             alive = bool(self.backends.cards())
             if alive != announced:
-                if alive:
-                    await self.runtime.publish_card(self._card)
-                else:
-                    await self.runtime.withdraw_card(self._card)
+                try:
+                    if alive:
+                        await self.runtime.publish_card(self._card)
+                    else:
+                        await self.runtime.withdraw_card(self._card)
+                except Exception:   # an etcd hiccup must not freeze the announcement
+                    log.warning("updating the model card failed; retrying", exc_info=True)
+                    await asyncio.sleep(1)
+                    continue
                 announced = alive
                 log.info("model %r %s", self.config.served_model_name, "announced" if alive else "withdrawn: no backend")
             await self._changed.wait()
@@ -103,7 +108,9 @@ class PDService(Service):
     async def start(self) -> None:
         c = self.config
         dtype = None if c.dtype == "auto" else getattr(torch, c.dtype)
-        model = await asyncio.to_thread(self.family.load_runner, dtype)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" \
+            else torch.device(c.device)
+        model = await asyncio.to_thread(self.family.load_runner, dtype, device)
         self.engine = AsyncEngine(SimpleEngine(model, c.max_num_seqs, self.max_model_len))
         self.engine.start()
         subject = await self.runtime.serve(BACKEND, "generate", PDHandler(self.engine, model).generate)
