@@ -202,3 +202,26 @@ def test_other_sizes_and_published_layout(infra, tmp_path_factory):
                 assert_matches_oracle(model_dir, messages, text, ids)
     finally:
         c.stop()
+
+
+def test_more_bad_input_gets_openai_errors(cluster):
+    url = cluster.base_url
+    cases = [
+        ("/v1/completions", {"model": cluster.model, "prompt": [1, -5, 99_999_999]}, 400),
+        ("/v1/completions", {"model": cluster.model, "prompt": "<image> hi"}, 400),
+        ("/v1/chat/completions", {"model": cluster.model, "messages": [{"role": "user", "content": "hi"}],
+                                  "presence_penalty": 1.5}, 400),
+        ("/v1/chat/completions", {"model": cluster.model, "messages": [{"role": "user", "content": "hi"}],
+                                  "n": 2}, 400),
+        ("/v1/chat/completions", {"model": cluster.model, "messages": [{"role": "user", "content": "hi"}],
+                                  "stop_token_ids": [-1]}, 400),
+        ("/v1/chat/completions", [1, 2, 3], 400),
+        ("/v1/no-such-route", {}, 404),
+    ]
+    for path, body, status in cases:
+        resp = httpx.post(url + path, json=body, timeout=60)
+        assert resp.status_code == status, (path, body, resp.text)
+        assert resp.json()["error"]["message"], (path, body)
+    assert httpx.get(url + "/v1/chat/completions", timeout=10).status_code == 405
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+    assert "epdserve_http_requests" in httpx.get(url + "/metrics", timeout=10).text
