@@ -1,8 +1,9 @@
 """Correctness oracle: what plain ``transformers`` generates for a request.
 
 Tests compare the server's token ids with ``hf_greedy`` on the same model directory, inputs
-and ``max_tokens``. The model runs in float32 with the directory's default ``AutoProcessor``
-(torchvision image processing where torchvision is installed, as the server must match).
+and ``max_tokens``. The model loads as ``from_pretrained(dir)`` does by default (the
+checkpoint's dtype, as the server without ``--dtype``) with the directory's default
+``AutoProcessor`` (torchvision image processing where torchvision is installed).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ EOS_CHAT, EOS_CHAT_TOKENS = [{"role": "user", "content": "Hi 5"}], 19
 
 @lru_cache(maxsize=8)
 def _load(model_dir: str, config_mtime_ns: int) -> tuple[Any, Any]:
-    """(processor, float32 eval model); the mtime in the key drops a rebuilt directory."""
+    """(processor, eval model); the mtime in the key drops a rebuilt directory."""
     processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     return processor, model
 
 
@@ -76,6 +77,14 @@ def hf_greedy(
     come from the ``data:`` URLs of the messages. The result stops after EOS like
     ``generate`` does and then includes the EOS id; otherwise it has ``max_tokens`` ids.
     """
+    return hf_generate(model_dir, messages, prompt=prompt, images=images, max_tokens=max_tokens)[1]
+
+
+def hf_generate(
+    model_dir: str | Path, messages: list[dict] | None = None, *, prompt: str | None = None,
+    images: list[bytes] | tuple[bytes, ...] = (), max_tokens: int = 16,
+) -> tuple[list[int], list[int]]:
+    """(prompt token ids, greedy new token ids), with the arguments of ``hf_greedy``."""
     if (messages is None) == (prompt is None):
         raise ValueError("give exactly one of messages and prompt")
     processor, model = load_hf(model_dir)
@@ -89,7 +98,8 @@ def hf_greedy(
     inputs = processor(text=text, images=pil or None, return_tensors="pt")
     with torch.inference_mode():
         out = model.generate(**inputs, do_sample=False, max_new_tokens=max_tokens)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    prompt_ids = inputs["input_ids"][0].tolist()
+    return prompt_ids, out[0, len(prompt_ids):].tolist()
 
 
 def hf_text(model_dir: str | Path, token_ids: list[int]) -> str:

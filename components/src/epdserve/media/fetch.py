@@ -60,9 +60,9 @@ class MediaFetcher:
                         raise EpdError.bad_request(f"media at {url} is larger than {MAX_MEDIA_BYTES} bytes")
                     chunks.append(chunk)
         except httpx.TimeoutException:
-            raise EpdError.bad_request(f"failed to fetch {url}: timed out after {self._timeout(modality)} s")
+            raise EpdError.bad_request(f"failed to fetch {url}: timed out after {self._timeout(modality)} s") from None
         except httpx.HTTPError as exc:
-            raise EpdError.bad_request(f"failed to fetch {url}: {exc.__class__.__name__}: {exc}")
+            raise EpdError.bad_request(f"failed to fetch {url}: {exc.__class__.__name__}: {exc}") from exc
         return b"".join(chunks)
 
     def _read_local(self, url: str) -> bytes:
@@ -75,7 +75,7 @@ class MediaFetcher:
         try:
             return path.read_bytes()
         except OSError as exc:
-            raise EpdError.bad_request(f"failed to read {url}: {exc.strerror}")
+            raise EpdError.bad_request(f"failed to read {url}: {exc.strerror}") from exc
 
 
 def decode_data_url(url: str) -> bytes:
@@ -88,7 +88,7 @@ def decode_data_url(url: str) -> bytes:
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise EpdError.bad_request(f"invalid base64 in data URL {_short(url)}: {exc}")
+        raise EpdError.bad_request(f"invalid base64 in data URL {_short(url)}: {exc}") from exc
 
 
 def _short(url: str) -> str:

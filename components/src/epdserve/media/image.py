@@ -16,7 +16,7 @@ def probe_image(data: bytes) -> MediaInfo:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise EpdError.bad_request(f"cannot decode image ({len(data)} bytes): {exc}")
+        raise EpdError.bad_request(f"cannot decode image ({len(data)} bytes): {exc}") from exc
     return MediaInfo("image", width=width, height=height)
 
 
@@ -26,4 +26,4 @@ def decode_image(data: bytes) -> Image.Image:
         with Image.open(io.BytesIO(data)) as img:
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise EpdError.bad_request(f"cannot decode image ({len(data)} bytes): {exc}")
+        raise EpdError.bad_request(f"cannot decode image ({len(data)} bytes): {exc}") from exc

@@ -65,7 +65,7 @@ class PromptBuilder:
         try:
             text = self.templater.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except jinja2.TemplateError as exc:   # e.g. the template's raise_exception on role order
-            raise EpdError.bad_request(f"the chat template rejected the messages: {exc}", param="messages")
+            raise EpdError.bad_request(f"the chat template rejected the messages: {exc}", param="messages") from exc
         return self._expand(self._tokenize(text), await self._load_all(refs))
 
     async def _load_all(self, refs: list[MediaRef]) -> list[_Media]:

@@ -97,7 +97,7 @@ def parse_request(endpoint: str, body: bytes | dict) -> ChatCompletionRequest | 
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         if err["type"] == "json_invalid":
-            raise EpdError.bad_request(f"request body is not valid JSON: {err['msg']}")
-        raise EpdError.bad_request(f"{where}: {err['msg']}", param=where)
+            raise EpdError.bad_request(f"request body is not valid JSON: {err['msg']}") from exc
+        raise EpdError.bad_request(f"{where}: {err['msg']}", param=where) from exc
     _refuse_unimplemented(req)
     return req
