@@ -101,3 +101,30 @@ def test_sampling_is_seeded_and_respects_top_k():
     assert sample(logits, SamplingParams(), None) == int(logits.argmax())
     top_p = SamplingParams(temperature=1.0, top_p=1e-6, seed=3)
     assert sample(logits, top_p, make_generator(top_p)) == int(logits.argmax())
+
+
+def test_concurrent_requests_progress_together(model_dir, runner):
+    """A short request that arrives while a long one runs finishes first."""
+    async def main():
+        engine = AsyncEngine(SimpleEngine(runner, max_num_seqs=8, max_model_len=2048))
+        engine.start()
+        finished: list[str] = []
+
+        async def run(req):
+            async for out in engine.generate(req):
+                if out.finish_reason:
+                    finished.append(req.request_id)
+
+        try:
+            long = engine_request(model_dir, runner, "long", "a long answer", [], 300)
+            short = engine_request(model_dir, runner, "short", "a short answer", [make_image(2)], 3)
+            long = EngineRequest(long.request_id, long.prompt_token_ids,
+                                 SamplingParams(max_tokens=300), long.mm_inputs)  # no EOS: runs 300 steps
+            task = asyncio.create_task(run(long))
+            await asyncio.sleep(0.05)
+            await run(short)
+            await task
+        finally:
+            await engine.stop()
+        assert finished == ["short", "long"]
+    asyncio.run(main())

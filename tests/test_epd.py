@@ -225,3 +225,46 @@ def test_more_bad_input_gets_openai_errors(cluster):
     assert httpx.get(url + "/v1/chat/completions", timeout=10).status_code == 405
     assert httpx.get(url + "/health", timeout=10).status_code == 200
     assert "epdserve_http_requests" in httpx.get(url + "/metrics", timeout=10).text
+
+
+@pytest.fixture(scope="module")
+def image_server(tmp_path_factory):
+    """A local HTTP server with two PNGs and a redirect, on 127.0.0.1."""
+    import http.server
+    import threading
+
+    root = tmp_path_factory.mktemp("www")
+    (root / "a.png").write_bytes(make_image(21))
+    (root / "b.png").write_bytes(make_image(22))
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(root), **kw)
+
+        def do_GET(self):
+            if self.path == "/moved.png":
+                self.send_response(302)
+                self.send_header("Location", "/b.png")
+                self.end_headers()
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_http_image_urls(cluster, model_dir, image_server):
+    urls = [f"{image_server}/a.png", f"{image_server}/moved.png"]
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+                 + [{"type": "text", "text": "Compare them."}]}]
+    text, ids, _ = run_chat(cluster.client(), cluster.model, messages, stream=False)
+    images = [make_image(21), make_image(22)]
+    assert ids == hf_greedy(model_dir, messages, images=images, max_tokens=MAX_TOKENS)
+    missing = _post(cluster, {"model": cluster.model, "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": f"{image_server}/missing.png"}}]}]})
+    assert missing.status_code == 400 and "HTTP 404" in missing.json()["error"]["message"]
