@@ -210,7 +210,7 @@ def test_more_bad_input_gets_openai_errors(cluster):
         ("/v1/completions", {"model": cluster.model, "prompt": [1, -5, 99_999_999]}, 400),
         ("/v1/completions", {"model": cluster.model, "prompt": "<image> hi"}, 400),
         ("/v1/chat/completions", {"model": cluster.model, "messages": [{"role": "user", "content": "hi"}],
-                                  "presence_penalty": 1.5}, 400),
+                                  "logit_bias": {"5": 10}}, 400),
         ("/v1/chat/completions", {"model": cluster.model, "messages": [{"role": "user", "content": "hi"}],
                                   "n": 2}, 400),
         ("/v1/chat/completions", {"model": cluster.model, "messages": [{"role": "user", "content": "hi"}],
@@ -268,3 +268,29 @@ def test_http_image_urls(cluster, model_dir, image_server):
     missing = _post(cluster, {"model": cluster.model, "max_tokens": 4, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": f"{image_server}/missing.png"}}]}]})
     assert missing.status_code == 400 and "HTTP 404" in missing.json()["error"]["message"]
+
+
+def test_logprobs_and_penalties(cluster, model_dir):
+    messages = chat_messages([make_image(4)])
+    client = cluster.client()
+    r = client.chat.completions.create(model=cluster.model, messages=messages, max_tokens=5, temperature=0,
+                                       logprobs=True, top_logprobs=3, extra_body={"return_token_ids": True})
+    content = r.choices[0].logprobs.content
+    ids = r.choices[0].model_extra["token_ids"]
+    assert len(content) == len(ids) == 5
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)   # greedy: the best token
+    streamed = [c.choices[0].logprobs for c in client.chat.completions.create(
+        model=cluster.model, messages=messages, max_tokens=5, temperature=0, logprobs=True, stream=True)
+        if c.choices and c.choices[0].logprobs]
+    assert [e.logprob for lp in streamed for e in lp.content] == pytest.approx([e.logprob for e in content])
+    comp = client.completions.create(model=cluster.model, prompt="Once upon", max_tokens=4, temperature=0, logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4 and lp.text_offset[0] == 0
+    # A strong frequency penalty changes a greedy continuation that repeats itself.
+    plain = hf_greedy(model_dir, messages, max_tokens=16)
+    assert len(set(plain)) < len(plain)
+    penalized = client.chat.completions.create(model=cluster.model, messages=messages, max_tokens=16, temperature=0,
+                                               frequency_penalty=2.0, extra_body={"return_token_ids": True})
+    assert penalized.choices[0].model_extra["token_ids"] != plain

@@ -20,6 +20,19 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = 16
     stop_token_ids: tuple[int, ...] = ()   # EOS ids, unless the request ignores EOS, and extras
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None            # None: none; k: the sampled token's and the top k
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability and the `top` (token id, logprob) alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -56,6 +69,7 @@ class EngineOutput:
     finish_reason: str | None = None   # "stop" (EOS) or "length"
     num_prompt_tokens: int = 0
     error: str | None = None           # set when the request failed inside the engine
+    logprobs: list[TokenLogprob] | None = None   # one per new token, when requested
 
 
 class Engine(ABC):

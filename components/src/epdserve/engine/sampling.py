@@ -1,10 +1,12 @@
-"""Token sampling from last-position logits."""
+"""Token sampling from last-position logits: penalties, temperature, top-k, top-p, logprobs."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from epdserve.engine.base import SamplingParams
+from epdserve.engine.base import SamplingParams, TokenLogprob
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -19,8 +21,26 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return gen
 
 
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
+                    output_ids: Sequence[int]) -> torch.Tensor:
+    """vLLM's penalties: repetition (HF-style, over prompt and output), presence and
+    frequency (over the output). Returns new `[V]` logits; the input is not modified."""
+    if params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=logits.device)
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    if output_ids and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(list(output_ids), device=logits.device), minlength=vocab)[:vocab]
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    return logits
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Pick the next token from `[V]` float32 logits."""
+    """Pick the next token from `[V]` float32 logits (penalties already applied)."""
     if params.temperature <= 0:
         return int(torch.argmax(logits))
     logits = logits.float().cpu() / params.temperature   # the per-request generator lives on the CPU
@@ -35,3 +55,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprob(raw_logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """Log-probability of `token` and the `top` most likely tokens under the raw model
+    distribution (before penalties and temperature, as vLLM reports by default)."""
+    logprobs = torch.log_softmax(raw_logits.float(), dim=-1)
+    best = torch.topk(logprobs, top) if top > 0 else None
+    pairs = tuple(zip(best.indices.tolist(), best.values.tolist())) if best is not None else ()
+    return TokenLogprob(token, float(logprobs[token]), pairs)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from epdserve.engine.base import Engine, EngineOutput, EngineRequest, MultiModalInput
-from epdserve.engine.sampling import make_generator, sample
+from epdserve.engine.sampling import apply_penalties, make_generator, sample, token_logprob
 from epdserve.models.base import MultimodalModel
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,9 @@ class SimpleEngine(Engine):
 
     def _append(self, seq: _Sequence, logits: torch.Tensor) -> EngineOutput:
         params = seq.request.sampling
-        token = sample(logits, params, seq.generator)
+        adjusted = apply_penalties(logits, params, seq.request.prompt_token_ids, seq.output_ids)
+        token = sample(adjusted, params, seq.generator)
+        logprobs = [token_logprob(logits, token, params.logprobs)] if params.logprobs is not None else None
         seq.output_ids.append(token)
         finish = None
         if token in params.stop_token_ids:
@@ -93,7 +95,7 @@ class SimpleEngine(Engine):
             finish = "length"
         if finish:
             del self.running[seq.request.request_id]
-        return EngineOutput(seq.request.request_id, [token], finish)
+        return EngineOutput(seq.request.request_id, [token], finish, logprobs=logprobs)
 
     def _prompt_embeddings(self, req: EngineRequest) -> torch.Tensor:
         ids = torch.tensor(req.prompt_token_ids, device=self.model.device)

@@ -70,7 +70,8 @@ def create_app(models: ModelDirectory, plane: RequestPlane) -> FastAPI:
             card = models.pick(req.model)
             payload = pb.ProcessorRequest(request_id=rid, endpoint=endpoint, body=body).SerializeToString()
             stream = _deltas(plane.stream(card.subject, payload, rid))
-            builder = ResponseBuilder(endpoint, req.model, rid, return_token_ids=req.return_token_ids)
+            builder = ResponseBuilder(endpoint, req.model, rid, return_token_ids=req.return_token_ids,
+                                      logprobs=req.num_logprobs is not None)
             if not req.stream:
                 deltas = await _collect_unless_disconnected(request, stream)
                 if deltas is None:
@@ -132,10 +133,11 @@ async def _sse(builder: ResponseBuilder, first: pb.TextDelta, rest: AsyncIterato
                include_usage: bool, rid: str) -> AsyncIterator[bytes]:
     """SSE body; a client that disconnects closes `rest`, which cancels the request upstream."""
     async with contextlib.aclosing(rest):
-        delta, is_first = first, True
+        delta, is_first, streamed = first, True, 0
         try:
             while True:
-                yield sse(builder.chunk(delta, is_first, include_usage))
+                yield sse(builder.chunk(delta, is_first, include_usage, streamed))
+                streamed += len(delta.text)
                 if delta.finish_reason:
                     if include_usage:
                         yield sse(builder.usage_chunk(delta.usage))

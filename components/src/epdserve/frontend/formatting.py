@@ -18,6 +18,7 @@ class ResponseBuilder:
     request_id: str
     created: int = field(default_factory=lambda: int(time.time()))
     return_token_ids: bool = False
+    logprobs: bool = False         # the client asked for logprobs
 
     @property
     def _object(self) -> str:
@@ -32,11 +33,26 @@ class ResponseBuilder:
         return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
                 "total_tokens": u.prompt_tokens + u.completion_tokens}
 
+    def _logprobs(self, items: list[pb.Logprob], text_offset: int = 0) -> dict | None:
+        """OpenAI's logprobs object: chat's `content` list, or the completions arrays."""
+        if not self.logprobs:
+            return None
+        if self.endpoint == "chat":
+            entry = lambda lp: {"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.token.encode())}  # noqa: E731
+            return {"content": [entry(lp) | {"top_logprobs": [entry(t) for t in lp.top]} for lp in items]}
+        offsets = []
+        for lp in items:
+            offsets.append(text_offset)
+            text_offset += len(lp.token)
+        return {"tokens": [lp.token for lp in items], "token_logprobs": [lp.logprob for lp in items],
+                "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in items], "text_offset": offsets}
+
     def response(self, deltas: list[pb.TextDelta]) -> dict:
         """The non-streaming body from every delta of the request."""
         text = "".join(d.text for d in deltas)
         last = deltas[-1]
-        choice: dict = {"index": 0, "logprobs": None, "finish_reason": last.finish_reason or None}
+        choice: dict = {"index": 0, "logprobs": self._logprobs([lp for d in deltas for lp in d.logprobs]),
+                        "finish_reason": last.finish_reason or None}
         if self.endpoint == "chat":
             choice["message"] = {"role": "assistant", "content": text, "refusal": None, "tool_calls": []}
         else:
@@ -47,9 +63,11 @@ class ResponseBuilder:
             body["prompt_token_ids"] = list(deltas[0].prompt_token_ids)
         return body
 
-    def chunk(self, delta: pb.TextDelta, first: bool, include_usage: bool) -> dict:
-        """One streamed chunk; the first chat chunk also carries the assistant role."""
-        choice: dict = {"index": 0, "logprobs": None, "finish_reason": delta.finish_reason or None}
+    def chunk(self, delta: pb.TextDelta, first: bool, include_usage: bool, text_offset: int = 0) -> dict:
+        """One streamed chunk; the first chat chunk also carries the assistant role.
+        `text_offset` is the length of the text streamed before (completions logprobs)."""
+        choice: dict = {"index": 0, "logprobs": self._logprobs(list(delta.logprobs), text_offset),
+                        "finish_reason": delta.finish_reason or None}
         if self.endpoint == "chat":
             choice["delta"] = ({"role": "assistant"} if first else {}) | ({"content": delta.text} if delta.text or first else {})
             obj = "chat.completion.chunk"

@@ -63,7 +63,7 @@ class ProcessorHandler:
                 finish = "stop" if hit else delta.finish_reason
                 if finish and not hit:
                     text += stops.flush()
-                out = pb.TextDelta(text=text, finish_reason=finish)
+                out = pb.TextDelta(text=text, finish_reason=finish, logprobs=map(self._named, delta.logprobs))
                 if req.return_token_ids:
                     out.token_ids.extend(delta.token_ids)
                     if completion_tokens == len(delta.token_ids):
@@ -77,6 +77,11 @@ class ProcessorHandler:
                 finished = bool(finish)
         if not finished:
             raise EpdError(500, "the backend ended the stream without a finish reason")
+
+    def _named(self, lp: pb.Logprob) -> pb.Logprob:
+        """The logprob with token texts filled in, for clients."""
+        return pb.Logprob(token_id=lp.token_id, token=self.tokenizer.decode([lp.token_id]), logprob=lp.logprob,
+                          top=map(self._named, lp.top))
 
     def _sampling(self, req: ChatCompletionRequest | CompletionRequest, prompt_len: int) -> pb.SamplingParams:
         room = self.max_model_len - prompt_len
@@ -99,7 +104,11 @@ class ProcessorHandler:
             top_k=min(max(req.top_k or 0, 0), self.vocab_size),
             max_tokens=max_tokens,
             stop_token_ids=sorted(set([] if req.ignore_eos else self.eos_token_ids) | set(extra_stops)),
+            repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
         )
+        if req.num_logprobs is not None:
+            params.logprobs = req.num_logprobs
         if req.seed is not None:
             params.seed = req.seed & (2**64 - 1)
         return params

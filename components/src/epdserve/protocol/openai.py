@@ -42,6 +42,9 @@ class SamplingFields(_Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0)   # vLLM extension
     return_token_ids: bool = False   # vLLM extension: token ids alongside the text
 
     @property
@@ -55,14 +58,26 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     multi_modal_uuids: dict[str, list[str | None]] | None = None   # vLLM extension
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def num_logprobs(self) -> int | None:
+        """Alternatives per token, or None when no logprobs are wanted."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     @property
     def token_limit(self) -> int:
@@ -71,9 +86,8 @@ class CompletionRequest(SamplingFields):
 
 # Fields that change results and are not implemented yet: refused unless left at a default.
 _NOT_YET = {
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "logit_bias": (None, {}),
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
-    "best_of": (None, 1), "suffix": (None, ""), "response_format": (None, {"type": "text"}),
+    "echo": (None, False), "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, ""),
+    "response_format": (None, {"type": "text"}),
 }
 
 

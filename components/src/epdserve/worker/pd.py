@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from epdserve.engine.async_engine import AsyncEngine
-from epdserve.engine.base import EngineRequest, MultiModalInput, SamplingParams
+from epdserve.engine.base import EngineRequest, MultiModalInput, SamplingParams, TokenLogprob
 from epdserve.media.image import decode_image
 from epdserve.models.base import MultimodalModel
 from epdserve.protocol import epdserve_pb2 as pb
@@ -21,7 +21,15 @@ DECODERS = {"image": decode_image}
 def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
                           seed=p.seed if p.HasField("seed") else None,
-                          max_tokens=p.max_tokens, stop_token_ids=tuple(p.stop_token_ids))
+                          max_tokens=p.max_tokens, stop_token_ids=tuple(p.stop_token_ids),
+                          repetition_penalty=p.repetition_penalty or 1.0, presence_penalty=p.presence_penalty,
+                          frequency_penalty=p.frequency_penalty,
+                          logprobs=p.logprobs if p.HasField("logprobs") else None)
+
+
+def logprob_to_proto(lp: TokenLogprob) -> pb.Logprob:
+    return pb.Logprob(token_id=lp.token_id, logprob=lp.logprob,
+                      top=[pb.Logprob(token_id=t, logprob=v) for t, v in lp.top])
 
 
 class PDHandler:
@@ -40,7 +48,8 @@ class PDHandler:
             if out.error is not None:
                 raise EpdError(500, f"generation failed: {out.error}")
             yield pb.TokenDelta(token_ids=out.new_token_ids, finish_reason=out.finish_reason or "",
-                                num_prompt_tokens=out.num_prompt_tokens).SerializeToString()
+                                num_prompt_tokens=out.num_prompt_tokens,
+                                logprobs=[logprob_to_proto(lp) for lp in out.logprobs or ()]).SerializeToString()
 
     def _mm_inputs(self, req: pb.GenerateRequest) -> list[MultiModalInput]:
         inputs = []
