@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from epdserve.engine.async_engine import AsyncEngine
-from epdserve.engine.base import EngineRequest, MultiModalInput, SamplingParams
+from epdserve.engine.base import EngineRequest, SamplingParams
 from epdserve.engine.sampling import make_generator, sample
-from epdserve.engine.simple import SimpleEngine
-from epdserve.media.image import decode_image
+from epdserve.engine.paged import EngineConfig, PagedEngine
 from epdserve.models.registry import load_family
-from oracle import hf_greedy, load_hf, make_image
+from engine_requests import engine_request
+from oracle import hf_greedy, make_image
 
 
 @pytest.fixture(scope="module")
@@ -27,29 +27,9 @@ def runner(model_dir):
     return load_family(model_dir).load_runner(None, torch.device("cpu"))
 
 
-def engine_request(model_dir, runner, rid: str, text: str, images: list[bytes], max_tokens: int) -> EngineRequest:
-    """The request the processor would send for one user turn, built with the HF processor."""
-    processor, _ = load_hf(model_dir)
-    messages = [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": text}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    pil = [decode_image(b) for b in images]
-    ids = processor(text=prompt, images=pil or None, return_tensors="pt")["input_ids"][0].tolist()
-    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    mm, pos = [], 0
-    for k, img in enumerate(pil):
-        start = ids.index(image_id, pos)
-        end = start
-        while end < len(ids) and ids[end] == image_id:
-            end += 1
-        mm.append(MultiModalInput("image", f"h{k}", start, end - start, features=runner.preprocess("image", [img])))
-        pos = end
-    eos = processor.tokenizer.eos_token_id
-    return EngineRequest(rid, ids, SamplingParams(max_tokens=max_tokens, stop_token_ids=(eos,)), mm)
-
-
 def test_interleaved_requests_match_generate_and_abort_frees(model_dir, runner):
     cases = {f"r{i}": (f"Question {i} about this", [make_image(i)] * (i % 3), 6 + i) for i in range(6)}
-    engine = SimpleEngine(runner, max_num_seqs=4, max_model_len=2048)
+    engine = PagedEngine(runner, EngineConfig(max_num_seqs=4))
     engine.add_request(engine_request(model_dir, runner, "doomed", "abort me", [], 50))
     for rid, (text, images, n) in cases.items():   # more than max_num_seqs: some wait
         engine.add_request(engine_request(model_dir, runner, rid, text, images, n))
@@ -61,7 +41,7 @@ def test_interleaved_requests_match_generate_and_abort_frees(model_dir, runner):
         steps += 1
         if steps == 3:
             engine.abort("doomed")
-    assert not engine.running and not engine.waiting
+    assert not engine.has_unfinished()
     assert len(got["doomed"]) < 50
     for rid, (text, images, n) in cases.items():
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}}] * len(images)
@@ -71,7 +51,7 @@ def test_interleaved_requests_match_generate_and_abort_frees(model_dir, runner):
 
 def test_async_engine_streams_and_cancels(model_dir, runner):
     async def main():
-        engine = AsyncEngine(SimpleEngine(runner, max_num_seqs=8, max_model_len=2048))
+        engine = AsyncEngine(PagedEngine(runner, EngineConfig(max_num_seqs=8)))
         engine.start()
         try:
             req = engine_request(model_dir, runner, "a", "hello", [make_image(1)], 5)
@@ -106,7 +86,7 @@ def test_sampling_is_seeded_and_respects_top_k():
 def test_concurrent_requests_progress_together(model_dir, runner):
     """A short request that arrives while a long one runs finishes first."""
     async def main():
-        engine = AsyncEngine(SimpleEngine(runner, max_num_seqs=8, max_model_len=2048))
+        engine = AsyncEngine(PagedEngine(runner, EngineConfig(max_num_seqs=8)))
         engine.start()
         finished: list[str] = []
 

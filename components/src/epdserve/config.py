@@ -60,6 +60,7 @@ class WorkerConfig:
     num_kv_blocks: int | None = None
     kv_cache_memory: int | None = None
     max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     ec_storage_path: str | None = None
 
@@ -119,6 +120,7 @@ def worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes")
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--limit-mm-per-prompt", type=_json_limits, default=None)
     p.add_argument("--allowed-media-domains", nargs="*", default=[])
@@ -167,7 +169,8 @@ def parse_worker_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> Wor
         enable_multimodal=args.enable_multimodal, runtime=_runtime(args), media=media, dtype=args.dtype,
         device=args.device,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
-        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, ec_storage_path=args.ec_storage_path,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, ec_storage_path=args.ec_storage_path,
     )
 
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from epdserve.media.types import MediaInfo
+from epdserve.models.paged import AttentionMetadata, KVCache
 
 
 class ModelFamily(ABC):
@@ -59,11 +60,10 @@ class ModelFamily(ABC):
 
 
 class MultimodalModel(ABC):
-    """Worker-side model: media encoder plus a causal text decoder with a KV cache.
+    """Worker-side model: media encoder plus a causal text decoder over a paged KV cache.
 
-    Tensors are on `self.device`; hidden size is H, vocabulary V. The cache object returned
-    by `new_cache` is owned by the caller (one per sequence) and mutated by `forward`.
-    Callers run these methods under `torch.inference_mode()`.
+    Tensors are on `self.device`; hidden size is H, vocabulary V, N packed tokens. Callers
+    run these methods under `torch.inference_mode()`.
     """
 
     device: torch.device
@@ -79,13 +79,21 @@ class MultimodalModel(ABC):
 
     @abstractmethod
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """`[T]` token ids -> `[T, H]` input embeddings."""
+        """`[N]` token ids -> `[N, H]` input embeddings."""
 
     @abstractmethod
-    def new_cache(self) -> Any:
-        """An empty KV cache for one sequence."""
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        """Bytes one KV block of `block_size` tokens takes across all layers."""
 
     @abstractmethod
-    def forward(self, inputs_embeds: torch.Tensor, cache: Any) -> torch.Tensor:
-        """Run `[T, H]` new positions after those already in `cache`, append their KV to
-        it, and return the `[V]` float32 logits of the last position."""
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
+        """The worker's KV pool, allocated once."""
+
+    @abstractmethod
+    def forward(self, inputs_embeds: torch.Tensor, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
+        """`[N, H]` embeddings of packed sequence chunks -> `[N, H]` final hidden states;
+        writes the chunks' K/V into `kv` at `meta.slot_mapping`."""
+
+    @abstractmethod
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[M, H]` final hidden states -> `[M, V]` float32 logits."""

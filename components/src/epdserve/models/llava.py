@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForImageTextToText, DynamicCache
+from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
 from epdserve.media.types import MediaInfo
 from epdserve.models.base import ModelFamily, MultimodalModel
+from epdserve.models.llama import PagedLlama
+from epdserve.models.paged import AttentionMetadata, KVCache
 
 
 class LlavaFamily(ModelFamily):
@@ -35,7 +35,7 @@ class LlavaFamily(ModelFamily):
 
 
 class LlavaModel(MultimodalModel):
-    """Step-1 runner over the `transformers` modules (paged decoder arrives with the engine)."""
+    """CLIP tower and projector from `transformers`; the Llama decoder runs paged."""
 
     def __init__(self, family: LlavaFamily, dtype: torch.dtype | None, device: torch.device):
         # `transformers` maps both published key layouts (llava-hf and its own) on load.
@@ -43,6 +43,7 @@ class LlavaModel(MultimodalModel):
             family.model_dir, dtype=dtype or "auto").to(device).eval()
         self.image_processor = AutoImageProcessor.from_pretrained(family.model_dir)
         self.config = family.hf_config
+        self.text = PagedLlama(self.hf.model.language_model, self.hf.lm_head)
         self.device = self.hf.device
         self.dtype = self.hf.dtype
 
@@ -60,16 +61,17 @@ class LlavaModel(MultimodalModel):
         return list(out.pooler_output)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.hf.get_input_embeddings()(token_ids.to(self.device))
+        return self.text.embed(token_ids.to(self.device))
 
-    def new_cache(self) -> Any:
-        return DynamicCache(config=self.config.text_config)
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        t = self.text
+        return KVCache.bytes_per_block(t.num_layers, block_size, t.num_kv_heads, t.head_dim, t.dtype)
 
-    def forward(self, inputs_embeds: torch.Tensor, cache: Any) -> torch.Tensor:
-        start = cache.get_seq_length()
-        positions = torch.arange(start, start + inputs_embeds.shape[0], device=self.device)
-        hidden = self.hf.model.language_model(
-            inputs_embeds=inputs_embeds[None], past_key_values=cache, use_cache=True,
-            position_ids=positions[None], cache_position=positions,
-        ).last_hidden_state
-        return self.hf.lm_head(hidden[:, -1]).float()[0]
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
+        return self.text.allocate_cache(num_blocks, block_size)
+
+    def forward(self, inputs_embeds: torch.Tensor, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
+        return self.text.forward(inputs_embeds, meta, kv)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.text.logits(hidden)

@@ -12,7 +12,7 @@ from transformers import AutoProcessor, GenerationConfig
 
 from epdserve.config import WorkerConfig
 from epdserve.engine.async_engine import AsyncEngine
-from epdserve.engine.simple import SimpleEngine
+from epdserve.engine.paged import EngineConfig, PagedEngine
 from epdserve.media.fetch import MediaFetcher
 from epdserve.models.base import ModelFamily
 from epdserve.processor.handler import ProcessorHandler
@@ -103,7 +103,7 @@ class ProcessorService(Service):
 
 
 class PDService(Service):
-    """Encode + prefill + decode in this process, on the step-1 engine."""
+    """Encode + prefill + decode in this process, on the paged engine."""
 
     async def start(self) -> None:
         c = self.config
@@ -111,7 +111,10 @@ class PDService(Service):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" \
             else torch.device(c.device)
         model = await asyncio.to_thread(self.family.load_runner, dtype, device)
-        self.engine = AsyncEngine(SimpleEngine(model, c.max_num_seqs, self.max_model_len))
+        config = EngineConfig(block_size=c.block_size, num_kv_blocks=c.num_kv_blocks,
+                              kv_cache_memory=c.kv_cache_memory, max_num_seqs=c.max_num_seqs,
+                              max_num_batched_tokens=c.max_num_batched_tokens, max_model_len=self.max_model_len)
+        self.engine = AsyncEngine(await asyncio.to_thread(PagedEngine, model, config))
         self.engine.start()
         subject = await self.runtime.serve(BACKEND, "generate", PDHandler(self.engine, model).generate)
         await self.runtime.publish_card(self.card("tokens", BACKEND, subject))

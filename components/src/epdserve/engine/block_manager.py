@@ -1,0 +1,177 @@
+"""Paged KV block pool with reference counts and a prefix cache.
+
+A sequence's KV lives in `seq.block_table`: block `i` holds the KV of token positions
+`[i * block_size, (i + 1) * block_size)`. A block that is full of computed tokens gets a
+chained hash (parent hash, its token ids, the media spans it covers) and is registered in the
+prefix cache, so a later sequence with the same prefix (same text AND same media) reuses it
+instead of recomputing it. Blocks are shared only once full and committed; nobody writes to a
+shared block again, because sequences only ever append past their computed prefix.
+
+Free blocks are of two kinds, both counted by `num_free_blocks`:
+- uncached ones, on a FIFO free list, handed out first;
+- cached ones with refcount 0, kept in LRU order and evicted (hash mapping dropped) only when
+  the free list is empty. A prefix hit on one of these revives it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict, deque
+
+from epdserve.engine.sequence import Sequence
+
+_ROOT_HASH = bytes(16)   # parent of a sequence's first block
+
+
+class BlockManager:
+    """Fixed pool of `num_blocks` KV blocks of `block_size` tokens; refcounted; prefix cache.
+
+    Stats for metrics: `prefix_queries` counts the full prompt blocks eligible for reuse at each
+    `allocate`, `prefix_hits` the blocks actually reused.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        self._ref = [0] * num_blocks
+        # Hash of each block full of committed tokens, None for blocks handed out since; kept
+        # even when another block owns the cache entry, because the next block's hash chains on it.
+        self._hash: list[bytes | None] = [None] * num_blocks
+        self._cached: dict[bytes, int] = {}           # hash -> the block owning the cache entry
+        self._free: deque[int] = deque(range(num_blocks))
+        self._lru: OrderedDict[int, None] = OrderedDict()   # cached, refcount 0; oldest first
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks with refcount 0, evictable cached ones included."""
+        return len(self._free) + len(self._lru)
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        """Blocks needed to hold the KV of `num_tokens` tokens."""
+        return -(-num_tokens // self.block_size)
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        """True if `allocate(seq)` would find blocks for all of `seq.token_ids`."""
+        hits = self._match_prefix(seq)
+        revived = sum(1 for b in hits if self._ref[b] == 0)   # a free hit uses up a free block
+        return self.num_blocks_for(seq.num_tokens) - len(hits) + revived <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence) -> None:
+        """Fill `seq.block_table` for all of `seq.token_ids`, reusing cached prefix blocks.
+
+        Sets `seq.num_cached_tokens` and `seq.num_computed_tokens` to the tokens served from
+        the cache. Raises RuntimeError if the pool is short (check `can_allocate` first).
+        """
+        assert not seq.block_table, f"{seq.request_id} already holds blocks"
+        hits = self._match_prefix(seq)
+        self.prefix_queries += max(seq.num_tokens - 1, 0) // self.block_size
+        self.prefix_hits += len(hits)
+        # Revive hits before taking fresh blocks, so that eviction cannot take a hit.
+        for b in hits:
+            if self._ref[b] == 0:
+                del self._lru[b]
+            self._ref[b] += 1
+        seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
+        seq.block_table = hits
+        self._grow(seq)
+
+    def free(self, seq: Sequence) -> None:
+        """Drop `seq`'s references and clear its block table.
+
+        Blocks are released last to first, so that a sequence's tail is evicted before its
+        prefix (the part other requests are most likely to share).
+        """
+        for b in reversed(seq.block_table):
+            self._ref[b] -= 1
+            if self._ref[b] > 0:
+                continue
+            h = self._hash[b]
+            if h is not None and self._cached.get(h) == b:
+                self._lru[b] = None
+            else:
+                self._free.append(b)
+        seq.block_table = []
+
+    def can_append(self, seq: Sequence) -> bool:
+        """True if there is room for the KV of every token in `seq.token_ids`."""
+        return self.num_blocks_for(seq.num_tokens) - len(seq.block_table) <= self.num_free_blocks
+
+    def append(self, seq: Sequence) -> None:
+        """After tokens were appended to `seq.token_ids`: add the blocks their KV needs."""
+        self._grow(seq)
+
+    def commit(self, seq: Sequence) -> None:
+        """Register in the prefix cache every block now full of computed tokens.
+
+        Call after the KV of `seq.token_ids[:seq.num_computed_tokens]` was written. When an
+        identical block is already cached (two requests computed the same prefix at once), the
+        existing entry stays and this block is simply not shared.
+        """
+        table = seq.block_table
+        end = seq.num_computed_tokens // self.block_size
+        start = end
+        while start > 0 and self._hash[table[start - 1]] is None:
+            start -= 1
+        parent = self._hash[table[start - 1]] if start > 0 else _ROOT_HASH
+        for i in range(start, end):
+            h = self._block_hash(seq, i, parent)
+            self._hash[table[i]] = h
+            self._cached.setdefault(h, table[i])
+            parent = h
+
+    def _grow(self, seq: Sequence) -> None:
+        for _ in range(self.num_blocks_for(seq.num_tokens) - len(seq.block_table)):
+            b = self._take_block()
+            self._ref[b] = 1
+            seq.block_table.append(b)
+
+    def _take_block(self) -> int:
+        """A free block, evicting the least recently used cached one if need be; unhashed."""
+        if self._free:
+            b = self._free.popleft()
+        elif self._lru:
+            b, _ = self._lru.popitem(last=False)
+            del self._cached[self._hash[b]]
+        else:
+            raise RuntimeError("KV block pool exhausted")
+        self._hash[b] = None    # a duplicate of a cached block may come back with its hash
+        return b
+
+    def _match_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks serving the longest prefix of `seq`, all full.
+
+        The block holding the last token is never reused: that token must be computed for the
+        logits, so at most `(num_tokens - 1) // block_size` blocks can hit.
+        """
+        hits: list[int] = []
+        parent = _ROOT_HASH
+        for i in range(max(seq.num_tokens - 1, 0) // self.block_size):
+            h = self._block_hash(seq, i, parent)
+            b = self._cached.get(h)
+            if b is None:
+                break
+            hits.append(b)
+            parent = h
+        return hits
+
+    def _block_hash(self, seq: Sequence, i: int, parent: bytes) -> bytes:
+        """Chained hash of block `i`: parent, token ids, and every media span overlapping it.
+
+        Placeholder token ids are the same for every image, so the media content hash and
+        where its span sits relative to the block must be part of the key.
+        """
+        start, end = i * self.block_size, (i + 1) * self.block_size
+        media = tuple(
+            (m.hash, m.offset - start)
+            for m in seq.media
+            if m.offset < end and m.offset + m.length > start
+        )
+        h = hashlib.blake2b(parent, digest_size=16)
+        h.update(array("q", seq.token_ids[start:end]).tobytes())
+        h.update(repr(media).encode())
+        return h.digest()

@@ -1,0 +1,123 @@
+"""The paged engine against `transformers` `generate()` run alone, request by request:
+mixed batches, shared prefixes, aborts, chunked prefill, preemption, prefix cache, no leaks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_requests import engine_request
+from epdserve.engine.paged import EngineConfig, PagedEngine
+from epdserve.models.registry import load_family
+from oracle import hf_greedy, make_image
+
+SHARED = "Describe the picture in great detail, please, with every colour you can see"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from epdserve.tools.tiny_model import build_tiny_model
+    return build_tiny_model("llava", tmp_path_factory.mktemp("llava") / "m")
+
+
+@pytest.fixture(scope="module")
+def runner(model_dir):
+    return load_family(model_dir).load_runner(None, torch.device("cpu"))
+
+
+def oracle(model_dir, text: str, images: list[bytes], max_tokens: int) -> list[int]:
+    parts = [{"type": "image_url", "image_url": {"url": ""}}] * len(images)
+    messages = [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+    return hf_greedy(model_dir, messages, images=images, max_tokens=max_tokens)
+
+
+def drive(engine: PagedEngine, abort_after: dict[str, int] | None = None, max_steps: int = 5000):
+    """Step until idle; abort requests once they produced the given number of tokens."""
+    abort_after = abort_after or {}
+    got: dict[str, list[int]] = {}
+    finish: dict[str, str] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            break
+        for out in engine.step():
+            assert out.error is None, out.error
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finish_reason:
+                finish[out.request_id] = out.finish_reason
+        for rid, n in abort_after.items():
+            if len(got.get(rid, [])) >= n and rid not in finish:
+                engine.abort(rid)
+                finish[rid] = "abort"
+    assert not engine.has_unfinished()
+    return got, finish
+
+
+def assert_no_leak(engine: PagedEngine) -> None:
+    stats = engine.stats()
+    assert stats.kv_blocks_free == stats.kv_blocks_total and stats.running == stats.waiting == 0
+
+
+def mixed_cases() -> dict[str, tuple[str, list[bytes], int]]:
+    cases = {}
+    for i in range(18):
+        images = [make_image(200 + (i + k) % 5) for k in range(i % 4)]          # 0-3 images, some repeated
+        text = (SHARED + f" number {i}") if i % 3 == 0 else "word " * (1 + 7 * (i % 5)) + f"q{i}"
+        cases[f"r{i:02d}"] = (text, images, 4 + (i * 5) % 20)
+    return cases
+
+
+@pytest.mark.parametrize("config", [
+    EngineConfig(block_size=16, max_num_batched_tokens=2048),                    # roomy
+    EngineConfig(block_size=4, max_num_batched_tokens=24),                       # chunked prefill
+    EngineConfig(block_size=8, num_kv_blocks=40, max_num_batched_tokens=64, max_num_seqs=8),  # preemption
+], ids=["roomy", "chunked", "tiny-pool"])
+def test_mixed_batch_matches_generate_alone(model_dir, runner, config):
+    engine = PagedEngine(runner, config)
+    cases = mixed_cases()
+    for rid, (text, images, n) in cases.items():
+        engine.add_request(engine_request(model_dir, runner, rid, text, images, n))
+    got, finish = drive(engine, abort_after={"r05": 2, "r11": 1})
+    for rid, (text, images, n) in cases.items():
+        expected = oracle(model_dir, text, images, n)
+        if finish[rid] == "abort":
+            assert got.get(rid, []) == expected[: len(got.get(rid, []))], rid
+        else:
+            assert got[rid] == expected, rid
+    assert_no_leak(engine)
+
+
+def test_prefix_cache_hits_only_for_the_same_media(model_dir, runner):
+    engine = PagedEngine(runner, EngineConfig(block_size=4))
+    a, b = make_image(31), make_image(32)
+    first = engine_request(model_dir, runner, "first", SHARED, [a], 6)
+    engine.add_request(first)
+    drive(engine)
+    hits = engine.stats().prefix_cache_hits
+
+    engine.add_request(engine_request(model_dir, runner, "same", SHARED, [a], 6))
+    got, _ = drive(engine)
+    s = engine.stats()
+    assert s.prefix_cache_hits - hits >= len(first.prompt_token_ids) // 4 - 1   # nearly every full block
+    assert got["same"] == oracle(model_dir, SHARED, [a], 6)
+
+    hits = s.prefix_cache_hits
+    engine.add_request(engine_request(model_dir, runner, "other", SHARED, [b], 6))
+    got, _ = drive(engine)
+    image_start = first.mm_inputs[0].offset
+    # Only blocks wholly before the image may hit; none from the image on.
+    assert engine.stats().prefix_cache_hits - hits <= image_start // 4
+    assert got["other"] == oracle(model_dir, SHARED, [b], 6)
+    assert_no_leak(engine)
+
+
+def test_request_that_can_never_fit_fails_alone(model_dir, runner):
+    engine = PagedEngine(runner, EngineConfig(block_size=4, num_kv_blocks=8))
+    engine.add_request(engine_request(model_dir, runner, "huge", "word " * 100, [], 4))
+    engine.add_request(engine_request(model_dir, runner, "small", "hi", [], 3))
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    errors = {o.request_id for o in outputs if o.error}
+    assert errors == {"huge"}
+    assert sum(len(o.new_token_ids) for o in outputs if o.request_id == "small") == 3
+    assert_no_leak(engine)
