@@ -212,7 +212,7 @@ def test_more_bad_input_gets_openai_errors(cluster):
         ("/v1/chat/completions", {"model": cluster.model, "messages": [{"role": "user", "content": "hi"}],
                                   "logit_bias": {"5": 10}}, 400),
         ("/v1/chat/completions", {"model": cluster.model, "messages": [{"role": "user", "content": "hi"}],
-                                  "n": 2}, 400),
+                                  "n": 99}, 400),
         ("/v1/chat/completions", {"model": cluster.model, "messages": [{"role": "user", "content": "hi"}],
                                   "stop_token_ids": [-1]}, 400),
         ("/v1/chat/completions", [1, 2, 3], 400),
@@ -294,3 +294,24 @@ def test_logprobs_and_penalties(cluster, model_dir):
     penalized = client.chat.completions.create(model=cluster.model, messages=messages, max_tokens=16, temperature=0,
                                                frequency_penalty=2.0, extra_body={"return_token_ids": True})
     assert penalized.choices[0].model_extra["token_ids"] != plain
+
+
+def test_n_choices_share_the_prompt(cluster, model_dir):
+    messages = chat_messages([make_image(6)])
+    client = cluster.client()
+    greedy = hf_greedy(model_dir, messages, max_tokens=MAX_TOKENS)
+    r = client.chat.completions.create(model=cluster.model, messages=messages, max_tokens=MAX_TOKENS, n=3,
+                                       temperature=0, extra_body={"return_token_ids": True})
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert all(c.model_extra["token_ids"] == greedy for c in r.choices)
+    assert r.usage.completion_tokens == 3 * len(greedy)
+    sampled = client.chat.completions.create(model=cluster.model, messages=messages, max_tokens=MAX_TOKENS, n=4,
+                                             temperature=1.0, seed=1, stream=True)
+    texts: dict[int, str] = {}
+    finishes = {}
+    for chunk in sampled:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    assert sorted(finishes) == [0, 1, 2, 3] and len(set(texts.values())) > 1

@@ -121,3 +121,25 @@ def test_request_that_can_never_fit_fails_alone(model_dir, runner):
     assert errors == {"huge"}
     assert sum(len(o.new_token_ids) for o in outputs if o.request_id == "small") == 3
     assert_no_leak(engine)
+
+
+def test_n_choices_reuse_the_prompt_blocks(model_dir, runner):
+    from dataclasses import replace
+
+    engine = PagedEngine(runner, EngineConfig(block_size=4))
+    req = engine_request(model_dir, runner, "multi", SHARED, [make_image(41)], 7)
+    req = replace(req, sampling=replace(req.sampling, n=3))
+    engine.add_request(req)
+    by_choice: dict[int, list[int]] = {}
+    finishes = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id == "multi" and out.error is None
+            by_choice.setdefault(out.index, []).extend(out.new_token_ids)
+            finishes += out.finish_reason is not None
+    expected = oracle(model_dir, SHARED, [make_image(41)], 7)
+    assert by_choice == {0: expected, 1: expected, 2: expected} and finishes == 3
+    full_blocks = (len(req.prompt_token_ids) - 1) // 4
+    assert engine.stats().prefix_cache_hits == 2 * full_blocks     # choices 1 and 2 reuse choice 0's blocks
+    assert_no_leak(engine)
+    assert not engine._origin and not engine._choice_ids and not engine._forks

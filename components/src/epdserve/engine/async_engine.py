@@ -46,24 +46,25 @@ class AsyncEngine:
         return len(self._queues)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        """Stream a request's outputs until it finishes; closing the stream aborts it."""
+        """Stream a request's outputs until each of its choices finished; closing the stream
+        aborts it."""
         if self._dead:
             raise RuntimeError(self._dead)
         rid = request.request_id
         queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
         self._queues[rid] = queue
-        finished = False
+        unfinished = request.sampling.n
         with self._cond:
             self._adds.append(request)
             self._cond.notify()
         try:
-            while not finished:
+            while unfinished:
                 out = await queue.get()
-                finished = out.finish_reason is not None
+                unfinished -= out.finish_reason is not None
                 yield out
         finally:
             del self._queues[rid]
-            if not finished:
+            if unfinished:
                 with self._cond:
                     self._aborts.append(rid)
                     self._cond.notify()
@@ -81,7 +82,7 @@ class AsyncEngine:
             self._deliver(EngineOutput(rid, [], "error", error=self._dead))
 
     def _loop_forever(self) -> None:
-        live: set[str] = set()   # requests inside the engine; owned by this thread
+        live: dict[str, int] = {}   # request id -> unfinished choices inside the engine; this thread's
         while True:
             with self._cond:
                 while not (self._stopped or self._adds or self._aborts or self.engine.has_unfinished()):
@@ -92,10 +93,10 @@ class AsyncEngine:
                 aborts, self._aborts = self._aborts, []
             for req in adds:
                 self.engine.add_request(req)
-                live.add(req.request_id)
+                live[req.request_id] = req.sampling.n
             for rid in aborts:  # after adds: a request may be cancelled in the same batch
                 self.engine.abort(rid)
-                live.discard(rid)
+                live.pop(rid, None)
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # a bug in a step fails the requests in it, not the worker
@@ -103,9 +104,12 @@ class AsyncEngine:
                 for rid in live:
                     self.engine.abort(rid)
                 outputs = [EngineOutput(rid, [], "error", error=str(exc)) for rid in live]
+                live.clear()
             for out in outputs:
-                if out.finish_reason is not None:
-                    live.discard(out.request_id)
+                if out.finish_reason is not None and out.request_id in live:
+                    live[out.request_id] -= 1
+                    if not live[out.request_id]:
+                        del live[out.request_id]
                 self._loop.call_soon_threadsafe(self._deliver, out)
 
     def _deliver(self, out: EngineOutput) -> None:

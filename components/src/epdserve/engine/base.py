@@ -24,6 +24,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None            # None: none; k: the sampled token's and the top k
+    n: int = 1                             # choices sampled from one prompt (its blocks shared)
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,8 @@ class EngineOutput:
 
     request_id: str
     new_token_ids: list[int]
-    finish_reason: str | None = None   # "stop" (EOS) or "length"
+    finish_reason: str | None = None   # "stop" (EOS) or "length"; each choice finishes once
+    index: int = 0                     # the choice, when the request samples n > 1
     num_prompt_tokens: int = 0
     error: str | None = None           # set when the request failed inside the engine
     logprobs: list[TokenLogprob] | None = None   # one per new token, when requested

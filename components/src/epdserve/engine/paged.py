@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -56,18 +56,44 @@ class PagedEngine(Engine):
                                                    config.max_model_len), self.blocks)
         self.runner = ModelRunner(model, self.kv, config.block_size)
         self._rejected: list[EngineOutput] = []
+        self._origin: dict[str, tuple[str, int]] = {}        # sequence id -> (request id, choice index)
+        self._choice_ids: dict[str, list[str]] = {}          # request id -> its sequence ids (n > 1)
+        self._forks: dict[str, list[tuple[int, EngineRequest]]] = {}   # choice 0 -> (index, choice) waiting
         log.info("KV cache: %d blocks of %d tokens", num_blocks, config.block_size)
 
     def add_request(self, request: EngineRequest) -> None:
+        """Queue a request. With n > 1, choice 0 is prefilled first and the other choices
+        join once its prompt blocks are committed, so they hit them in the prefix cache."""
+        n = request.sampling.n
+        if n == 1:
+            self._admit(request, request.request_id, 0)
+            return
+        choices = [self._choice(request, i) for i in range(n)]
+        self._choice_ids[request.request_id] = [c.request_id for c in choices]
+        self._admit(choices[0], request.request_id, 0)
+        self._forks[choices[0].request_id] = list(enumerate(choices))[1:]
+
+    @staticmethod
+    def _choice(request: EngineRequest, index: int) -> EngineRequest:
+        seed = request.sampling.seed
+        sampling = replace(request.sampling, n=1, seed=None if seed is None else seed + index)
+        return EngineRequest(f"{request.request_id}#{index}", request.prompt_token_ids, sampling, request.mm_inputs)
+
+    def _admit(self, request: EngineRequest, origin: str, index: int) -> None:
+        self._origin[request.request_id] = (origin, index)
         seq = Sequence(request, list(request.prompt_token_ids), len(request.prompt_token_ids),
                        generator=make_generator(request.sampling))
         try:
             self.scheduler.add(seq)
         except ValueError as exc:   # can never fit: answer at the next step
-            self._rejected.append(EngineOutput(request.request_id, [], "error", error=str(exc)))
+            self._origin.pop(request.request_id)
+            self._rejected.append(EngineOutput(origin, [], "error", index=index, error=str(exc)))
 
     def abort(self, request_id: str) -> None:
-        self.scheduler.abort(request_id)
+        for sid in self._choice_ids.pop(request_id, [request_id]):
+            self._forks.pop(sid, None)
+            self._origin.pop(sid, None)
+            self.scheduler.abort(sid)
 
     def has_unfinished(self) -> bool:
         return bool(self._rejected) or self.scheduler.has_unfinished()
@@ -84,19 +110,27 @@ class PagedEngine(Engine):
         if not chunks:
             return outputs
         result = self.runner.run(chunks)
-        for rid, message in result.failed.items():
-            self.scheduler.abort(rid)
-            outputs.append(EngineOutput(rid, [], "error", error=message))
+        for sid, message in result.failed.items():
+            self.scheduler.abort(sid)
+            origin, index = self._origin.pop(sid)
+            outputs.append(EngineOutput(origin, [], "error", index=index, error=message))
         ran = [c for c in chunks if c.seq.request_id not in result.failed]
         finished = {seq.request_id: reason for seq, reason in self.scheduler.finish_step(ran, result.sampled)}
         for chunk in ran:
-            seq = chunk.seq
-            token = result.sampled.get(seq.request_id)
+            seq, sid = chunk.seq, chunk.seq.request_id
+            token = result.sampled.get(sid)
             if token is None:
                 continue
             first = seq.num_output_tokens == 1
-            logprob = result.logprobs.get(seq.request_id)
-            outputs.append(EngineOutput(seq.request_id, [token], finished.get(seq.request_id),
+            origin, index = self._origin[sid]
+            for i, choice in self._forks.pop(sid, ()):   # choice 0's prompt is cached: the others start
+                self._admit(choice, origin, i)
+            if sid in finished:
+                del self._origin[sid]
+                if origin in self._choice_ids and not any(c in self._origin for c in self._choice_ids[origin]):
+                    del self._choice_ids[origin]
+            logprob = result.logprobs.get(sid)
+            outputs.append(EngineOutput(origin, [token], finished.get(sid), index=index,
                                         num_prompt_tokens=seq.num_prompt_tokens if first else 0,
                                         logprobs=[logprob] if logprob else None))
         return outputs

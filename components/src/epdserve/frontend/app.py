@@ -132,21 +132,22 @@ async def _deltas(frames: AsyncIterator[bytes]) -> AsyncIterator[pb.TextDelta]:
 async def _sse(builder: ResponseBuilder, first: pb.TextDelta, rest: AsyncIterator[pb.TextDelta],
                include_usage: bool, rid: str) -> AsyncIterator[bytes]:
     """SSE body; a client that disconnects closes `rest`, which cancels the request upstream."""
+    streamed: dict[int, int] = {}   # choice index -> characters sent (completions' text_offset)
+    usage = None
     async with contextlib.aclosing(rest):
-        delta, is_first, streamed = first, True, 0
         try:
+            delta = first
             while True:
-                yield sse(builder.chunk(delta, is_first, include_usage, streamed))
-                streamed += len(delta.text)
-                if delta.finish_reason:
-                    if include_usage:
-                        yield sse(builder.usage_chunk(delta.usage))
-                    async for _ in rest:   # read to the end frame: nothing upstream to cancel
-                        pass
-                    break
-                delta, is_first = await anext(rest), False
-        except (EpdError, StopAsyncIteration) as exc:
-            err = exc if isinstance(exc, EpdError) else EpdError(500, "the stream ended without a finish reason")
+                yield sse(builder.chunk(delta, delta.index not in streamed, include_usage,
+                                        streamed.get(delta.index, 0)))
+                streamed[delta.index] = streamed.get(delta.index, 0) + len(delta.text)
+                if delta.HasField("usage"):
+                    usage = delta.usage
+                delta = await anext(rest)
+        except StopAsyncIteration:
+            if include_usage and usage is not None:
+                yield sse(builder.usage_chunk(usage))
+        except EpdError as err:
             log.warning("[%s] stream failed: %s", rid, err.message)
             yield sse(json.dumps(err.to_openai()))
     yield sse("[DONE]")

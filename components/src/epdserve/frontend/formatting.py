@@ -48,25 +48,33 @@ class ResponseBuilder:
                 "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in items], "text_offset": offsets}
 
     def response(self, deltas: list[pb.TextDelta]) -> dict:
-        """The non-streaming body from every delta of the request."""
+        """The non-streaming body from every delta of the request, one choice per index."""
+        by_index: dict[int, list[pb.TextDelta]] = {}
+        for d in deltas:
+            by_index.setdefault(d.index, []).append(d)
+        choices = [self._choice(i, ds) for i, ds in sorted(by_index.items())]
+        usage = next(d.usage for d in reversed(deltas) if d.HasField("usage"))
+        body = self._base(self._object) | {"choices": choices, "usage": self.usage(usage)}
+        if self.return_token_ids:
+            body["prompt_token_ids"] = list(deltas[0].prompt_token_ids)
+        return body
+
+    def _choice(self, index: int, deltas: list[pb.TextDelta]) -> dict:
         text = "".join(d.text for d in deltas)
-        last = deltas[-1]
-        choice: dict = {"index": 0, "logprobs": self._logprobs([lp for d in deltas for lp in d.logprobs]),
-                        "finish_reason": last.finish_reason or None}
+        choice: dict = {"index": index, "logprobs": self._logprobs([lp for d in deltas for lp in d.logprobs]),
+                        "finish_reason": deltas[-1].finish_reason or None}
         if self.endpoint == "chat":
             choice["message"] = {"role": "assistant", "content": text, "refusal": None, "tool_calls": []}
         else:
             choice["text"] = text
-        body = self._base(self._object) | {"choices": [choice], "usage": self.usage(last.usage)}
         if self.return_token_ids:
             choice["token_ids"] = [t for d in deltas for t in d.token_ids]
-            body["prompt_token_ids"] = list(deltas[0].prompt_token_ids)
-        return body
+        return choice
 
     def chunk(self, delta: pb.TextDelta, first: bool, include_usage: bool, text_offset: int = 0) -> dict:
         """One streamed chunk; the first chat chunk also carries the assistant role.
         `text_offset` is the length of the text streamed before (completions logprobs)."""
-        choice: dict = {"index": 0, "logprobs": self._logprobs(list(delta.logprobs), text_offset),
+        choice: dict = {"index": delta.index, "logprobs": self._logprobs(list(delta.logprobs), text_offset),
                         "finish_reason": delta.finish_reason or None}
         if self.endpoint == "chat":
             choice["delta"] = ({"role": "assistant"} if first else {}) | ({"content": delta.text} if delta.text or first else {})
@@ -77,7 +85,7 @@ class ResponseBuilder:
         body = self._base(obj) | {"choices": [choice]}
         if self.return_token_ids:
             choice["token_ids"] = list(delta.token_ids)
-            if first:
+            if delta.prompt_token_ids:
                 body["prompt_token_ids"] = list(delta.prompt_token_ids)
         if include_usage:
             body["usage"] = None

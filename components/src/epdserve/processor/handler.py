@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +17,15 @@ from epdserve.runtime.pool import InstancePool
 from epdserve.runtime.request_plane import RequestPlane
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Choice:
+    """Text state of one of a request's n choices."""
+
+    detok: IncrementalDetokenizer
+    stops: StopStrings
+    done: bool = False
 
 
 class ProcessorHandler:
@@ -39,43 +49,43 @@ class ProcessorHandler:
         preq = pb.ProcessorRequest.FromString(payload)
         rid = preq.request_id
         req = parse_request(preq.endpoint, preq.body)
-        if req.n != 1:
-            raise EpdError.bad_request("only n=1 is supported", param="n")
         prompt = await self.prompts.build(req)
         sampling = self._sampling(req, len(prompt.token_ids))
         gen = pb.GenerateRequest(request_id=rid, token_ids=prompt.token_ids, sampling=sampling, media=prompt.media)
         backend = self.backends.pick()
-        log.info("[%s] %d prompt tokens, %d media item(s) -> %s", rid, len(prompt.token_ids),
-                 len(prompt.media), backend.instance_id)
+        log.info("[%s] %d prompt tokens, %d media item(s), n=%d -> %s", rid, len(prompt.token_ids),
+                 len(prompt.media), req.n, backend.instance_id)
 
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stops = StopStrings(req.stop_strings)
-        completion_tokens = 0
-        finished = False
+        choices = [_Choice(IncrementalDetokenizer(self.tokenizer), StopStrings(req.stop_strings)) for _ in range(req.n)]
+        completion_tokens, first, cut = 0, True, False
         stream = self.plane.stream(backend.subject, gen.SerializeToString(), rid)
         async with contextlib.aclosing(stream):  # leaving early cancels the backend request
             async for data in stream:
-                if finished:
-                    continue   # only the end frame follows a finish; reading it spares a cancel
                 delta = pb.TokenDelta.FromString(data)
+                choice = choices[delta.index]
+                if choice.done:
+                    continue   # cut by a stop string while the backend went on, or the end frame follows
                 completion_tokens += len(delta.token_ids)
-                text, hit = stops.feed(detok.add(list(delta.token_ids)))
+                text, hit = choice.stops.feed(choice.detok.add(list(delta.token_ids)))
                 finish = "stop" if hit else delta.finish_reason
                 if finish and not hit:
-                    text += stops.flush()
-                out = pb.TextDelta(text=text, finish_reason=finish, logprobs=map(self._named, delta.logprobs))
+                    text += choice.stops.flush()
+                out = pb.TextDelta(index=delta.index, text=text, finish_reason=finish,
+                                   logprobs=map(self._named, delta.logprobs))
                 if req.return_token_ids:
                     out.token_ids.extend(delta.token_ids)
-                    if completion_tokens == len(delta.token_ids):
+                    if first:
                         out.prompt_token_ids.extend(prompt.token_ids)
+                first = False
                 if finish:
+                    choice.done = True
                     out.usage.CopyFrom(pb.Usage(prompt_tokens=len(prompt.token_ids),
                                                 completion_tokens=completion_tokens))
+                cut |= hit
                 yield out.SerializeToString()
-                if hit:
-                    return   # the backend is still generating: closing the stream cancels it
-                finished = bool(finish)
-        if not finished:
+                if cut and all(c.done for c in choices):
+                    return   # the backend may still be generating: closing the stream cancels it
+        if not all(c.done for c in choices):
             raise EpdError(500, "the backend ended the stream without a finish reason")
 
     def _named(self, lp: pb.Logprob) -> pb.Logprob:
@@ -109,6 +119,7 @@ class ProcessorHandler:
         )
         if req.num_logprobs is not None:
             params.logprobs = req.num_logprobs
+        params.n = req.n
         if req.seed is not None:
             params.seed = req.seed & (2**64 - 1)
         return params

@@ -24,7 +24,7 @@ def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
                           max_tokens=p.max_tokens, stop_token_ids=tuple(p.stop_token_ids),
                           repetition_penalty=p.repetition_penalty or 1.0, presence_penalty=p.presence_penalty,
                           frequency_penalty=p.frequency_penalty,
-                          logprobs=p.logprobs if p.HasField("logprobs") else None)
+                          logprobs=p.logprobs if p.HasField("logprobs") else None, n=max(p.n, 1))
 
 
 def logprob_to_proto(lp: TokenLogprob) -> pb.Logprob:
@@ -47,7 +47,7 @@ class PDHandler:
         async for out in self.engine.generate(ereq):
             if out.error is not None:
                 raise EpdError(500, f"generation failed: {out.error}")
-            yield pb.TokenDelta(token_ids=out.new_token_ids, finish_reason=out.finish_reason or "",
+            yield pb.TokenDelta(token_ids=out.new_token_ids, finish_reason=out.finish_reason or "", index=out.index,
                                 num_prompt_tokens=out.num_prompt_tokens,
                                 logprobs=[logprob_to_proto(lp) for lp in out.logprobs or ()]).SerializeToString()
 
