@@ -14,6 +14,9 @@ from test_block_manager import ShadowKV, check_refcounts, image, make_seq
 
 
 def make(num_blocks: int = 64, block_size: int = 4, **config) -> Scheduler:
+    """A scheduler that takes blocks only as tokens need them (no decode window) unless the
+    test asks for one, so the tests see every append and preemption."""
+    config.setdefault("reserve_window", 0)
     return Scheduler(SchedulerConfig(**config), BlockManager(num_blocks, block_size))
 
 
@@ -230,3 +233,15 @@ def test_random_simulation_invariants():
     assert set(results) | aborted == set(requests) and not set(results) & aborted
     assert sched.blocks.num_free_blocks == sched.blocks.num_blocks
     assert sched.blocks.prefix_hits > 0 and preempted and aborted   # the paths were exercised
+
+
+def test_admission_reserves_a_run_of_consecutive_blocks():
+    sched = make(num_blocks=64, block_size=4, reserve_window=16)
+    short = make_seq("short", list(range(10)), max_tokens=3)     # whole request: 13 tokens, 4 blocks
+    long = make_seq("long", list(range(10)), max_tokens=100)     # 10 + a 16-token window: 7 blocks
+    sched.add(short)
+    sched.add(long)
+    sched.schedule()
+    assert len(short.block_table) == 4 and len(long.block_table) == 7
+    for seq in (short, long):
+        assert seq.block_table == list(range(seq.block_table[0], seq.block_table[0] + len(seq.block_table)))

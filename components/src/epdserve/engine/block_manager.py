@@ -8,7 +8,8 @@ instead of recomputing it. Blocks are shared only once full and committed; nobod
 shared block again, because sequences only ever append past their computed prefix.
 
 Free blocks are of two kinds, both counted by `num_free_blocks`:
-- uncached ones, on a FIFO free list, handed out first;
+- uncached ones, on a FIFO free list, handed out first, as runs of consecutive ids when the
+  list has them: attention then reads a sequence's KV in place instead of gathering it;
 - cached ones with refcount 0, kept in LRU order and evicted (hash mapping dropped) only when
   the free list is empty. A prefix hit on one of these revives it.
 """
@@ -16,12 +17,14 @@ Free blocks are of two kinds, both counted by `num_free_blocks`:
 from __future__ import annotations
 
 import hashlib
+import itertools
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
 from epdserve.engine.sequence import Sequence
 
 _ROOT_HASH = bytes(16)   # parent of a sequence's first block
+_RUN_SEARCH = 64         # free blocks tried as the start of a consecutive run before giving up
 
 
 class BlockManager:
@@ -43,7 +46,7 @@ class BlockManager:
         # even when another block owns the cache entry, because the next block's hash chains on it.
         self._hash: list[bytes | None] = [None] * num_blocks
         self._cached: dict[bytes, int] = {}           # hash -> the block owning the cache entry
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))   # FIFO
         self._lru: OrderedDict[int, None] = OrderedDict()   # cached, refcount 0; oldest first
 
     @property
@@ -55,14 +58,17 @@ class BlockManager:
         """Blocks needed to hold the KV of `num_tokens` tokens."""
         return -(-num_tokens // self.block_size)
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        """True if `allocate(seq)` would find blocks for all of `seq.token_ids`."""
+    def can_allocate(self, seq: Sequence, reserve_tokens: int = 0) -> bool:
+        """True if `allocate(seq, reserve_tokens)` would find its blocks."""
         hits = self._match_prefix(seq)
         revived = sum(1 for b in hits if self._ref[b] == 0)   # a free hit uses up a free block
-        return self.num_blocks_for(seq.num_tokens) - len(hits) + revived <= self.num_free_blocks
+        need = self.num_blocks_for(max(seq.num_tokens, reserve_tokens))
+        return need - len(hits) + revived <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence) -> None:
-        """Fill `seq.block_table` for all of `seq.token_ids`, reusing cached prefix blocks.
+    def allocate(self, seq: Sequence, reserve_tokens: int = 0) -> None:
+        """Fill `seq.block_table` for all of `seq.token_ids`, and room for `reserve_tokens`
+        tokens in all, reusing cached prefix blocks; the rest comes as one run of consecutive
+        blocks when the pool has one, so the sequence's decode needs no new blocks for a while.
 
         Sets `seq.num_cached_tokens` and `seq.num_computed_tokens` to the tokens served from
         the cache. Raises RuntimeError if the pool is short (check `can_allocate` first).
@@ -78,7 +84,7 @@ class BlockManager:
             self._ref[b] += 1
         seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
         seq.block_table = hits
-        self._grow(seq)
+        self._grow(seq, max(seq.num_tokens, reserve_tokens))
 
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s references and clear its block table.
@@ -94,7 +100,7 @@ class BlockManager:
             if h is not None and self._cached.get(h) == b:
                 self._lru[b] = None
             else:
-                self._free.append(b)
+                self._free[b] = None
         seq.block_table = []
 
     def can_append(self, seq: Sequence) -> bool:
@@ -103,7 +109,7 @@ class BlockManager:
 
     def append(self, seq: Sequence) -> None:
         """After tokens were appended to `seq.token_ids`: add the blocks their KV needs."""
-        self._grow(seq)
+        self._grow(seq, seq.num_tokens)
 
     def commit(self, seq: Sequence) -> None:
         """Register in the prefix cache every block now full of computed tokens.
@@ -124,16 +130,32 @@ class BlockManager:
             self._cached.setdefault(h, table[i])
             parent = h
 
-    def _grow(self, seq: Sequence) -> None:
-        for _ in range(self.num_blocks_for(seq.num_tokens) - len(seq.block_table)):
-            b = self._take_block()
+    def _grow(self, seq: Sequence, num_tokens: int) -> None:
+        missing = self.num_blocks_for(num_tokens) - len(seq.block_table)
+        if missing <= 0:
+            return
+        after = seq.block_table[-1] + 1 if seq.block_table else None
+        run = self._find_run(missing, after)
+        for b in run if run is not None else (self._take_block() for _ in range(missing)):
+            if run is not None:
+                del self._free[b]
+                self._hash[b] = None
             self._ref[b] = 1
             seq.block_table.append(b)
+
+    def _find_run(self, count: int, after: int | None) -> range | None:
+        """`count` consecutive free uncached blocks, starting at `after` if it can."""
+        starts = [after] if after is not None else []
+        starts += list(itertools.islice(self._free, _RUN_SEARCH))
+        for start in starts:
+            if all(b in self._free for b in range(start, start + count)):
+                return range(start, start + count)
+        return None
 
     def _take_block(self) -> int:
         """A free block, evicting the least recently used cached one if need be; unhashed."""
         if self._free:
-            b = self._free.popleft()
+            b, _ = self._free.popitem(last=False)
         elif self._lru:
             b, _ = self._lru.popitem(last=False)
             del self._cached[self._hash[b]]

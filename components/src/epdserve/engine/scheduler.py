@@ -32,6 +32,9 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048     # token budget per step (prefill chunks + decodes)
     max_model_len: int = 2048
+    # Decode tokens whose blocks are taken at admission, as one run of consecutive blocks
+    # where the pool has one: attention reads such KV in place instead of gathering it.
+    reserve_window: int = 256
 
     def __post_init__(self) -> None:
         if min(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len) <= 0:
@@ -140,9 +143,9 @@ class Scheduler:
         # After a preemption the pool is short: admitting would only throw work out again.
         while (not preempted and budget > 0 and self._waiting
                and len(self._running) < self.config.max_num_seqs
-               and self.blocks.can_allocate(self._waiting[0])):
+               and self.blocks.can_allocate(self._waiting[0], self._reserve(self._waiting[0]))):
             seq = self._waiting.popleft()
-            self.blocks.allocate(seq)
+            self.blocks.allocate(seq, self._reserve(seq))
             seq.status = SequenceStatus.RUNNING
             self._running.append(seq)
             chunks.append(self._chunk(seq, budget))
@@ -174,6 +177,12 @@ class Scheduler:
                 seq.status = SequenceStatus.FINISHED
                 finished.append((seq, reason))
         return finished
+
+    def _reserve(self, seq: Sequence) -> int:
+        """Tokens to hold blocks for at admission: the whole request if short, else a window
+        of decode, so decoding rarely needs new (non-consecutive) blocks."""
+        longest = min(seq.num_prompt_tokens + seq.request.sampling.max_tokens, self.config.max_model_len)
+        return min(longest, seq.num_tokens + self.config.reserve_window)
 
     def _chunk(self, seq: Sequence, budget: int) -> ScheduledChunk:
         return ScheduledChunk(seq, seq.num_computed_tokens, min(seq.num_uncomputed_tokens, budget))

@@ -38,8 +38,14 @@ class AttentionMetadata:
     context_len: list[int]
     block_table: list[torch.Tensor] | list[Sequence[int]]
 
+    block_size: int = 0   # set by `build`; needed to find the consecutive runs below
+
     def __post_init__(self) -> None:
-        # Converted once here, not per layer.
+        # Once here, not per layer: tables as tensors, and for each sequence the first block
+        # of its context when those blocks are consecutive (its KV is then one slice).
+        self.runs: list[int | None] = [
+            _run_start(t, -(-n // self.block_size)) if self.block_size else None
+            for t, n in zip(self.block_table, self.context_len)]
         self.block_table = [torch.as_tensor(t, dtype=torch.long, device=self.positions.device)
                             for t in self.block_table]
 
@@ -66,7 +72,14 @@ class AttentionMetadata:
             query_len=[length for _, _, length in chunks],
             context_len=[start + length for _, start, length in chunks],
             block_table=[table for table, _, _ in chunks],
+            block_size=block_size,
         )
+
+
+def _run_start(table: Sequence[int] | torch.Tensor, count: int) -> int | None:
+    """table[0] when table[:count] are consecutive block ids, else None."""
+    ids = table[:count].tolist() if isinstance(table, torch.Tensor) else list(table[:count])
+    return ids[0] if ids == list(range(ids[0], ids[0] + count)) else None
 
 
 @dataclass
@@ -111,7 +124,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: 
     out = torch.empty_like(q)
     for i in range(meta.num_seqs):
         start, length, context = meta.query_start[i], meta.query_len[i], meta.context_len[i]
-        blocks = meta.block_table[i][: -(-context // block_size)]
+        count, run = -(-context // block_size), meta.runs[i]
+        # Consecutive blocks are read in place; scattered ones are gathered (a copy).
+        blocks = slice(run, run + count) if run is not None else meta.block_table[i][:count]
         # [1, H, T, D] views of [T, H, D] rows: the layout transformers' attention sees.
         query = q[start:start + length].transpose(0, 1)[None]
         key = cache_k[blocks].flatten(0, 1)[:context].transpose(0, 1)[None]
