@@ -108,6 +108,9 @@ def test_prefix_cache_hits_only_for_the_same_media(model_dir, runner):
     assert engine.stats().prefix_cache_hits - hits <= image_start // 4
     assert got["other"] == oracle(model_dir, SHARED, [b], 6)
     assert_no_leak(engine)
+    stats = engine.stats()
+    assert 0 < stats.prefix_cache_hit_rate < 1 and stats.generated_tokens == 3 * 6
+    assert stats.tokens_computed < 3 * (len(first.prompt_token_ids) + 6)   # "same" mostly came from cache
 
 
 def test_request_that_can_never_fit_fails_alone(model_dir, runner):

@@ -39,12 +39,20 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class EngineStats:
+    """A snapshot for metrics; token counts are cumulative (rates come from two snapshots)."""
+
     running: int
     waiting: int
     kv_blocks_total: int
     kv_blocks_free: int
     prefix_cache_queries: int
     prefix_cache_hits: int
+    tokens_computed: int          # positions run through the model: prefill, recompute, decode
+    generated_tokens: int
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
 class PagedEngine(Engine):
@@ -56,6 +64,8 @@ class PagedEngine(Engine):
                                                    config.max_model_len), self.blocks)
         self.runner = ModelRunner(model, self.kv, config.block_size)
         self._rejected: list[EngineOutput] = []
+        self._tokens_computed = 0
+        self._generated_tokens = 0
         self._origin: dict[str, tuple[str, int]] = {}        # sequence id -> (request id, choice index)
         self._choice_ids: dict[str, list[str]] = {}          # request id -> its sequence ids (n > 1)
         self._forks: dict[str, list[tuple[int, EngineRequest]]] = {}   # choice 0 -> (index, choice) waiting
@@ -101,7 +111,8 @@ class PagedEngine(Engine):
     def stats(self) -> EngineStats:
         b = self.blocks
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), b.num_blocks,
-                           b.num_free_blocks, b.prefix_queries, b.prefix_hits)
+                           b.num_free_blocks, b.prefix_queries, b.prefix_hits,
+                           self._tokens_computed, self._generated_tokens)
 
     @torch.inference_mode()
     def step(self) -> list[EngineOutput]:
@@ -115,6 +126,8 @@ class PagedEngine(Engine):
             origin, index = self._origin.pop(sid)
             outputs.append(EngineOutput(origin, [], "error", index=index, error=message))
         ran = [c for c in chunks if c.seq.request_id not in result.failed]
+        self._tokens_computed += sum(c.num_tokens for c in ran)
+        self._generated_tokens += len(result.sampled)
         finished = {seq.request_id: reason for seq, reason in self.scheduler.finish_step(ran, result.sampled)}
         for chunk in ran:
             seq, sid = chunk.seq, chunk.seq.request_id
