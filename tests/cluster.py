@@ -15,34 +15,18 @@ from pathlib import Path
 import httpx
 import openai
 
+from epdserve.tools.procs import pid_with_arg, tagged_pids
 from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tagged_pids(tag: str) -> list[int]:
-    """PIDs of live processes whose environment carries `EPDSERVE_TEST_TAG=tag`."""
-    needle = f"EPDSERVE_TEST_TAG={tag}".encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if needle in (proc / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids
+TAG_VAR = "EPDSERVE_TEST_TAG"
 
 
 def pid_of(tag: str, arg: str) -> int:
-    """The PID of the tagged process whose command line contains `arg`."""
-    for pid in tagged_pids(tag):
-        try:
-            if arg.encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
-                return pid
-        except OSError:
-            continue
-    raise LookupError(f"no process with {arg}")
+    """The PID of the cluster process (tagged `tag`) whose command line has `arg`."""
+    return pid_with_arg(TAG_VAR, tag, arg)
 
 
 @dataclass
@@ -70,7 +54,7 @@ class Cluster:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 pass
-        for pid in tagged_pids(self.tag):
+        for pid in tagged_pids(TAG_VAR, self.tag):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -96,7 +80,7 @@ def start(command: Callable[[int, str], list[str]], infra, log: Path, served_nam
     tag = uuid.uuid4().hex
     port = free_port()
     env = os.environ | {"ETCD_ENDPOINTS": infra.etcd_endpoints, "NATS_SERVER": infra.nats_server,
-                        "HTTP_HOST": "127.0.0.1", "EPDSERVE_TEST_TAG": tag, "PYTHON": sys.executable}
+                        "HTTP_HOST": "127.0.0.1", TAG_VAR: tag, "PYTHON": sys.executable}
     log = log.with_name(f"{log.stem}-{tag[:8]}.log")
     with open(log, "wb") as out:
         proc = subprocess.Popen(command(port, f"t{tag[:8]}"), stdout=out, stderr=subprocess.STDOUT,

@@ -34,3 +34,19 @@ def infra(tmp_path_factory) -> Iterator[Infra]:
     finally:
         for proc in started:
             services.stop(proc)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory) -> Path:
+    """The builder's default tiny LLaVA, built once per session."""
+    from epdserve.tools.tiny_model import build_tiny_model
+    return build_tiny_model("llava", tmp_path_factory.mktemp("tiny-llava") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_runner(tiny_llava):
+    """The worker-side model of `tiny_llava` on the CPU, loaded once per session."""
+    import torch
+
+    from epdserve.models.registry import load_family
+    return load_family(tiny_llava).load_runner(None, torch.device("cpu"))

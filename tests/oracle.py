@@ -14,10 +14,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from epdserve.tools.images import synthetic_png
 
 # Requests whose greedy output on the default tiny llava (seed 0) ends in EOS, for testing
 # stop handling (finish_reason "stop"); the token counts include the EOS.
@@ -114,20 +115,8 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def make_image(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
-    """A deterministic PNG of ``size`` (W, H): random 4x4 colour blocks plus noise.
-
-    The coarse blocks make images of different seeds differ in content, not only in noise,
-    so a tiny model's greedy output depends on which image it saw.
-    """
-    rng = np.random.default_rng(seed)
-    width, height = size
-    blocks = rng.integers(0, 256, (4, 4, 3)).astype(np.float64)
-    rows = np.arange(height) * 4 // height
-    cols = np.arange(width) * 4 // width
-    pixels = blocks[rows][:, cols] + rng.normal(0.0, 24.0, (height, width, 3))
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
+    """A deterministic PNG of ``size`` (W, H); see `synthetic_png`."""
+    return synthetic_png(seed, size)
 
 
 def data_url(png: bytes) -> str:

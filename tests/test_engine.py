@@ -4,35 +4,22 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 import torch
 
 from epdserve.engine.async_engine import AsyncEngine
 from epdserve.engine.base import EngineRequest, SamplingParams
 from epdserve.engine.sampling import make_generator, sample
 from epdserve.engine.paged import EngineConfig, PagedEngine
-from epdserve.models.registry import load_family
 from engine_requests import engine_request
 from oracle import hf_greedy, make_image
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from epdserve.tools.tiny_model import build_tiny_model
-    return build_tiny_model("llava", tmp_path_factory.mktemp("llava") / "m")
-
-
-@pytest.fixture(scope="module")
-def runner(model_dir):
-    return load_family(model_dir).load_runner(None, torch.device("cpu"))
-
-
-def test_interleaved_requests_match_generate_and_abort_frees(model_dir, runner):
+def test_interleaved_requests_match_generate_and_abort_frees(tiny_llava, tiny_runner):
     cases = {f"r{i}": (f"Question {i} about this", [make_image(i)] * (i % 3), 6 + i) for i in range(6)}
-    engine = PagedEngine(runner, EngineConfig(max_num_seqs=4))
-    engine.add_request(engine_request(model_dir, runner, "doomed", "abort me", [], 50))
+    engine = PagedEngine(tiny_runner, EngineConfig(max_num_seqs=4))
+    engine.add_request(engine_request(tiny_llava, tiny_runner, "doomed", "abort me", [], 50))
     for rid, (text, images, n) in cases.items():   # more than max_num_seqs: some wait
-        engine.add_request(engine_request(model_dir, runner, rid, text, images, n))
+        engine.add_request(engine_request(tiny_llava, tiny_runner, rid, text, images, n))
     got: dict[str, list[int]] = {}
     steps = 0
     while engine.has_unfinished():
@@ -46,18 +33,18 @@ def test_interleaved_requests_match_generate_and_abort_frees(model_dir, runner):
     for rid, (text, images, n) in cases.items():
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}}] * len(images)
                      + [{"type": "text", "text": text}]}]
-        assert got[rid] == hf_greedy(model_dir, messages, images=images, max_tokens=n), rid
+        assert got[rid] == hf_greedy(tiny_llava, messages, images=images, max_tokens=n), rid
 
 
-def test_async_engine_streams_and_cancels(model_dir, runner):
+def test_async_engine_streams_and_cancels(tiny_llava, tiny_runner):
     async def main():
-        engine = AsyncEngine(PagedEngine(runner, EngineConfig(max_num_seqs=8)))
+        engine = AsyncEngine(PagedEngine(tiny_runner, EngineConfig(max_num_seqs=8)))
         engine.start()
         try:
-            req = engine_request(model_dir, runner, "a", "hello", [make_image(1)], 5)
+            req = engine_request(tiny_llava, tiny_runner, "a", "hello", [make_image(1)], 5)
             outs = [o async for o in engine.generate(req)]
             assert sum(len(o.new_token_ids) for o in outs) <= 5 and outs[-1].finish_reason
-            stream = engine.generate(engine_request(model_dir, runner, "b", "long", [], 500))
+            stream = engine.generate(engine_request(tiny_llava, tiny_runner, "b", "long", [], 500))
             await anext(stream)
             await stream.aclose()                       # the consumer leaves: the engine drops it
             for _ in range(100):
@@ -83,10 +70,10 @@ def test_sampling_is_seeded_and_respects_top_k():
     assert sample(logits, top_p, make_generator(top_p)) == int(logits.argmax())
 
 
-def test_concurrent_requests_progress_together(model_dir, runner):
+def test_concurrent_requests_progress_together(tiny_llava, tiny_runner):
     """A short request that arrives while a long one runs finishes first."""
     async def main():
-        engine = AsyncEngine(PagedEngine(runner, EngineConfig(max_num_seqs=8)))
+        engine = AsyncEngine(PagedEngine(tiny_runner, EngineConfig(max_num_seqs=8)))
         engine.start()
         finished: list[str] = []
 
@@ -96,8 +83,8 @@ def test_concurrent_requests_progress_together(model_dir, runner):
                     finished.append(req.request_id)
 
         try:
-            long = engine_request(model_dir, runner, "long", "a long answer", [], 300)
-            short = engine_request(model_dir, runner, "short", "a short answer", [make_image(2)], 3)
+            long = engine_request(tiny_llava, tiny_runner, "long", "a long answer", [], 300)
+            short = engine_request(tiny_llava, tiny_runner, "short", "a short answer", [make_image(2)], 3)
             long = EngineRequest(long.request_id, long.prompt_token_ids,
                                  SamplingParams(max_tokens=300), long.mm_inputs)  # no EOS: runs 300 steps
             task = asyncio.create_task(run(long))

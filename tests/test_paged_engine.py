@@ -4,31 +4,18 @@ mixed batches, shared prefixes, aborts, chunked prefill, preemption, prefix cach
 from __future__ import annotations
 
 import pytest
-import torch
 
 from engine_requests import engine_request
 from epdserve.engine.paged import EngineConfig, PagedEngine
-from epdserve.models.registry import load_family
 from oracle import hf_greedy, make_image
 
 SHARED = "Describe the picture in great detail, please, with every colour you can see"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from epdserve.tools.tiny_model import build_tiny_model
-    return build_tiny_model("llava", tmp_path_factory.mktemp("llava") / "m")
-
-
-@pytest.fixture(scope="module")
-def runner(model_dir):
-    return load_family(model_dir).load_runner(None, torch.device("cpu"))
-
-
-def oracle(model_dir, text: str, images: list[bytes], max_tokens: int) -> list[int]:
+def oracle(tiny_llava, text: str, images: list[bytes], max_tokens: int) -> list[int]:
     parts = [{"type": "image_url", "image_url": {"url": ""}}] * len(images)
     messages = [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
-    return hf_greedy(model_dir, messages, images=images, max_tokens=max_tokens)
+    return hf_greedy(tiny_llava, messages, images=images, max_tokens=max_tokens)
 
 
 def drive(engine: PagedEngine, abort_after: dict[str, int] | None = None, max_steps: int = 5000):
@@ -71,14 +58,14 @@ def mixed_cases() -> dict[str, tuple[str, list[bytes], int]]:
     EngineConfig(block_size=4, max_num_batched_tokens=24),                       # chunked prefill
     EngineConfig(block_size=8, num_kv_blocks=40, max_num_batched_tokens=64, max_num_seqs=8),  # preemption
 ], ids=["roomy", "chunked", "tiny-pool"])
-def test_mixed_batch_matches_generate_alone(model_dir, runner, config):
-    engine = PagedEngine(runner, config)
+def test_mixed_batch_matches_generate_alone(tiny_llava, tiny_runner, config):
+    engine = PagedEngine(tiny_runner, config)
     cases = mixed_cases()
     for rid, (text, images, n) in cases.items():
-        engine.add_request(engine_request(model_dir, runner, rid, text, images, n))
+        engine.add_request(engine_request(tiny_llava, tiny_runner, rid, text, images, n))
     got, finish = drive(engine, abort_after={"r05": 2, "r11": 1})
     for rid, (text, images, n) in cases.items():
-        expected = oracle(model_dir, text, images, n)
+        expected = oracle(tiny_llava, text, images, n)
         if finish[rid] == "abort":
             assert got.get(rid, []) == expected[: len(got.get(rid, []))], rid
         else:
@@ -86,37 +73,37 @@ def test_mixed_batch_matches_generate_alone(model_dir, runner, config):
     assert_no_leak(engine)
 
 
-def test_prefix_cache_hits_only_for_the_same_media(model_dir, runner):
-    engine = PagedEngine(runner, EngineConfig(block_size=4))
+def test_prefix_cache_hits_only_for_the_same_media(tiny_llava, tiny_runner):
+    engine = PagedEngine(tiny_runner, EngineConfig(block_size=4))
     a, b = make_image(31), make_image(32)
-    first = engine_request(model_dir, runner, "first", SHARED, [a], 6)
+    first = engine_request(tiny_llava, tiny_runner, "first", SHARED, [a], 6)
     engine.add_request(first)
     drive(engine)
     hits = engine.stats().prefix_cache_hits
 
-    engine.add_request(engine_request(model_dir, runner, "same", SHARED, [a], 6))
+    engine.add_request(engine_request(tiny_llava, tiny_runner, "same", SHARED, [a], 6))
     got, _ = drive(engine)
     s = engine.stats()
     assert s.prefix_cache_hits - hits >= len(first.prompt_token_ids) // 4 - 1   # nearly every full block
-    assert got["same"] == oracle(model_dir, SHARED, [a], 6)
+    assert got["same"] == oracle(tiny_llava, SHARED, [a], 6)
 
     hits = s.prefix_cache_hits
-    engine.add_request(engine_request(model_dir, runner, "other", SHARED, [b], 6))
+    engine.add_request(engine_request(tiny_llava, tiny_runner, "other", SHARED, [b], 6))
     got, _ = drive(engine)
     image_start = first.mm_inputs[0].offset
     # Only blocks wholly before the image may hit; none from the image on.
     assert engine.stats().prefix_cache_hits - hits <= image_start // 4
-    assert got["other"] == oracle(model_dir, SHARED, [b], 6)
+    assert got["other"] == oracle(tiny_llava, SHARED, [b], 6)
     assert_no_leak(engine)
     stats = engine.stats()
     assert 0 < stats.prefix_cache_hit_rate < 1 and stats.generated_tokens == 3 * 6
     assert stats.tokens_computed < 3 * (len(first.prompt_token_ids) + 6)   # "same" mostly came from cache
 
 
-def test_request_that_can_never_fit_fails_alone(model_dir, runner):
-    engine = PagedEngine(runner, EngineConfig(block_size=4, num_kv_blocks=8))
-    engine.add_request(engine_request(model_dir, runner, "huge", "word " * 100, [], 4))
-    engine.add_request(engine_request(model_dir, runner, "small", "hi", [], 3))
+def test_request_that_can_never_fit_fails_alone(tiny_llava, tiny_runner):
+    engine = PagedEngine(tiny_runner, EngineConfig(block_size=4, num_kv_blocks=8))
+    engine.add_request(engine_request(tiny_llava, tiny_runner, "huge", "word " * 100, [], 4))
+    engine.add_request(engine_request(tiny_llava, tiny_runner, "small", "hi", [], 3))
     outputs = []
     while engine.has_unfinished():
         outputs += engine.step()
@@ -126,11 +113,11 @@ def test_request_that_can_never_fit_fails_alone(model_dir, runner):
     assert_no_leak(engine)
 
 
-def test_n_choices_reuse_the_prompt_blocks(model_dir, runner):
+def test_n_choices_reuse_the_prompt_blocks(tiny_llava, tiny_runner):
     from dataclasses import replace
 
-    engine = PagedEngine(runner, EngineConfig(block_size=4))
-    req = engine_request(model_dir, runner, "multi", SHARED, [make_image(41)], 7)
+    engine = PagedEngine(tiny_runner, EngineConfig(block_size=4))
+    req = engine_request(tiny_llava, tiny_runner, "multi", SHARED, [make_image(41)], 7)
     req = replace(req, sampling=replace(req.sampling, n=3))
     engine.add_request(req)
     by_choice: dict[int, list[int]] = {}
@@ -140,7 +127,7 @@ def test_n_choices_reuse_the_prompt_blocks(model_dir, runner):
             assert out.request_id == "multi" and out.error is None
             by_choice.setdefault(out.index, []).extend(out.new_token_ids)
             finishes += out.finish_reason is not None
-    expected = oracle(model_dir, SHARED, [make_image(41)], 7)
+    expected = oracle(tiny_llava, SHARED, [make_image(41)], 7)
     assert by_choice == {0: expected, 1: expected, 2: expected} and finishes == 3
     full_blocks = (len(req.prompt_token_ids) - 1) // 4
     assert engine.stats().prefix_cache_hits == 2 * full_blocks     # choices 1 and 2 reuse choice 0's blocks

@@ -1,0 +1,393 @@
+"""Output throughput, TTFT and ITL of epdserve vs a `transformers` static-batching script.
+
+    python benchmarks/engine_throughput.py [--model DIR] [--concurrency 1 8 32 64]
+        [--requests-per-level N] [--modes engine http hf] [--out benchmarks/results] [--quick]
+
+Modes, all on the same model and the same requests (see common.build_workload):
+  engine -- the worker's engine in-process behind `AsyncEngine`, closed-loop load.
+  http   -- a real EPD cluster (launch/agg_multimodal.sh) driven by the streaming `openai` client.
+  hf     -- static batching: one padded `model.generate()` per batch of `concurrency` requests.
+Each mode runs in its own process, so peak RSS (VmHWM, reset before every level) does not mix.
+Writes engine_throughput.json (raw numbers) and engine_throughput.md (tables) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.generation.streamers import BaseStreamer
+
+from common import (TAG_VAR, RequestRecord, WorkItem, build_workload, decode_png, ensure_model, free_port,
+                    level_result, machine_info, peak_rss_mib, render_markdown, reset_peak_rss,
+                    stop_tagged)
+from epdserve.config import WorkerConfig, parse_worker_args
+from epdserve.engine.async_engine import AsyncEngine
+from epdserve.engine.base import Engine, EngineRequest, MultiModalInput, SamplingParams
+from epdserve.engine.paged import EngineConfig, PagedEngine
+from epdserve.models.base import ModelFamily, MultimodalModel
+from epdserve.models.registry import load_family
+from epdserve.runtime import services
+from epdserve.tools.procs import pid_with_arg
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("engine", "http", "hf")
+WORKER_FLAGS = ("--multimodal-worker", "--enable-multimodal", "--device", "cpu")
+SERVED_NAME = "bench-llava"
+READY_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str
+    levels: tuple[int, ...]
+    requests_per_level: int
+    seed: int
+
+
+def make_engine(model: MultimodalModel, c: WorkerConfig, max_model_len: int) -> Engine:
+    """The engine the PD worker runs, built as worker/services.py PDService builds it."""
+    return PagedEngine(model, EngineConfig(
+        block_size=c.block_size, num_kv_blocks=c.num_kv_blocks, kv_cache_memory=c.kv_cache_memory,
+        max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens, max_model_len=max_model_len))
+
+
+async def closed_loop(items: list[WorkItem], concurrency: int,
+                      send: Callable[[WorkItem], Awaitable[RequestRecord]]) -> tuple[list[RequestRecord], float]:
+    """Keep `concurrency` requests in flight until all complete; (records, wall seconds)."""
+    pending: Iterator[WorkItem] = iter(items)
+    records: list[RequestRecord] = []
+
+    async def client() -> None:
+        for item in pending:   # shared iterator: each client takes the next request when free
+            records.append(await send(item))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(min(concurrency, len(items)))))
+    return records, time.perf_counter() - start
+
+
+def _log(mode: str, level: dict[str, Any]) -> None:
+    print(f"[{mode}] c={level['concurrency']}: {level['output_tok_s']:.1f} tok/s, TTFT p50 "
+          f"{level['ttft_p50_ms']:.0f} ms, ITL p50 {level['itl_p50_ms']:.1f} ms, "
+          f"{level['wall_s']:.1f} s", flush=True)
+
+
+# --------------------------------------------------------------------------- hf
+
+class _TokenClock(BaseStreamer):
+    """Records when `generate()` hands over each step's tokens (its first `put` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        return None
+
+
+def hf_batch(processor: Any, model: Any, batch: list[WorkItem]) -> tuple[list[RequestRecord], float]:
+    """One padded batched `generate()` of `max(max_tokens)` new tokens, EOS ignored.
+
+    Every request of the batch is issued at the batch start; its TTFT is the batch's first
+    token, its ITL the step gaps up to its own `max_tokens`, its end-to-end latency the end
+    of `generate()` (when a script gets its result). Returns (records, preprocessing seconds).
+    """
+    issued = time.perf_counter()
+    texts = [processor.apply_chat_template(it.hf_messages(), add_generation_prompt=True, tokenize=False)
+             for it in batch]
+    images = [decode_png(it.image) for it in batch if it.image is not None]   # in prompt order
+    inputs = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+    preprocess_s = time.perf_counter() - issued
+    new_tokens = max(it.max_tokens for it in batch)
+    clock = _TokenClock()
+    with torch.inference_mode():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, eos_token_id=[],
+                             streamer=clock)
+    done = time.perf_counter()
+    if out.shape[1] - inputs["input_ids"].shape[1] != new_tokens:
+        raise RuntimeError("generate() stopped before max_new_tokens")
+    records = []
+    for it, mask in zip(batch, inputs["attention_mask"]):
+        rec = RequestRecord(it.rid, it.image is not None, it.max_tokens, it.max_tokens,
+                            prompt_tokens=int(mask.sum()))
+        rec.finish(issued, clock.times[1:1 + it.max_tokens])
+        rec.e2e_s = done - issued
+        records.append(rec)
+    return records, preprocess_s
+
+
+def run_hf(cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Static batching over every level, the way a user scripts it with `transformers`."""
+    processor = AutoProcessor.from_pretrained(cfg.model)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(cfg.model).eval()
+    hf_batch(processor, model, build_workload(2, cfg.seed, "warmup"))
+    levels = []
+    for c in cfg.levels:
+        items = build_workload(cfg.requests_per_level, cfg.seed, f"c{c}")
+        reset_peak_rss()
+        records, preprocess_s, start = [], 0.0, time.perf_counter()
+        for i in range(0, len(items), c):
+            batch_records, batch_preprocess_s = hf_batch(processor, model, items[i:i + c])
+            records += batch_records
+            preprocess_s += batch_preprocess_s
+        wall = time.perf_counter() - start
+        batches = [items[i:i + c] for i in range(0, len(items), c)]
+        wasted = sum(max(it.max_tokens for it in b) - it.max_tokens for b in batches for it in b)
+        levels.append(level_result(c, records, wall, {"process": peak_rss_mib()},
+                                   wasted_tokens=wasted, preprocess_s=preprocess_s))
+        _log("hf", levels[-1])
+    return levels
+
+
+# --------------------------------------------------------------------------- engine
+
+def engine_request(processor: Any, family: ModelFamily, model: MultimodalModel, item: WorkItem) -> EngineRequest:
+    """What the processor and PD worker hand the engine: token ids, pixel features, no EOS stop."""
+    text = processor.apply_chat_template(item.hf_messages(), add_generation_prompt=True, tokenize=False)
+    images = [decode_png(item.image)] if item.image is not None else []
+    ids = processor(text=text, images=images or None, return_tensors="pt")["input_ids"][0].tolist()
+    mm = []
+    if images:
+        placeholder = family.placeholder_token_id("image")
+        mm.append(MultiModalInput("image", hashlib.sha256(item.image).hexdigest(), ids.index(placeholder),
+                                  ids.count(placeholder), features=model.preprocess("image", images)))
+    return EngineRequest(item.rid, ids, SamplingParams(max_tokens=item.max_tokens, stop_token_ids=()), mm)
+
+
+async def engine_level(engine: Engine, requests: dict[str, EngineRequest],
+                       items: list[WorkItem], concurrency: int) -> tuple[list[RequestRecord], float]:
+    """Closed-loop load through an `AsyncEngine`; each output's tokens are timed on arrival."""
+    front = AsyncEngine(engine)
+    front.start()
+
+    async def send(item: WorkItem) -> RequestRecord:
+        req = requests[item.rid]
+        rec = RequestRecord(item.rid, item.image is not None, item.max_tokens,
+                            prompt_tokens=len(req.prompt_token_ids))
+        times: list[float] = []
+        issued = time.perf_counter()
+        async for out in front.generate(req):
+            if out.error is not None:
+                raise RuntimeError(f"{item.rid}: {out.error}")
+            times += [time.perf_counter()] * len(out.new_token_ids)
+        rec.output_tokens = len(times)
+        rec.finish(issued, times)
+        return rec
+
+    try:
+        return await closed_loop(items, concurrency, send)
+    finally:
+        await front.stop()
+
+
+def run_engine(cfg: BenchConfig) -> list[dict[str, Any]]:
+    """The worker's engine in-process, a fresh one per level; requests are tokenized and
+    preprocessed off the clock."""
+    config = parse_worker_args([*WORKER_FLAGS, "--model", cfg.model], {})
+    family = load_family(cfg.model)
+    dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
+    model = family.load_runner(dtype, torch.device(config.device))
+    max_model_len = min(config.max_model_len or family.context_length, family.context_length)
+    processor = AutoProcessor.from_pretrained(cfg.model)
+
+    def requests(items: list[WorkItem]) -> dict[str, EngineRequest]:
+        return {it.rid: engine_request(processor, family, model, it) for it in items}
+
+    warmup = build_workload(2, cfg.seed, "warmup")
+    asyncio.run(engine_level(make_engine(model, config, max_model_len), requests(warmup), warmup, 2))
+    levels = []
+    for c in cfg.levels:
+        items = build_workload(cfg.requests_per_level, cfg.seed, f"c{c}")
+        prepared = requests(items)
+        engine = make_engine(model, config, max_model_len)
+        reset_peak_rss()
+        records, wall = asyncio.run(engine_level(engine, prepared, items, c))
+        levels.append(level_result(c, records, wall, {"process": peak_rss_mib()},
+                                   engine=type(engine).__name__))
+        del engine   # a paged engine's KV pool is freed before the next level allocates one
+        _log("engine", levels[-1])
+    return levels
+
+
+# --------------------------------------------------------------------------- http
+
+def _wait_served(proc: subprocess.Popen, base_url: str, log: Path) -> None:
+    """Poll /v1/models until the model is listed; raise with the log tail on exit or timeout."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"cluster exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            models = httpx.get(base_url + "/v1/models", timeout=5).json()["data"]
+            if any(m["id"] == SERVED_NAME for m in models):
+                return
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"cluster not ready after {READY_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+@contextmanager
+def http_cluster(model: str) -> Iterator[tuple[str, dict[str, int]]]:
+    """etcd + NATS on free ports and launch/agg_multimodal.sh; yields (base URL, role -> PID).
+
+    Stops the script with SIGTERM, then SIGKILLs any process carrying this run's tag."""
+    tag = uuid.uuid4().hex
+    with tempfile.TemporaryDirectory(prefix="epdserve-bench-") as tmp:
+        work, infra = Path(tmp), []
+        etcd_url, nats_url = f"http://127.0.0.1:{free_port()}", f"nats://127.0.0.1:{free_port()}"
+        port, log = free_port(), work / "cluster.log"
+        try:
+            infra.append(services.start_etcd(etcd_url, work / "etcd"))
+            infra.append(services.start_nats(nats_url, work / "nats"))
+            env = os.environ | {"ETCD_ENDPOINTS": etcd_url, "NATS_SERVER": nats_url, "HTTP_HOST": "127.0.0.1",
+                                "PYTHON": sys.executable, TAG_VAR: tag}
+            cmd = ["bash", str(ROOT / "launch" / "agg_multimodal.sh"), "--model", model, "--http-port", str(port),
+                   "--namespace", "bench", "--served-model-name", SERVED_NAME, "--device", "cpu"]
+            with open(log, "wb") as out:
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            try:
+                base_url, started = f"http://127.0.0.1:{port}", time.perf_counter()
+                _wait_served(proc, base_url, log)
+                print(f"[http] cluster ready in {time.perf_counter() - started:.1f} s", flush=True)
+                pids = {"worker": pid_with_arg(TAG_VAR, tag, "--multimodal-worker"),
+                        "processor": pid_with_arg(TAG_VAR, tag, "--multimodal-processor"),
+                        "frontend": pid_with_arg(TAG_VAR, tag, "epdserve.frontend")}
+                yield base_url, pids
+            finally:
+                stop_tagged(proc, tag)
+        finally:
+            for server in reversed(infra):
+                services.stop(server)
+
+
+def _data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+async def http_level(base_url: str, items: list[WorkItem], concurrency: int) -> tuple[list[RequestRecord], float]:
+    """Closed-loop streaming chat completions; a chunk's tokens are timed on its arrival."""
+    urls = {it.rid: _data_url(it.image) for it in items if it.image is not None}   # off the clock
+    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=600)
+
+    async def send(item: WorkItem) -> RequestRecord:
+        rec = RequestRecord(item.rid, item.image is not None, item.max_tokens)
+        chunk_times: list[float] = []
+        issued = time.perf_counter()
+        stream = await client.chat.completions.create(
+            model=SERVED_NAME, messages=item.openai_messages(urls.get(item.rid)), max_tokens=item.max_tokens,
+            temperature=0, stream=True, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True, "return_token_ids": True})
+        async for chunk in stream:
+            now = time.perf_counter()
+            if chunk.usage is not None:
+                rec.output_tokens, rec.prompt_tokens = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
+            if any((c.model_extra or {}).get("token_ids") for c in chunk.choices):
+                chunk_times.append(now)
+        rec.finish(issued, chunk_times)
+        return rec
+
+    async with client:
+        return await closed_loop(items, concurrency, send)
+
+
+def run_http(cfg: BenchConfig) -> list[dict[str, Any]]:
+    """A real cluster; peak RSS per serving process (VmHWM reset before each level)."""
+    levels = []
+    with http_cluster(cfg.model) as (base_url, pids):
+        asyncio.run(http_level(base_url, build_workload(2, cfg.seed, "warmup"), 2))
+        for c in cfg.levels:
+            items = build_workload(cfg.requests_per_level, cfg.seed, f"c{c}")
+            for pid in pids.values():
+                reset_peak_rss(pid)
+            records, wall = asyncio.run(http_level(base_url, items, c))
+            chunks = sum(len(r.itl_s) + 1 for r in records if r.output_tokens)
+            levels.append(level_result(c, records, wall, {k: peak_rss_mib(p) for k, p in pids.items()},
+                                       token_chunks=chunks))
+            _log("http", levels[-1])
+    return levels
+
+
+RUNNERS: dict[str, Callable[[BenchConfig], list[dict[str, Any]]]] = {
+    "engine": run_engine, "http": run_http, "hf": run_hf}
+
+
+# --------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--model", help="HF LLaVA directory (default: a random-weight one, preset bench)")
+    p.add_argument("--concurrency", type=int, nargs="+", help="levels (default: 1 8 32 64)")
+    p.add_argument("--requests-per-level", type=int, help="requests completed per level (default: 64)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int,
+                   help="OMP_NUM_THREADS for every mode and cluster process (default: torch's default)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: tiny preset model, concurrency 1 4, 8 requests per level, 1 thread")
+    args = p.parse_args(argv)
+    args.concurrency = args.concurrency or ([1, 4] if args.quick else [1, 8, 32, 64])
+    args.requests_per_level = args.requests_per_level or (8 if args.quick else 64)
+    args.threads = args.threads or (1 if args.quick else None)
+    return args
+
+
+def run_mode(mode: str, cfg: BenchConfig) -> dict[str, Any]:
+    """Run one mode in a fresh process (so its peak RSS is its own) and time it."""
+    start = time.perf_counter()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        levels = pool.submit(RUNNERS[mode], cfg).result()
+    return {"wall_s": time.perf_counter() - start, "levels": levels}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:   # inherited by the mode processes and the cluster, read at torch import
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+    preset = "tiny" if args.quick else "bench"
+    model = Path(args.model) if args.model else ensure_model(preset)
+    cfg = BenchConfig(str(model.resolve()), tuple(args.concurrency), args.requests_per_level, args.seed)
+    report: dict[str, Any] = {
+        "config": {**asdict(cfg), "preset": None if args.model else preset, "modes": args.modes,
+                   "max_num_seqs": parse_worker_args([*WORKER_FLAGS, "--model", cfg.model], {}).max_num_seqs},
+        "machine": machine_info(), "results": {}}
+    start = time.perf_counter()
+    for mode in args.modes:
+        report["results"][mode] = run_mode(mode, cfg)
+    report["machine"]["loadavg_at_end"] = os.getloadavg()
+    report["total_wall_s"] = time.perf_counter() - start
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "engine_throughput.json").write_text(json.dumps(report, indent=1) + "\n")
+    markdown = render_markdown(report)
+    (args.out / "engine_throughput.md").write_text(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
