@@ -19,7 +19,6 @@ waiting queue can always be admitted once the running ones finish: no deadlock.
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -66,7 +65,6 @@ class Scheduler:
         self.blocks = blocks
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []    # in admission order: the last is preempted first
-        self._arrivals = itertools.count()
 
     @property
     def waiting(self) -> tuple[Sequence, ...]:
@@ -92,7 +90,6 @@ class Scheduler:
             raise ValueError(
                 f"request {seq.request_id}: {longest} tokens need more KV blocks than the "
                 f"{self.blocks.num_blocks} of the pool")
-        seq.arrival = next(self._arrivals)
         seq.status = SequenceStatus.WAITING
         self._waiting.append(seq)
 

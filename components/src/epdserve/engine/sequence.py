@@ -36,7 +36,6 @@ class Sequence:
     num_cached_tokens: int = 0       # of the last admission, served from the prefix cache
     block_table: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
-    arrival: int = 0                 # admission order key (FCFS across preemptions)
     # Encoder outputs of the media items, kept while positions still need them.
     mm_embeddings: list[torch.Tensor | None] = field(default_factory=list)
 
