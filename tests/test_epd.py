@@ -315,3 +315,27 @@ def test_n_choices_share_the_prompt(cluster, model_dir):
             if c.finish_reason:
                 finishes[c.index] = c.finish_reason
     assert sorted(finishes) == [0, 1, 2, 3] and len(set(texts.values())) > 1
+
+
+def test_tiny_kv_pool_and_token_budget_through_the_cluster(infra, model_dir, tmp_path_factory):
+    """Engine flags reach the worker: a pool of a few requests' blocks makes requests queue (or
+    be preempted), a small budget chunks prefill, and concurrent requests still equal the oracle."""
+    c = launch("agg_multimodal.sh", infra, tmp_path_factory.mktemp("logs"), "--num-kv-blocks", "24",
+               "--block-size", "8", "--max-num-batched-tokens", "32", "--max-num-seqs", "6",
+               model_dir=model_dir, served_name="squeezed")
+    cases = [chat_messages([make_image(300 + i)] * (i % 2), f"Squeezed request {i}.") for i in range(8)]
+
+    async def one(client, messages):
+        r = await client.chat.completions.create(model="squeezed", messages=messages, max_tokens=MAX_TOKENS,
+                                                 temperature=0, extra_body={"return_token_ids": True})
+        return r.choices[0].model_extra["token_ids"]
+
+    async def all_at_once():
+        async with c.async_client() as client:
+            return await asyncio.gather(*(one(client, m) for m in cases))
+
+    try:
+        for messages, ids in zip(cases, asyncio.run(all_at_once())):
+            assert ids == hf_greedy(model_dir, messages, max_tokens=MAX_TOKENS)
+    finally:
+        c.stop()
