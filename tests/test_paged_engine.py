@@ -133,3 +133,17 @@ def test_n_choices_reuse_the_prompt_blocks(tiny_llava, tiny_runner):
     assert engine.stats().prefix_cache_hits == 2 * full_blocks     # choices 1 and 2 reuse choice 0's blocks
     assert_no_leak(engine)
     assert not engine._origin and not engine._choice_ids and not engine._forks
+
+
+def test_n_choices_with_the_largest_seed(tiny_llava, tiny_runner):
+    """Choice seeds wrap around 2**64 (a client's seed -1 arrives as 2**64 - 1)."""
+    from dataclasses import replace
+
+    engine = PagedEngine(tiny_runner, EngineConfig())
+    req = engine_request(tiny_llava, tiny_runner, "wrap", "hello", [], 4)
+    engine.add_request(replace(req, sampling=replace(req.sampling, n=3, temperature=1.0, seed=2**64 - 1)))
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    assert all(o.error is None for o in outputs) and sum(o.finish_reason is not None for o in outputs) == 3
+    assert_no_leak(engine)

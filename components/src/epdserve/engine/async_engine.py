@@ -62,6 +62,8 @@ class AsyncEngine:
                 out = await queue.get()
                 unfinished -= out.finish_reason is not None
                 yield out
+                if out.error is not None:
+                    return   # one error ends the request; `finally` aborts its other choices
         finally:
             del self._queues[rid]
             if unfinished:
@@ -78,8 +80,7 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(self._fail_consumers)
 
     def _fail_consumers(self) -> None:
-        for rid in list(self._queues):
-            self._deliver(EngineOutput(rid, [], "error", error=self._dead))
+        self._deliver([EngineOutput(rid, [], "error", error=self._dead) for rid in self._queues])
 
     def _loop_forever(self) -> None:
         live: dict[str, int] = {}   # request id -> unfinished choices inside the engine; this thread's
@@ -110,9 +111,11 @@ class AsyncEngine:
                     live[out.request_id] -= 1
                     if not live[out.request_id]:
                         del live[out.request_id]
-                self._loop.call_soon_threadsafe(self._deliver, out)
+            if outputs:   # one wake-up of the event loop per step, not per token
+                self._loop.call_soon_threadsafe(self._deliver, outputs)
 
-    def _deliver(self, out: EngineOutput) -> None:
-        queue = self._queues.get(out.request_id)
-        if queue is not None:  # absent when the consumer already left
-            queue.put_nowait(out)
+    def _deliver(self, outputs: list[EngineOutput]) -> None:
+        for out in outputs:
+            queue = self._queues.get(out.request_id)
+            if queue is not None:  # absent when the consumer already left
+                queue.put_nowait(out)

@@ -69,7 +69,6 @@ class EngineOutput:
     new_token_ids: list[int]
     finish_reason: str | None = None   # "stop" (EOS) or "length"; each choice finishes once
     index: int = 0                     # the choice, when the request samples n > 1
-    num_prompt_tokens: int = 0
     error: str | None = None           # set when the request failed inside the engine
     logprobs: list[TokenLogprob] | None = None   # one per new token, when requested
 

@@ -30,10 +30,9 @@ class ModelRunner:
     on the sequence until its last placeholder is computed (chunks may split an item).
     """
 
-    def __init__(self, model: MultimodalModel, kv: KVCache, block_size: int):
+    def __init__(self, model: MultimodalModel, kv: KVCache):
         self.model = model
         self.kv = kv
-        self.block_size = block_size
 
     def run(self, chunks: list[ScheduledChunk]) -> StepResult:
         result = StepResult()
@@ -64,7 +63,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[last_rows])
             for chunk, raw in zip(sampling, logits):
                 seq, params = chunk.seq, chunk.seq.request.sampling
-                adjusted = apply_penalties(raw, params, seq.token_ids[: seq.num_prompt_tokens], seq.output_ids)
+                adjusted = apply_penalties(raw, params, seq.token_ids, seq.num_prompt_tokens)
                 token = sample(adjusted, params, seq.generator)
                 result.sampled[seq.request_id] = token
                 if params.logprobs is not None:
@@ -73,7 +72,7 @@ class ModelRunner:
 
     def _metadata(self, chunks: list[ScheduledChunk]) -> AttentionMetadata:
         return AttentionMetadata.build([(c.seq.block_table, c.start, c.num_tokens) for c in chunks],
-                                       self.block_size, self.model.device)
+                                       self.kv.block_size, self.model.device)
 
     def _encode_media(self, chunk: ScheduledChunk) -> None:
         """Encoder outputs for the items this chunk touches, batched per modality as

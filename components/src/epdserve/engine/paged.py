@@ -62,7 +62,7 @@ class PagedEngine(Engine):
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.max_model_len), self.blocks)
-        self.runner = ModelRunner(model, self.kv, config.block_size)
+        self.runner = ModelRunner(model, self.kv)
         self._rejected: list[EngineOutput] = []
         self._tokens_computed = 0
         self._generated_tokens = 0
@@ -86,7 +86,7 @@ class PagedEngine(Engine):
     @staticmethod
     def _choice(request: EngineRequest, index: int) -> EngineRequest:
         seed = request.sampling.seed
-        sampling = replace(request.sampling, n=1, seed=None if seed is None else seed + index)
+        sampling = replace(request.sampling, n=1, seed=None if seed is None else (seed + index) % 2**64)
         return EngineRequest(f"{request.request_id}#{index}", request.prompt_token_ids, sampling, request.mm_inputs)
 
     def _admit(self, request: EngineRequest, origin: str, index: int) -> None:
@@ -130,11 +130,10 @@ class PagedEngine(Engine):
         self._generated_tokens += len(result.sampled)
         finished = {seq.request_id: reason for seq, reason in self.scheduler.finish_step(ran, result.sampled)}
         for chunk in ran:
-            seq, sid = chunk.seq, chunk.seq.request_id
+            sid = chunk.seq.request_id
             token = result.sampled.get(sid)
             if token is None:
                 continue
-            first = seq.num_output_tokens == 1
             origin, index = self._origin[sid]
             for i, choice in self._forks.pop(sid, ()):   # choice 0's prompt is cached: the others start
                 self._admit(choice, origin, i)
@@ -144,6 +143,5 @@ class PagedEngine(Engine):
                     del self._choice_ids[origin]
             logprob = result.logprobs.get(sid)
             outputs.append(EngineOutput(origin, [token], finished.get(sid), index=index,
-                                        num_prompt_tokens=seq.num_prompt_tokens if first else 0,
                                         logprobs=[logprob] if logprob else None))
         return outputs

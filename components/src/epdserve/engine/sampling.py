@@ -21,12 +21,14 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return gen
 
 
-def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
-                    output_ids: Sequence[int]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, token_ids: Sequence[int],
+                    num_prompt_tokens: int) -> torch.Tensor:
     """vLLM's penalties: repetition (HF-style, over prompt and output), presence and
-    frequency (over the output). Returns new `[V]` logits; the input is not modified."""
+    frequency (over the output, `token_ids[num_prompt_tokens:]`). Returns new `[V]` logits;
+    the input is not modified."""
     if params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty:
         return logits
+    prompt_ids, output_ids = token_ids[:num_prompt_tokens], token_ids[num_prompt_tokens:]
     logits = logits.clone()
     vocab = logits.shape[-1]
     if params.repetition_penalty != 1.0:

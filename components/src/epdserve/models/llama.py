@@ -26,10 +26,8 @@ class PagedLlama:
         config = decoder.config
         attn = decoder.layers[0].self_attn
         self.num_layers = len(decoder.layers)
-        self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = attn.head_dim
-        self.hidden_size = config.hidden_size
         self.dtype = decoder.embed_tokens.weight.dtype
         self.device = decoder.embed_tokens.weight.device
 

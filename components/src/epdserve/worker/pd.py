@@ -48,7 +48,6 @@ class PDHandler:
             if out.error is not None:
                 raise EpdError(500, f"generation failed: {out.error}")
             yield pb.TokenDelta(token_ids=out.new_token_ids, finish_reason=out.finish_reason or "", index=out.index,
-                                num_prompt_tokens=out.num_prompt_tokens,
                                 logprobs=[logprob_to_proto(lp) for lp in out.logprobs or ()]).SerializeToString()
 
     def _mm_inputs(self, req: pb.GenerateRequest) -> list[MultiModalInput]:
