@@ -27,8 +27,10 @@ class AttentionMetadata:
     positions [N] int64: absolute position of each packed token. slot_mapping [N] int64:
     block_id * block_size + offset where each token's K/V is written. Per sequence i:
     query_start[i], query_len[i]: its tokens in the packed batch; context_len[i]: its tokens
-    in the cache AFTER this chunk (start + query_len); block_table[i]: its block ids (a list
-    or tensor; stored as an int64 tensor on the device of `positions`).
+    in the cache AFTER this chunk (start + query_len); kv_blocks[i]: the cache blocks holding
+    that context, a slice when they are consecutive (read in place) or an index tensor
+    (gathered, a copy); masks[i]: the boolean causal mask of a chunk that is neither a whole
+    prompt nor one token, else None. Everything is built once per forward, not per layer.
     """
 
     positions: torch.Tensor
@@ -36,18 +38,8 @@ class AttentionMetadata:
     query_start: list[int]
     query_len: list[int]
     context_len: list[int]
-    block_table: list[torch.Tensor] | list[Sequence[int]]
-
-    block_size: int = 0   # set by `build`; needed to find the consecutive runs below
-
-    def __post_init__(self) -> None:
-        # Once here, not per layer: tables as tensors, and for each sequence the first block
-        # of its context when those blocks are consecutive (its KV is then one slice).
-        self.runs: list[int | None] = [
-            _run_start(t, -(-n // self.block_size)) if self.block_size else None
-            for t, n in zip(self.block_table, self.context_len)]
-        self.block_table = [torch.as_tensor(t, dtype=torch.long, device=self.positions.device)
-                            for t in self.block_table]
+    kv_blocks: list[slice | torch.Tensor]
+    masks: list[torch.Tensor | None]
 
     @property
     def num_seqs(self) -> int:
@@ -58,28 +50,41 @@ class AttentionMetadata:
               device: torch.device | str = "cpu") -> AttentionMetadata:
         """Metadata for chunks given as (block_table, start, query_len) per sequence: the
         chunk holds positions start .. start+query_len-1, written into the table's blocks."""
-        positions, slots, query_start = [], [], [0]
+        positions, slots, query_start, kv_blocks, masks = [], [], [0], [], []
         for table, start, length in chunks:
             pos = torch.arange(start, start + length)
             blocks = torch.as_tensor(table, dtype=torch.long)[pos // block_size]
             positions.append(pos)
             slots.append(blocks * block_size + pos % block_size)
             query_start.append(query_start[-1] + length)
+            kv_blocks.append(_context_blocks(table, -(-(start + length) // block_size), device))
+            masks.append(_causal_mask(length, start + length, device))
         return cls(
             positions=torch.cat(positions).to(device),
             slot_mapping=torch.cat(slots).to(device),
             query_start=query_start[:-1],
             query_len=[length for _, _, length in chunks],
             context_len=[start + length for _, start, length in chunks],
-            block_table=[table for table, _, _ in chunks],
-            block_size=block_size,
+            kv_blocks=kv_blocks,
+            masks=masks,
         )
 
 
-def _run_start(table: Sequence[int] | torch.Tensor, count: int) -> int | None:
-    """table[0] when table[:count] are consecutive block ids, else None."""
-    ids = table[:count].tolist() if isinstance(table, torch.Tensor) else list(table[:count])
-    return ids[0] if ids == list(range(ids[0], ids[0] + count)) else None
+def _context_blocks(table: Sequence[int], count: int, device: torch.device | str) -> slice | torch.Tensor:
+    """The first `count` blocks of `table`: a slice when their ids are consecutive."""
+    ids = list(table[:count])
+    if ids == list(range(ids[0], ids[0] + count)):
+        return slice(ids[0], ids[0] + count)
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _causal_mask(length: int, context: int, device: torch.device | str) -> torch.Tensor | None:
+    """[1, 1, T, K] mask for T queries that are the last T of K keys, as transformers'
+    `sdpa_mask` builds it; None for a whole prompt (`is_causal`) or one query (no mask)."""
+    if not 1 < length < context:
+        return None
+    offset = torch.arange(length, device=device)[:, None] + (context - length)
+    return (offset >= torch.arange(context, device=device)[None, :])[None, None]
 
 
 @dataclass
@@ -117,34 +122,28 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: 
     """Write k, v [N, Hkv, D] into one layer's cache at `meta.slot_mapping`, then attend each
     sequence's queries (q [N, Hq, D]) to its first context_len cached tokens, causally
     (a query at absolute position p sees positions <= p). Returns [N, Hq, D]."""
-    block_size, num_kv_heads, head_dim = cache_k.shape[1:]
+    num_kv_heads, head_dim = cache_k.shape[2:]
     cache_k.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     cache_v.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
     groups = q.shape[1] // num_kv_heads
     out = torch.empty_like(q)
     for i in range(meta.num_seqs):
         start, length, context = meta.query_start[i], meta.query_len[i], meta.context_len[i]
-        count, run = -(-context // block_size), meta.runs[i]
-        # Consecutive blocks are read in place; scattered ones are gathered (a copy).
-        blocks = slice(run, run + count) if run is not None else meta.block_table[i][:count]
+        blocks = meta.kv_blocks[i]
         # [1, H, T, D] views of [T, H, D] rows: the layout transformers' attention sees.
         query = q[start:start + length].transpose(0, 1)[None]
         key = cache_k[blocks].flatten(0, 1)[:context].transpose(0, 1)[None]
         value = cache_v[blocks].flatten(0, 1)[:context].transpose(0, 1)[None]
-        out[start:start + length] = _sdpa(query, key, value, groups, scale)[0].transpose(0, 1)
+        out[start:start + length] = _sdpa(query, key, value, meta.masks[i], groups, scale)[0].transpose(0, 1)
     return out
 
 
-def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, groups: int,
-          scale: float) -> torch.Tensor:
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+          groups: int, scale: float) -> torch.Tensor:
     """The sdpa call of `transformers.integrations.sdpa_attention` for one sequence whose
     T queries are the last T of its K keys: `is_causal` for a whole prompt, no mask for one
-    query, an explicit causal mask offset by K - T otherwise (as its `sdpa_mask` builds)."""
+    query, the explicit causal `mask` otherwise."""
     length, context = query.shape[2], key.shape[2]
-    mask = None
-    if 1 < length < context:
-        offset = torch.arange(length, device=query.device)[:, None] + (context - length)
-        mask = (offset >= torch.arange(context, device=query.device)[None, :])[None, None]
     extra = {}
     if groups > 1:
         if use_gqa_in_sdpa(mask, key, value):
