@@ -123,12 +123,10 @@ class BlockManager:
         start = end
         while start > 0 and self._hash[table[start - 1]] is None:
             start -= 1
-        parent = self._hash[table[start - 1]] if start > 0 else _ROOT_HASH
         for i in range(start, end):
-            h = self._block_hash(seq, i, parent)
+            h = self._full_block_hash(seq, i)
             self._hash[table[i]] = h
             self._cached.setdefault(h, table[i])
-            parent = h
 
     def _grow(self, seq: Sequence, num_tokens: int) -> None:
         missing = self.num_blocks_for(num_tokens) - len(seq.block_table)
@@ -171,15 +169,20 @@ class BlockManager:
         logits, so at most `(num_tokens - 1) // block_size` blocks can hit.
         """
         hits: list[int] = []
-        parent = _ROOT_HASH
         for i in range(max(seq.num_tokens - 1, 0) // self.block_size):
-            h = self._block_hash(seq, i, parent)
-            b = self._cached.get(h)
+            b = self._cached.get(self._full_block_hash(seq, i))
             if b is None:
                 break
             hits.append(b)
-            parent = h
         return hits
+
+    def _full_block_hash(self, seq: Sequence, i: int) -> bytes:
+        """The hash of `seq`'s full block `i`, kept on the sequence: its tokens only ever grow,
+        so a waiting sequence is not re-hashed at every admission attempt."""
+        hashes = seq.block_hashes
+        while len(hashes) <= i:
+            hashes.append(self._block_hash(seq, len(hashes), hashes[-1] if hashes else _ROOT_HASH))
+        return hashes[i]
 
     def _block_hash(self, seq: Sequence, i: int, parent: bytes) -> bytes:
         """Chained hash of block `i`: parent, token ids, and every media span overlapping it.

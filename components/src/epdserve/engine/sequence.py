@@ -36,6 +36,7 @@ class Sequence:
     num_cached_tokens: int = 0       # of the last admission, served from the prefix cache
     block_table: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    block_hashes: list[bytes] = field(default_factory=list)   # of its full blocks, in order
     # Encoder outputs of the media items, kept while positions still need them.
     mm_embeddings: list[torch.Tensor | None] = field(default_factory=list)
 
