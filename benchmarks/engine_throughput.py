@@ -44,11 +44,12 @@ from common import (TAG_VAR, RequestRecord, WorkItem, build_workload, decode_png
 from epdserve.config import WorkerConfig, parse_worker_args
 from epdserve.engine.async_engine import AsyncEngine
 from epdserve.engine.base import Engine, EngineRequest, MultiModalInput, SamplingParams
-from epdserve.engine.paged import EngineConfig, PagedEngine
+from epdserve.engine.paged import PagedEngine
 from epdserve.models.base import ModelFamily, MultimodalModel
 from epdserve.models.registry import load_family
 from epdserve.runtime import services
 from epdserve.tools.procs import pid_with_arg
+from epdserve.worker.services import engine_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("engine", "http", "hf")
@@ -67,9 +68,7 @@ class BenchConfig:
 
 def make_engine(model: MultimodalModel, c: WorkerConfig, max_model_len: int) -> Engine:
     """The engine the PD worker runs, built as worker/services.py PDService builds it."""
-    return PagedEngine(model, EngineConfig(
-        block_size=c.block_size, num_kv_blocks=c.num_kv_blocks, kv_cache_memory=c.kv_cache_memory,
-        max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens, max_model_len=max_model_len))
+    return PagedEngine(model, engine_config(c, max_model_len))
 
 
 async def closed_loop(items: list[WorkItem], concurrency: int,

@@ -10,13 +10,14 @@ from epdserve.engine.async_engine import AsyncEngine
 from epdserve.engine.base import EngineRequest, SamplingParams
 from epdserve.engine.sampling import make_generator, sample
 from epdserve.engine.paged import EngineConfig, PagedEngine
+from epdserve.engine.scheduler import SchedulerConfig
 from engine_requests import engine_request
 from oracle import hf_greedy, make_image
 
 
 def test_interleaved_requests_match_generate_and_abort_frees(tiny_llava, tiny_runner):
     cases = {f"r{i}": (f"Question {i} about this", [make_image(i)] * (i % 3), 6 + i) for i in range(6)}
-    engine = PagedEngine(tiny_runner, EngineConfig(max_num_seqs=4))
+    engine = PagedEngine(tiny_runner, EngineConfig(scheduler=SchedulerConfig(max_num_seqs=4)))
     engine.add_request(engine_request(tiny_llava, tiny_runner, "doomed", "abort me", [], 50))
     for rid, (text, images, n) in cases.items():   # more than max_num_seqs: some wait
         engine.add_request(engine_request(tiny_llava, tiny_runner, rid, text, images, n))
@@ -38,7 +39,7 @@ def test_interleaved_requests_match_generate_and_abort_frees(tiny_llava, tiny_ru
 
 def test_async_engine_streams_and_cancels(tiny_llava, tiny_runner):
     async def main():
-        engine = AsyncEngine(PagedEngine(tiny_runner, EngineConfig(max_num_seqs=8)))
+        engine = AsyncEngine(PagedEngine(tiny_runner, EngineConfig(scheduler=SchedulerConfig(max_num_seqs=8))))
         engine.start()
         try:
             req = engine_request(tiny_llava, tiny_runner, "a", "hello", [make_image(1)], 5)
@@ -73,7 +74,7 @@ def test_sampling_is_seeded_and_respects_top_k():
 def test_concurrent_requests_progress_together(tiny_llava, tiny_runner):
     """A short request that arrives while a long one runs finishes first."""
     async def main():
-        engine = AsyncEngine(PagedEngine(tiny_runner, EngineConfig(max_num_seqs=8)))
+        engine = AsyncEngine(PagedEngine(tiny_runner, EngineConfig(scheduler=SchedulerConfig(max_num_seqs=8))))
         engine.start()
         finished: list[str] = []
 

@@ -7,6 +7,7 @@ import pytest
 
 from engine_requests import engine_request
 from epdserve.engine.paged import EngineConfig, PagedEngine
+from epdserve.engine.scheduler import SchedulerConfig
 from oracle import hf_greedy, make_image
 
 SHARED = "Describe the picture in great detail, please, with every colour you can see"
@@ -54,9 +55,10 @@ def mixed_cases() -> dict[str, tuple[str, list[bytes], int]]:
 
 
 @pytest.mark.parametrize("config", [
-    EngineConfig(block_size=16, max_num_batched_tokens=2048),                    # roomy
-    EngineConfig(block_size=4, max_num_batched_tokens=24),                       # chunked prefill
-    EngineConfig(block_size=8, num_kv_blocks=40, max_num_batched_tokens=64, max_num_seqs=8),  # preemption
+    EngineConfig(block_size=16),                                                          # roomy
+    EngineConfig(block_size=4, scheduler=SchedulerConfig(max_num_batched_tokens=24)),     # chunked prefill
+    EngineConfig(block_size=8, num_kv_blocks=40,                                          # preemption
+                 scheduler=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8)),
 ], ids=["roomy", "chunked", "tiny-pool"])
 def test_mixed_batch_matches_generate_alone(tiny_llava, tiny_runner, config):
     engine = PagedEngine(tiny_runner, config)

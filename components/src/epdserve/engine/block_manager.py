@@ -132,14 +132,17 @@ class BlockManager:
         missing = self.num_blocks_for(num_tokens) - len(seq.block_table)
         if missing <= 0:
             return
-        after = seq.block_table[-1] + 1 if seq.block_table else None
-        run = self._find_run(missing, after)
-        for b in run if run is not None else (self._take_block() for _ in range(missing)):
-            if run is not None:
+        run = self._find_run(missing, seq.block_table[-1] + 1 if seq.block_table else None)
+        if run is None:
+            blocks = [self._take_block() for _ in range(missing)]
+        else:
+            blocks = list(run)
+            for b in blocks:
                 del self._free[b]
                 self._hash[b] = None
+        for b in blocks:
             self._ref[b] = 1
-            seq.block_table.append(b)
+        seq.block_table.extend(blocks)
 
     def _find_run(self, count: int, after: int | None) -> range | None:
         """`count` consecutive free uncached blocks, starting at `after` if it can."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -25,15 +25,14 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None       # wins over kv_cache_memory
     kv_cache_memory: int | None = None     # bytes; default: enough for max_num_seqs full sequences, at most 2 GiB
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int = 2048
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def num_blocks(self, bytes_per_block: int) -> int:
         if self.num_kv_blocks is not None:
             return self.num_kv_blocks
-        per_seq = -(-self.max_model_len // self.block_size)
-        budget = self.kv_cache_memory or min(DEFAULT_KV_CACHE_MEMORY, per_seq * self.max_num_seqs * bytes_per_block)
+        per_seq = -(-self.scheduler.max_model_len // self.block_size)
+        budget = self.kv_cache_memory or min(DEFAULT_KV_CACHE_MEMORY,
+                                             per_seq * self.scheduler.max_num_seqs * bytes_per_block)
         return max(budget // bytes_per_block, per_seq)
 
 
@@ -60,8 +59,7 @@ class PagedEngine(Engine):
         num_blocks = config.num_blocks(model.kv_bytes_per_block(config.block_size))
         self.kv = model.allocate_kv_cache(num_blocks, config.block_size)
         self.blocks = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   config.max_model_len), self.blocks)
+        self.scheduler = Scheduler(config.scheduler, self.blocks)
         self.runner = ModelRunner(model, self.kv)
         self._rejected: list[EngineOutput] = []
         self._tokens_computed = 0

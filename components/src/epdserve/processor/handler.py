@@ -38,7 +38,6 @@ class ProcessorHandler:
     def __init__(self, prompts: PromptBuilder, tokenizer: Any, backends: InstancePool,
                  plane: RequestPlane, eos_token_ids: list[int], max_model_len: int):
         self.prompts = prompts
-        self.vocab_size = prompts.vocab_size
         self.tokenizer = tokenizer
         self.backends = backends
         self.plane = plane
@@ -106,12 +105,13 @@ class ProcessorHandler:
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
                 f"{prompt_len} tokens and max_tokens asks for {max_tokens} more", param="max_tokens")
         extra_stops = req.stop_token_ids or []
-        if any(not 0 <= t < self.vocab_size for t in extra_stops):
-            raise EpdError.bad_request(f"stop_token_ids must be in [0, {self.vocab_size})", param="stop_token_ids")
+        if any(not 0 <= t < self.prompts.vocab_size for t in extra_stops):
+            raise EpdError.bad_request(f"stop_token_ids must be in [0, {self.prompts.vocab_size})",
+                                       param="stop_token_ids")
         params = pb.SamplingParams(
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=min(max(req.top_k or 0, 0), self.vocab_size),
+            top_k=min(max(req.top_k or 0, 0), self.prompts.vocab_size),
             max_tokens=max_tokens,
             stop_token_ids=sorted(set([] if req.ignore_eos else self.eos_token_ids) | set(extra_stops)),
             repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,

@@ -13,6 +13,7 @@ from transformers import AutoProcessor, GenerationConfig
 from epdserve.config import WorkerConfig
 from epdserve.engine.async_engine import AsyncEngine
 from epdserve.engine.paged import EngineConfig, PagedEngine
+from epdserve.engine.scheduler import SchedulerConfig
 from epdserve.media.fetch import MediaFetcher
 from epdserve.models.base import ModelFamily
 from epdserve.processor.handler import ProcessorHandler
@@ -111,9 +112,7 @@ class PDService(Service):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" \
             else torch.device(c.device)
         model = await asyncio.to_thread(self.family.load_runner, dtype, device)
-        config = EngineConfig(block_size=c.block_size, num_kv_blocks=c.num_kv_blocks,
-                              kv_cache_memory=c.kv_cache_memory, max_num_seqs=c.max_num_seqs,
-                              max_num_batched_tokens=c.max_num_batched_tokens, max_model_len=self.max_model_len)
+        config = engine_config(c, self.max_model_len)
         self.engine = AsyncEngine(await asyncio.to_thread(PagedEngine, model, config))
         self.engine.start()
         subject = await self.runtime.serve(BACKEND, "generate", PDHandler(self.engine, model).generate)
@@ -121,6 +120,14 @@ class PDService(Service):
 
     async def stop(self) -> None:
         await self.engine.stop()
+
+
+def engine_config(c: WorkerConfig, max_model_len: int) -> EngineConfig:
+    """The paged engine's settings from the worker's flags."""
+    return EngineConfig(block_size=c.block_size, num_kv_blocks=c.num_kv_blocks, kv_cache_memory=c.kv_cache_memory,
+                        scheduler=SchedulerConfig(max_num_seqs=c.max_num_seqs,
+                                                  max_num_batched_tokens=c.max_num_batched_tokens,
+                                                  max_model_len=max_model_len))
 
 
 def _eos_token_ids(model_dir: str, tokenizer) -> list[int]:
