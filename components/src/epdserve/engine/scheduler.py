@@ -85,7 +85,7 @@ class Scheduler:
             raise ValueError(
                 f"request {seq.request_id}: prompt of {n} tokens exceeds max_model_len "
                 f"{self.config.max_model_len}")
-        longest = max(n, min(n + seq.request.sampling.max_tokens, self.config.max_model_len))
+        longest = self._longest(seq)
         if self.blocks.num_blocks_for(longest) > self.blocks.num_blocks:
             raise ValueError(
                 f"request {seq.request_id}: {longest} tokens need more KV blocks than the "
@@ -178,8 +178,11 @@ class Scheduler:
     def _reserve(self, seq: Sequence) -> int:
         """Tokens to hold blocks for at admission: the whole request if short, else a window
         of decode, so decoding rarely needs new (non-consecutive) blocks."""
-        longest = min(seq.num_prompt_tokens + seq.request.sampling.max_tokens, self.config.max_model_len)
-        return min(longest, seq.num_tokens + self.config.reserve_window)
+        return min(self._longest(seq), seq.num_tokens + self.config.reserve_window)
+
+    def _longest(self, seq: Sequence) -> int:
+        """Tokens `seq` can ever hold: its prompt plus max_tokens, within max_model_len."""
+        return min(seq.num_prompt_tokens + seq.request.sampling.max_tokens, self.config.max_model_len)
 
     def _chunk(self, seq: Sequence, budget: int) -> ScheduledChunk:
         return ScheduledChunk(seq, seq.num_computed_tokens, min(seq.num_uncomputed_tokens, budget))
