@@ -1,10 +1,11 @@
 """The paged Llama forward against `transformers` on tiny models: logits and greedy tokens.
 
-Run with `-s` to see the max abs logit difference of each case. A sequence run alone must
-equal `generate()` bit for bit; packing several sequences into one forward changes the
-row count of every matmul, which moves fp32 logits by ~1e-6 on CPU (BLAS kernels differ by
-M), so those cases compare tokens exactly and logits with a tolerance. Chunked and
-prefix-cached prefills must equal `transformers` fed the same chunks bit for bit.
+Run with `-s` to see the max abs logit difference of each case. Greedy tokens must equal
+`generate()` exactly; logits within a tolerance, because the paged forward reorders float
+work that `transformers` does otherwise: packing several sequences into one forward changes
+the row count of every matmul (BLAS kernels differ by M), a decode query attends with the
+query heads of a KV head as rows of one call, and a prompt's last layer runs for its last
+token alone. Each moves fp32 logits by ~1e-6 on CPU.
 """
 
 from __future__ import annotations
@@ -63,10 +64,9 @@ class Engine:
         meta = AttentionMetadata.build([(s.table, s.cached, len(new)) for s, new in chunks], BLOCK)
         ids = torch.tensor([t for _, new in chunks for t in new])
         hidden = self.model.forward(self.model.embed(ids), meta, self.kv)
-        last = torch.tensor([s + n - 1 for s, n in zip(meta.query_start, meta.query_len)])
         for seq, new in chunks:
             seq.cached += len(new)
-        return self.model.logits(hidden[last])
+        return self.model.logits(hidden)
 
     def decode(self, seqs: list[Seq], logits: torch.Tensor, steps: int = STEPS) -> None:
         """Greedy: take each sequence's next token from `logits`, then run them all together."""
@@ -119,12 +119,12 @@ def prompts(hf, lengths: tuple[int, ...], seed: int = 0) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def test_single_sequence_is_exact(hf) -> None:
-    """(a) Prefill then decode steps, one sequence per forward: bit-identical logits."""
+def test_single_sequence(hf) -> None:
+    """(a) Prefill then decode steps, one sequence per forward."""
     for prompt in prompts(hf, (1, 6, 23)):
         engine, seq = Engine(hf), Seq(prompt)
         engine.decode([seq], engine.step([(seq, prompt)]))
-        assert compare("single", seq, hf_generate(hf, prompt), hf) == 0
+        assert compare("single", seq, hf_generate(hf, prompt), hf) <= PACKED_ATOL
 
 
 @torch.inference_mode()
@@ -153,7 +153,7 @@ def test_chunked_prefill(hf) -> None:
     lone = Seq(prompt)
     for a, b in pairwise([0, *cuts, len(prompt)]):
         lone_logits = alone.step([(lone, prompt[a:b])])[0]
-    assert torch.equal(lone_logits, hf_chunked(hf, prompt, cuts))
+    torch.testing.assert_close(lone_logits, hf_chunked(hf, prompt, cuts), rtol=0, atol=PACKED_ATOL)
     engine.decode([seq], logits[:1])
     assert compare("chunked", seq, hf_generate(hf, prompt), hf) <= PACKED_ATOL
     neighbour_ref = hf_generate(hf, other, steps=len(neighbour.out))
@@ -176,7 +176,7 @@ def test_prefix_cache(hf) -> None:
     cache = DynamicCache(config=hf.model.language_model.config)
     hf_chunked(hf, a_prompt, [], cache)
     cache.crop(shared - len(a_prompt))
-    assert torch.equal(b_first, hf_chunked(hf, b_prompt, [], cache))
+    torch.testing.assert_close(b_first, hf_chunked(hf, b_prompt, [], cache), rtol=0, atol=PACKED_ATOL)
     engine.decode([a, b], torch.stack([a_first[0], b_first]))
     assert compare("prefix A", a, hf_generate(hf, a_prompt), hf) <= PACKED_ATOL
     assert compare("prefix B", b, hf_generate(hf, b_prompt), hf) <= PACKED_ATOL
@@ -187,6 +187,12 @@ def test_metadata_and_cache_shapes() -> None:
     assert meta.positions.tolist() == [3, 4, 5, 0, 1]
     assert meta.slot_mapping.tolist() == [23, 8, 9, 28, 29]
     assert (meta.query_start, meta.query_len, meta.context_len) == ([0, 3], [3, 2], [6, 2])
+    assert meta.output_rows.tolist() == [2, 4]   # each chunk's last token
+    last = AttentionMetadata.build([([5, 2], 3, 3), ([7], 0, 2)], block_size=4, samples=[False, True])
+    assert last.output_rows.tolist() == [4]
+    assert (last.outputs.query_start, last.outputs.query_len, last.outputs.context_len) == ([0], [1], [2])
+    decode = AttentionMetadata.build([([5, 2], 6, 1), ([7], 2, 1)], block_size=4)
+    assert decode.outputs is None and decode.output_rows.tolist() == [0, 1]   # every row is an output
     kv = KVCache.allocate(3, 10, 4, 2, 16, torch.bfloat16, "cpu")
     assert len(kv.key) == len(kv.value) == 3 and kv.key[0].shape == (10, 4, 2, 16)
     assert (kv.block_size, kv.num_blocks) == (4, 10)

@@ -55,12 +55,10 @@ class ModelRunner:
             self._splice_media(chunk, embeds, row)
             row += chunk.num_tokens
         meta = self._metadata(ready)
-        hidden = self.model.forward(embeds, meta, self.kv)
+        hidden = self.model.forward(embeds, meta, self.kv)   # rows of the sampling chunks
         sampling = [c for c in ready if c.samples]
         if sampling:
-            last_rows = torch.tensor([int(meta.query_start[i]) + c.num_tokens - 1
-                                      for i, c in enumerate(ready) if c.samples], device=device)
-            logits = self.model.compute_logits(hidden[last_rows])
+            logits = self.model.compute_logits(hidden)
             for chunk, raw in zip(sampling, logits):
                 seq, params = chunk.seq, chunk.seq.request.sampling
                 adjusted = apply_penalties(raw, params, seq.token_ids, seq.num_prompt_tokens)
@@ -72,7 +70,7 @@ class ModelRunner:
 
     def _metadata(self, chunks: list[ScheduledChunk]) -> AttentionMetadata:
         return AttentionMetadata.build([(c.seq.block_table, c.start, c.num_tokens) for c in chunks],
-                                       self.kv.block_size, self.model.device)
+                                       self.kv.block_size, self.model.device, [c.samples for c in chunks])
 
     def _encode_media(self, chunk: ScheduledChunk) -> None:
         """Encoder outputs for the items this chunk touches, batched per modality as

@@ -91,8 +91,8 @@ class MultimodalModel(ABC):
 
     @abstractmethod
     def forward(self, inputs_embeds: torch.Tensor, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
-        """`[N, H]` embeddings of packed sequence chunks -> `[N, H]` final hidden states;
-        writes the chunks' K/V into `kv` at `meta.slot_mapping`."""
+        """`[N, H]` embeddings of packed sequence chunks -> `[M, H]` final hidden states of
+        the rows `meta.output_rows`; writes the chunks' K/V into `kv` at `meta.slot_mapping`."""
 
     @abstractmethod
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaModel, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel, rotate_half
 
-from epdserve.models.paged import AttentionMetadata, KVCache, paged_attention
+from epdserve.models.paged import AttentionMetadata, KVCache, paged_attention, write_kv
 
 
 class PagedLlama:
@@ -42,34 +42,43 @@ class PagedLlama:
 
     def forward(self, inputs_embeds: torch.Tensor, meta: AttentionMetadata,
                 kv: KVCache) -> torch.Tensor:
-        """[N, H] embeddings of the packed chunks -> [N, H] final-norm hidden states; writes the
-        chunks' K/V into `kv`."""
+        """[N, H] embeddings of the packed chunks -> [M, H] final-norm hidden states of the
+        rows `meta.output_rows`; writes the chunks' K/V into `kv`."""
         hidden = inputs_embeds
         # [1, N, D] like transformers' [batch, seq, D]; elementwise, so packing changes nothing.
-        cos, sin = self.decoder.rotary_emb(hidden, meta.positions[None])
-        for i, layer in enumerate(self.decoder.layers):
-            residual = hidden
-            hidden = layer.input_layernorm(hidden)
-            hidden = residual + self._attention(
-                layer.self_attn, hidden, cos[0], sin[0], meta, kv.key[i], kv.value[i])
-            residual = hidden
-            hidden = layer.post_attention_layernorm(hidden)
-            hidden = residual + layer.mlp(hidden)
+        cos, sin = (t[0] for t in self.decoder.rotary_emb(hidden, meta.positions[None]))
+        last = self.num_layers - 1
+        for i, layer in enumerate(self.decoder.layers[:last]):
+            hidden = self._layer(layer, hidden, cos, sin, meta, kv.key[i], kv.value[i])
+        # Past the last layer's K/V only the output rows matter: a prompt chunk computes its
+        # queries, attention and MLP there for its last token alone.
+        hidden = self._layer(self.decoder.layers[last], hidden, cos, sin, meta, kv.key[last], kv.value[last],
+                             outputs_only=True)
         return self.decoder.norm(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[M, H] final hidden states -> [M, V] float32 logits."""
         return self.lm_head(hidden).float()
 
-    def _attention(self, attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, meta: AttentionMetadata, cache_k: torch.Tensor,
-                   cache_v: torch.Tensor) -> torch.Tensor:
-        """One `LlamaAttention` on [N, H] rows; cos, sin [N, D]."""
-        rows = (hidden.shape[0], -1, self.head_dim)
-        q = attn.q_proj(hidden).view(rows)
-        k = attn.k_proj(hidden).view(rows)
-        v = attn.v_proj(hidden).view(rows)
-        # Heads on dim 1 of [N, heads, D]: cos/sin unsqueeze there to broadcast over heads.
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
-        out = paged_attention(q, k, v, cache_k, cache_v, meta, attn.scaling)
-        return attn.o_proj(out.view(hidden.shape[0], -1))
+    def _layer(self, layer: LlamaDecoderLayer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               meta: AttentionMetadata, cache_k: torch.Tensor, cache_v: torch.Tensor,
+               outputs_only: bool = False) -> torch.Tensor:
+        """One `LlamaDecoderLayer` on [N, H] rows (cos, sin [N, D]) -> [N, H], or [M, H] at
+        `meta.output_rows` with `outputs_only`."""
+        attn = layer.self_attn
+        normed = layer.input_layernorm(hidden)
+        k = self._rotate(attn.k_proj(normed), cos, sin)
+        write_kv(k, attn.v_proj(normed).view(k.shape), cache_k, cache_v, meta)
+        if outputs_only and meta.outputs is not None:
+            rows = meta.output_rows
+            hidden, normed, cos, sin, meta = hidden[rows], normed[rows], cos[rows], sin[rows], meta.outputs
+        q = self._rotate(attn.q_proj(normed), cos, sin)
+        hidden = hidden + attn.o_proj(paged_attention(q, cache_k, cache_v, meta, attn.scaling).flatten(1))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """[N, heads * D] projections -> [N, heads, D] with rotary embedding, computed as
+        `apply_rotary_pos_emb` does; cos/sin [N, D] broadcast over the heads."""
+        x = x.unflatten(-1, (-1, self.head_dim))
+        cos, sin = cos[:, None], sin[:, None]
+        return (x * cos) + (rotate_half(x) * sin)

@@ -31,6 +31,10 @@ class AttentionMetadata:
     that context, a slice when they are consecutive (read in place) or an index tensor
     (gathered, a copy); masks[i]: the boolean causal mask of a chunk that is neither a whole
     prompt nor one token, else None. Everything is built once per forward, not per layer.
+
+    output_rows [M] int64: the rows whose final hidden states the forward returns, the last
+    token of each chunk that samples. `outputs` attends only those rows (one query per
+    sequence, over the same context); None when they are all the rows (a decode step).
     """
 
     positions: torch.Tensor
@@ -40,6 +44,8 @@ class AttentionMetadata:
     context_len: list[int]
     kv_blocks: list[slice | torch.Tensor]
     masks: list[torch.Tensor | None]
+    output_rows: torch.Tensor
+    outputs: AttentionMetadata | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -47,9 +53,11 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, chunks: Sequence[tuple[Sequence[int], int, int]], block_size: int,
-              device: torch.device | str = "cpu") -> AttentionMetadata:
+              device: torch.device | str = "cpu", samples: Sequence[bool] | None = None) -> AttentionMetadata:
         """Metadata for chunks given as (block_table, start, query_len) per sequence: the
-        chunk holds positions start .. start+query_len-1, written into the table's blocks."""
+        chunk holds positions start .. start+query_len-1, written into the table's blocks.
+        `samples[i]`: chunk i's last token is an output row (default: every chunk's)."""
+        samples = [True] * len(chunks) if samples is None else samples
         positions, slots, query_start, kv_blocks, masks = [], [], [0], [], []
         for table, start, length in chunks:
             pos = torch.arange(start, start + length)
@@ -59,14 +67,26 @@ class AttentionMetadata:
             query_start.append(query_start[-1] + length)
             kv_blocks.append(_context_blocks(table, -(-(start + length) // block_size), device))
             masks.append(_causal_mask(length, start + length, device))
+        query_len = [length for _, _, length in chunks]
+        context_len = [start + length for _, start, length in chunks]
+        out = [i for i, s in enumerate(samples) if s]
+        outputs = None
+        if len(out) < len(chunks) or any(n > 1 for n in query_len):
+            none = torch.empty(0, dtype=torch.long, device=device)
+            outputs = cls(positions=none, slot_mapping=none, query_start=list(range(len(out))),
+                          query_len=[1] * len(out), context_len=[context_len[i] for i in out],
+                          kv_blocks=[kv_blocks[i] for i in out], masks=[None] * len(out),
+                          output_rows=torch.arange(len(out), device=device))
         return cls(
             positions=torch.cat(positions).to(device),
             slot_mapping=torch.cat(slots).to(device),
             query_start=query_start[:-1],
-            query_len=[length for _, _, length in chunks],
-            context_len=[start + length for _, start, length in chunks],
+            query_len=query_len,
+            context_len=context_len,
             kv_blocks=kv_blocks,
             masks=masks,
+            output_rows=torch.tensor([query_start[i + 1] - 1 for i in out], dtype=torch.long, device=device),
+            outputs=outputs,
         )
 
 
@@ -117,23 +137,34 @@ class KVCache:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
-                    cache_v: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Write k, v [N, Hkv, D] into one layer's cache at `meta.slot_mapping`, then attend each
-    sequence's queries (q [N, Hq, D]) to its first context_len cached tokens, causally
-    (a query at absolute position p sees positions <= p). Returns [N, Hq, D]."""
+def write_kv(k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+             meta: AttentionMetadata) -> None:
+    """Write k, v [N, Hkv, D] into one layer's cache at `meta.slot_mapping`."""
     num_kv_heads, head_dim = cache_k.shape[2:]
     cache_k.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     cache_v.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+
+
+def paged_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Attend each sequence's queries (q [N, Hq, D]) to its first context_len cached tokens,
+    causally (a query at absolute position p sees positions <= p). Returns [N, Hq, D]."""
+    num_kv_heads = cache_k.shape[2]
     groups = q.shape[1] // num_kv_heads
     out = torch.empty_like(q)
     for i in range(meta.num_seqs):
         start, length, context = meta.query_start[i], meta.query_len[i], meta.context_len[i]
         blocks = meta.kv_blocks[i]
-        # [1, H, T, D] views of [T, H, D] rows: the layout transformers' attention sees.
-        query = q[start:start + length].transpose(0, 1)[None]
         key = cache_k[blocks].flatten(0, 1)[:context].transpose(0, 1)[None]
         value = cache_v[blocks].flatten(0, 1)[:context].transpose(0, 1)[None]
+        if length == 1:
+            # One query sees every key: the query heads sharing a KV head become that head's
+            # rows, so each key is read once per KV head instead of once per query head.
+            query = q[start].view(1, num_kv_heads, groups, -1)
+            out[start] = F.scaled_dot_product_attention(query, key, value, scale=scale).view(q.shape[1:])
+            continue
+        # [1, H, T, D] views of [T, H, D] rows: the layout transformers' attention sees.
+        query = q[start:start + length].transpose(0, 1)[None]
         out[start:start + length] = _sdpa(query, key, value, meta.masks[i], groups, scale)[0].transpose(0, 1)
     return out
 
