@@ -125,8 +125,12 @@ class KVCache:
     @classmethod
     def allocate(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
-        """One zeroed tensor holding everything; the per-layer tensors are views of it."""
-        data = torch.zeros(2, num_layers, num_blocks, block_size, num_kv_heads, head_dim,
+        """One tensor holding everything; the per-layer tensors are views of it.
+
+        Left uninitialized: attention reads only positions already written, and on CPU the
+        pool's pages then become resident as blocks are first used instead of all at once
+        (a 2 GiB pool no longer costs 2 GiB of RSS at start)."""
+        data = torch.empty(2, num_layers, num_blocks, block_size, num_kv_heads, head_dim,
                            dtype=dtype, device=device)
         return cls(key=list(data[0]), value=list(data[1]))
 
