@@ -197,3 +197,21 @@ def test_metadata_and_cache_shapes() -> None:
     assert len(kv.key) == len(kv.value) == 3 and kv.key[0].shape == (10, 4, 2, 16)
     assert (kv.block_size, kv.num_blocks) == (4, 10)
     assert KVCache.bytes_per_block(3, 4, 2, 16, torch.bfloat16) == 2 * 3 * 4 * 2 * 16 * 2
+
+
+@torch.inference_mode()
+def test_decode_over_block_runs(hf) -> None:
+    """(e) A context held in two runs of consecutive blocks (a prefix-cache hit leaves the
+    shared blocks apart from the sequence's own) is attended run by run and merged: the same
+    tokens and logits as from one consecutive run."""
+    prompt = prompts(hf, (300,), seed=4)[0]
+    split, whole = Engine(hf, num_blocks=200), Engine(hf, num_blocks=200)
+    split.free = (list(range(120, 160)) + list(range(100)))[::-1]   # popped from the end: 2 runs
+    whole.free = list(range(200))[::-1]
+    a, b = Seq(prompt), Seq(prompt)
+    split.decode([a], split.step([(a, prompt)]), steps=4)
+    whole.decode([b], whole.step([(b, prompt)]), steps=4)
+    meta = AttentionMetadata.build([(a.table, a.cached, 1)], BLOCK)
+    assert isinstance(meta.kv_blocks[0], list) and len(meta.kv_blocks[0]) == 2
+    assert a.out == b.out
+    torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=0, atol=PACKED_ATOL)

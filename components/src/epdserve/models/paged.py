@@ -28,8 +28,10 @@ class AttentionMetadata:
     block_id * block_size + offset where each token's K/V is written. Per sequence i:
     query_start[i], query_len[i]: its tokens in the packed batch; context_len[i]: its tokens
     in the cache AFTER this chunk (start + query_len); kv_blocks[i]: the cache blocks holding
-    that context, a slice when they are consecutive (read in place) or an index tensor
-    (gathered, a copy); masks[i]: the boolean causal mask of a chunk that is neither a whole
+    that context, as a slice when their ids are consecutive (read in place), else as a list
+    of such runs for a one-query chunk on CPU with at most `MAX_RUNS` runs and
+    `MIN_RUNS_CONTEXT` positions (each run read in place, the results merged), else as an
+    index tensor (gathered, a copy); masks[i]: the boolean causal mask of a chunk that is neither a whole
     prompt nor one token, else None. Everything is built once per forward, not per layer.
 
     output_rows [M] int64: the rows whose final hidden states the forward returns, the last
@@ -42,7 +44,7 @@ class AttentionMetadata:
     query_start: list[int]
     query_len: list[int]
     context_len: list[int]
-    kv_blocks: list[slice | torch.Tensor]
+    kv_blocks: list[slice | list[slice] | torch.Tensor]
     masks: list[torch.Tensor | None]
     output_rows: torch.Tensor
     outputs: AttentionMetadata | None = None
@@ -58,14 +60,16 @@ class AttentionMetadata:
         chunk holds positions start .. start+query_len-1, written into the table's blocks.
         `samples[i]`: chunk i's last token is an output row (default: every chunk's)."""
         samples = [True] * len(chunks) if samples is None else samples
-        positions, slots, query_start, kv_blocks, masks = [], [], [0], [], []
+        positions, slots, query_start, kv_runs, kv_blocks, masks = [], [], [0], [], [], []
         for table, start, length in chunks:
             pos = torch.arange(start, start + length)
             blocks = torch.as_tensor(table, dtype=torch.long)[pos // block_size]
             positions.append(pos)
             slots.append(blocks * block_size + pos % block_size)
             query_start.append(query_start[-1] + length)
-            kv_blocks.append(_context_blocks(table, -(-(start + length) // block_size), device))
+            runs = _runs(table, -(-(start + length) // block_size))
+            kv_runs.append(runs)
+            kv_blocks.append(_context_blocks(runs, length, start + length, device))
             masks.append(_causal_mask(length, start + length, device))
         query_len = [length for _, _, length in chunks]
         context_len = [start + length for _, start, length in chunks]
@@ -75,7 +79,7 @@ class AttentionMetadata:
             none = torch.empty(0, dtype=torch.long, device=device)
             outputs = cls(positions=none, slot_mapping=none, query_start=list(range(len(out))),
                           query_len=[1] * len(out), context_len=[context_len[i] for i in out],
-                          kv_blocks=[kv_blocks[i] for i in out], masks=[None] * len(out),
+                          kv_blocks=[_context_blocks(kv_runs[i], 1, context_len[i], device) for i in out], masks=[None] * len(out),
                           output_rows=torch.arange(len(out), device=device))
         return cls(
             positions=torch.cat(positions).to(device),
@@ -90,12 +94,32 @@ class AttentionMetadata:
         )
 
 
-def _context_blocks(table: Sequence[int], count: int, device: torch.device | str) -> slice | torch.Tensor:
-    """The first `count` blocks of `table`: a slice when their ids are consecutive."""
-    ids = list(table[:count])
-    if ids == list(range(ids[0], ids[0] + count)):
-        return slice(ids[0], ids[0] + count)
-    return torch.tensor(ids, dtype=torch.long, device=device)
+MAX_RUNS = 4            # beyond this many runs, one gather costs less than attending run by run
+MIN_RUNS_CONTEXT = 256  # below this many positions too: the gather is cheap, the merge is not
+
+
+def _runs(table: Sequence[int], count: int) -> list[slice]:
+    """The first `count` blocks of `table` as runs of consecutive block ids, in order."""
+    if table[count - 1] - table[0] == count - 1 and list(table[:count]) == list(range(table[0], table[0] + count)):
+        return [slice(table[0], table[0] + count)]
+    runs, first = [], 0
+    for i in range(1, count + 1):
+        if i == count or table[i] != table[i - 1] + 1:
+            runs.append(slice(table[first], table[i - 1] + 1))
+            first = i
+    return runs
+
+
+def _context_blocks(runs: list[slice], length: int, context: int,
+                    device: torch.device | str) -> slice | list[slice] | torch.Tensor:
+    """How a chunk of `length` queries over `context` positions reads the blocks `runs`:
+    see `AttentionMetadata`."""
+    if len(runs) == 1:
+        return runs[0]
+    # The merge needs the log-sum-exp that only the CPU flash kernel returns.
+    if length == 1 and len(runs) <= MAX_RUNS and context >= MIN_RUNS_CONTEXT and torch.device(device).type == "cpu":
+        return runs
+    return torch.cat([torch.arange(r.start, r.stop) for r in runs]).to(device)
 
 
 def _causal_mask(length: int, context: int, device: torch.device | str) -> torch.Tensor | None:
@@ -159,18 +183,40 @@ def paged_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tenso
     for i in range(meta.num_seqs):
         start, length, context = meta.query_start[i], meta.query_len[i], meta.context_len[i]
         blocks = meta.kv_blocks[i]
-        key = cache_k[blocks].flatten(0, 1)[:context].transpose(0, 1)[None]
-        value = cache_v[blocks].flatten(0, 1)[:context].transpose(0, 1)[None]
         if length == 1:
             # One query sees every key: the query heads sharing a KV head become that head's
             # rows, so each key is read once per KV head instead of once per query head.
             query = q[start].view(1, num_kv_heads, groups, -1)
-            out[start] = F.scaled_dot_product_attention(query, key, value, scale=scale).view(q.shape[1:])
+            runs = blocks if isinstance(blocks, list) else [blocks]
+            out[start] = _attend_runs(query, cache_k, cache_v, runs, context, scale).view(q.shape[1:])
             continue
+        key = cache_k[blocks].flatten(0, 1)[:context].transpose(0, 1)[None]
+        value = cache_v[blocks].flatten(0, 1)[:context].transpose(0, 1)[None]
         # [1, H, T, D] views of [T, H, D] rows: the layout transformers' attention sees.
         query = q[start:start + length].transpose(0, 1)[None]
         out[start:start + length] = _sdpa(query, key, value, meta.masks[i], groups, scale)[0].transpose(0, 1)
     return out
+
+
+def _attend_runs(query: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, runs: list[slice],
+                 context: int, scale: float) -> torch.Tensor:
+    """Attention of `query` [1, Hkv, G, D] (no mask) to the first `context` positions held in
+    the block `runs`, each run read in place. Several runs are attended one by one and merged
+    by their log-sum-exp, which equals attending their concatenation (to float rounding)."""
+    block_size = cache_k.shape[1]
+    if len(runs) == 1:
+        key, value = (c[runs[0]].flatten(0, 1)[:context].transpose(0, 1)[None] for c in (cache_k, cache_v))
+        return F.scaled_dot_product_attention(query, key, value, scale=scale)
+    outs, lses, seen = [], [], 0
+    for run in runs:
+        n = min((run.stop - run.start) * block_size, context - seen)
+        key, value = (c[run].flatten(0, 1)[:n].transpose(0, 1)[None] for c in (cache_k, cache_v))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, scale=scale)
+        outs.append(out.float())
+        lses.append(lse)
+        seen += n
+    weights = torch.softmax(torch.stack(lses), 0)[..., None]   # each run's share of the probability mass
+    return (torch.stack(outs) * weights).sum(0).to(query.dtype)
 
 
 def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
