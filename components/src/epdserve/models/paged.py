@@ -190,12 +190,23 @@ def paged_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tenso
             runs = blocks if isinstance(blocks, list) else [blocks]
             out[start] = _attend_runs(query, cache_k, cache_v, runs, context, scale).view(q.shape[1:])
             continue
-        key = cache_k[blocks].flatten(0, 1)[:context].transpose(0, 1)[None]
-        value = cache_v[blocks].flatten(0, 1)[:context].transpose(0, 1)[None]
+        key, value = _context(cache_k, blocks, context), _context(cache_v, blocks, context)
         # [1, H, T, D] views of [T, H, D] rows: the layout transformers' attention sees.
         query = q[start:start + length].transpose(0, 1)[None]
         out[start:start + length] = _sdpa(query, key, value, meta.masks[i], groups, scale)[0].transpose(0, 1)
     return out
+
+
+def _context(cache: torch.Tensor, blocks: slice | torch.Tensor, n: int) -> torch.Tensor:
+    """[1, Hkv, n, D]: the first `n` positions held in `blocks` of one layer's cache
+    [num_blocks, block_size, Hkv, D], heads first as attention takes them. A view when
+    `blocks` is a slice (one `as_strided`, the hot path of every decode step), else a gather."""
+    if isinstance(blocks, torch.Tensor):
+        return cache[blocks].flatten(0, 1)[:n].transpose(0, 1)[None]
+    _, block_size, heads, dim = cache.shape
+    row = heads * dim   # one position's keys for every head
+    return cache.as_strided((1, heads, n, dim), (row, dim, row, 1),
+                            cache.storage_offset() + blocks.start * block_size * row)
 
 
 def _attend_runs(query: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, runs: list[slice],
@@ -203,14 +214,14 @@ def _attend_runs(query: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
     """Attention of `query` [1, Hkv, G, D] (no mask) to the first `context` positions held in
     the block `runs`, each run read in place. Several runs are attended one by one and merged
     by their log-sum-exp, which equals attending their concatenation (to float rounding)."""
-    block_size = cache_k.shape[1]
     if len(runs) == 1:
-        key, value = (c[runs[0]].flatten(0, 1)[:context].transpose(0, 1)[None] for c in (cache_k, cache_v))
+        key, value = _context(cache_k, runs[0], context), _context(cache_v, runs[0], context)
         return F.scaled_dot_product_attention(query, key, value, scale=scale)
+    block_size = cache_k.shape[1]
     outs, lses, seen = [], [], 0
     for run in runs:
         n = min((run.stop - run.start) * block_size, context - seen)
-        key, value = (c[run].flatten(0, 1)[:n].transpose(0, 1)[None] for c in (cache_k, cache_v))
+        key, value = _context(cache_k, run, n), _context(cache_v, run, n)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, scale=scale)
         outs.append(out.float())
         lses.append(lse)
