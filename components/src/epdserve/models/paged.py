@@ -31,8 +31,9 @@ class AttentionMetadata:
     that context, as a slice when their ids are consecutive (read in place), else as a list
     of such runs for a one-query chunk on CPU with at most `MAX_RUNS` runs and
     `MIN_RUNS_CONTEXT` positions (each run read in place, the results merged), else as an
-    index tensor (gathered, a copy); masks[i]: the boolean causal mask of a chunk that is neither a whole
-    prompt nor one token, else None. Everything is built once per forward, not per layer.
+    index tensor (gathered, a copy); masks[i]: the boolean causal mask of a chunk that is
+    neither a whole prompt nor one token, else None. Everything is built once per forward,
+    not per layer.
 
     output_rows [M] int64: the rows whose final hidden states the forward returns, the last
     token of each chunk that samples. `outputs` attends only those rows (one query per
@@ -79,8 +80,8 @@ class AttentionMetadata:
             none = torch.empty(0, dtype=torch.long, device=device)
             outputs = cls(positions=none, slot_mapping=none, query_start=list(range(len(out))),
                           query_len=[1] * len(out), context_len=[context_len[i] for i in out],
-                          kv_blocks=[_context_blocks(kv_runs[i], 1, context_len[i], device) for i in out], masks=[None] * len(out),
-                          output_rows=torch.arange(len(out), device=device))
+                          kv_blocks=[_context_blocks(kv_runs[i], 1, context_len[i], device) for i in out],
+                          masks=[None] * len(out), output_rows=torch.arange(len(out), device=device))
         return cls(
             positions=torch.cat(positions).to(device),
             slot_mapping=torch.cat(slots).to(device),
@@ -117,7 +118,8 @@ def _context_blocks(runs: list[slice], length: int, context: int,
     if len(runs) == 1:
         return runs[0]
     # The merge needs the log-sum-exp that only the CPU flash kernel returns.
-    if length == 1 and len(runs) <= MAX_RUNS and context >= MIN_RUNS_CONTEXT and torch.device(device).type == "cpu":
+    if length == 1 and len(runs) <= MAX_RUNS and context >= MIN_RUNS_CONTEXT \
+            and torch.device(device).type == "cpu":
         return runs
     return torch.cat([torch.arange(r.start, r.stop) for r in runs]).to(device)
 
