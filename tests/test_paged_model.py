@@ -215,3 +215,20 @@ def test_decode_over_block_runs(hf) -> None:
     assert isinstance(meta.kv_blocks[0], list) and len(meta.kv_blocks[0]) == 2
     assert a.out == b.out
     torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=0, atol=PACKED_ATOL)
+
+
+@torch.inference_mode()
+def test_chunk_without_output_rows(hf) -> None:
+    """(f) A prompt chunk that does not sample returns no rows but still writes its K/V: the
+    next chunk's logits are transformers' for the same chunks."""
+    engine = Engine(hf)
+    prompt = prompts(hf, (14,), seed=5)[0]
+    seq = Seq(prompt)
+    while len(seq.table) * BLOCK < len(prompt):
+        seq.table.append(engine.free.pop())
+    first = AttentionMetadata.build([(seq.table, 0, 9)], BLOCK, samples=[False])
+    hidden = engine.model.forward(engine.model.embed(torch.tensor(prompt[:9])), first, engine.kv)
+    assert hidden.shape == (0, hf.config.text_config.hidden_size)
+    seq.cached = 9
+    logits = engine.step([(seq, prompt[9:])])[0]
+    torch.testing.assert_close(logits, hf_chunked(hf, prompt, [9]), rtol=0, atol=PACKED_ATOL)

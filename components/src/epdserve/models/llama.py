@@ -2,7 +2,8 @@
 
 The weights and sub-modules (norms, projections, MLP, rotary embedding) are the loaded
 `LlamaModel`'s own; only the attention plumbing is ours, so each op runs as `transformers`
-runs it and greedy outputs stay equal to its `generate()`.
+runs it and greedy outputs stay equal to its `generate()` (logits to float rounding: see
+`epdserve.models.paged`).
 """
 
 from __future__ import annotations
@@ -69,9 +70,10 @@ class PagedLlama:
         normed = layer.input_layernorm(hidden)
         k = self._rotate(attn.k_proj(normed), cos, sin)
         write_kv(k, attn.v_proj(normed).view(k.shape), cache_k, cache_v, meta)
-        if outputs_only and meta.outputs is not None:
+        if outputs_only and meta.outputs is not None:   # from here on, the output rows alone
             rows = meta.output_rows
-            hidden, normed, cos, sin, meta = hidden[rows], normed[rows], cos[rows], sin[rows], meta.outputs
+            hidden, normed, cos, sin = hidden[rows], normed[rows], cos[rows], sin[rows]
+            meta = meta.outputs
         q = self._rotate(attn.q_proj(normed), cos, sin)
         hidden = hidden + attn.o_proj(paged_attention(q, cache_k, cache_v, meta, attn.scaling).flatten(1))
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))

@@ -46,19 +46,7 @@ class LlavaModel(MultimodalModel):
         self.text = PagedLlama(self.hf.model.language_model, self.hf.lm_head)
         self.device = self.hf.device
         self.dtype = self.hf.dtype
-        self.feature_layer = self._drop_unused_vision_layers()
-
-    def _drop_unused_vision_layers(self) -> int | list[int]:
-        """Features come from `vision_feature_layer` (llava-1.5: the second to last), so the
-        tower's later layers never matter: drop them, as vLLM does, and return the feature
-        layer index (or indices) counted from the front, valid for the shortened tower."""
-        tower = self.hf.model.vision_tower
-        layers = tower.get_submodule("encoder.layers" if hasattr(tower, "encoder") else "vision_model.encoder.layers")
-        chosen = self.config.vision_feature_layer
-        # hidden_states[0] is the embeddings, hidden_states[i] the output of layer i.
-        front = [i if i >= 0 else len(layers) + 1 + i for i in ([chosen] if isinstance(chosen, int) else chosen)]
-        del layers[max(front):]
-        return front[0] if isinstance(chosen, int) else front
+        _drop_unused_vision_layers(self.hf)
 
     def preprocess(self, modality: str, items: list[Image.Image]) -> dict[str, torch.Tensor]:
         out = self.image_processor(images=items, return_tensors="pt")
@@ -68,7 +56,7 @@ class LlavaModel(MultimodalModel):
         pixel_values = features["pixel_values"].to(self.device, self.dtype)
         out = self.hf.model.get_image_features(
             pixel_values=pixel_values,
-            vision_feature_layer=self.feature_layer,
+            vision_feature_layer=self.hf.config.vision_feature_layer,
             vision_feature_select_strategy=self.config.vision_feature_select_strategy,
         )
         return list(out.pooler_output)
@@ -88,3 +76,20 @@ class LlavaModel(MultimodalModel):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.text.logits(hidden)
+
+
+def _drop_unused_vision_layers(hf: torch.nn.Module) -> None:
+    """Features come from `vision_feature_layer` (llava-1.5: the second to last layer), so
+    the vision tower's later layers never matter: drop them, as vLLM does, and rewrite the
+    loaded model's `vision_feature_layer` as indices from the front, which stay valid for the
+    shorter tower. A tower laid out otherwise is left whole."""
+    tower = hf.model.vision_tower
+    encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+    if encoder is None:
+        return
+    chosen = hf.config.vision_feature_layer
+    # hidden_states[0] is the embeddings, hidden_states[i] the output of layer i.
+    num_layers = len(encoder.layers)
+    from_front = [i if i >= 0 else num_layers + 1 + i for i in ([chosen] if isinstance(chosen, int) else chosen)]
+    del encoder.layers[max(1, *from_front):]   # a tower of no layers returns no hidden states
+    hf.config.vision_feature_layer = from_front[0] if isinstance(chosen, int) else from_front

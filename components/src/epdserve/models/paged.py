@@ -5,9 +5,11 @@ keys and values go to fixed-size cache blocks; a sequence's block table lists it
 order, so its token at position p lives in slot ``table[p // block_size] * block_size +
 p % block_size``. Blocks can be shared between sequences (prefix caching).
 
-Attention runs per sequence with the same `scaled_dot_product_attention` call that
-`transformers`' sdpa attention makes for one sequence with a `DynamicCache`, so the outputs
-match it bit for bit (the kernels are deterministic per shape, mask and GQA mode).
+Attention runs per sequence with the `scaled_dot_product_attention` call that
+`transformers`' sdpa attention makes for one sequence with a `DynamicCache`, except that a
+one-query attention puts the query heads of a KV head in one call and may merge block runs.
+Outputs match `transformers` to float rounding (fp32 logits within ~1e-6), not bit for bit:
+batching already changes every matmul's row count, which changes BLAS rounding.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv, use_gqa_in_sdpa
 
+MAX_RUNS = 4            # beyond this many block runs, one gather costs less than attending run by run
+MIN_RUNS_CONTEXT = 256  # below this many positions too: the gather is cheap, the merge is not
+
 
 @dataclass
 class AttentionMetadata:
@@ -29,7 +34,7 @@ class AttentionMetadata:
     query_start[i], query_len[i]: its tokens in the packed batch; context_len[i]: its tokens
     in the cache AFTER this chunk (start + query_len); kv_blocks[i]: the cache blocks holding
     that context, as a slice when their ids are consecutive (read in place), else as a list
-    of such runs for a one-query chunk on CPU with at most `MAX_RUNS` runs and
+    of such runs for a one-query chunk on CPU with at most `MAX_RUNS` runs over at least
     `MIN_RUNS_CONTEXT` positions (each run read in place, the results merged), else as an
     index tensor (gathered, a copy); masks[i]: the boolean causal mask of a chunk that is
     neither a whole prompt nor one token, else None. Everything is built once per forward,
@@ -37,7 +42,8 @@ class AttentionMetadata:
 
     output_rows [M] int64: the rows whose final hidden states the forward returns, the last
     token of each chunk that samples. `outputs` attends only those rows (one query per
-    sequence, over the same context); None when they are all the rows (a decode step).
+    sequence, over the same context; its positions and slot_mapping are empty, as the full
+    pass writes the K/V); None when they are all the rows (a decode step).
     """
 
     positions: torch.Tensor
@@ -61,6 +67,8 @@ class AttentionMetadata:
         chunk holds positions start .. start+query_len-1, written into the table's blocks.
         `samples[i]`: chunk i's last token is an output row (default: every chunk's)."""
         samples = [True] * len(chunks) if samples is None else samples
+        if len(samples) != len(chunks):
+            raise ValueError(f"{len(samples)} sample flags for {len(chunks)} chunks")
         positions, slots, query_start, kv_runs, kv_blocks, masks = [], [], [0], [], [], []
         for table, start, length in chunks:
             pos = torch.arange(start, start + length)
@@ -95,12 +103,9 @@ class AttentionMetadata:
         )
 
 
-MAX_RUNS = 4            # beyond this many runs, one gather costs less than attending run by run
-MIN_RUNS_CONTEXT = 256  # below this many positions too: the gather is cheap, the merge is not
-
-
 def _runs(table: Sequence[int], count: int) -> list[slice]:
     """The first `count` blocks of `table` as runs of consecutive block ids, in order."""
+    # Fast path for the usual case, one run: a list compare instead of a Python loop.
     if table[count - 1] - table[0] == count - 1 and list(table[:count]) == list(range(table[0], table[0] + count)):
         return [slice(table[0], table[0] + count)]
     runs, first = [], 0
@@ -189,8 +194,7 @@ def paged_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tenso
             # One query sees every key: the query heads sharing a KV head become that head's
             # rows, so each key is read once per KV head instead of once per query head.
             query = q[start].view(1, num_kv_heads, groups, -1)
-            runs = blocks if isinstance(blocks, list) else [blocks]
-            out[start] = _attend_runs(query, cache_k, cache_v, runs, context, scale).view(q.shape[1:])
+            out[start] = _attend_one(query, cache_k, cache_v, blocks, context, scale).view(q.shape[1:])
             continue
         key, value = _context(cache_k, blocks, context), _context(cache_v, blocks, context)
         # [1, H, T, D] views of [T, H, D] rows: the layout transformers' attention sees.
@@ -201,8 +205,9 @@ def paged_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tenso
 
 def _context(cache: torch.Tensor, blocks: slice | torch.Tensor, n: int) -> torch.Tensor:
     """[1, Hkv, n, D]: the first `n` positions held in `blocks` of one layer's cache
-    [num_blocks, block_size, Hkv, D], heads first as attention takes them. A view when
-    `blocks` is a slice (one `as_strided`, the hot path of every decode step), else a gather."""
+    [num_blocks, block_size, Hkv, D] (contiguous, as `KVCache.allocate` makes it), heads
+    first as attention takes them. A view when `blocks` is a slice (one `as_strided`, the hot
+    path of every decode step), else a gather."""
     if isinstance(blocks, torch.Tensor):
         return cache[blocks].flatten(0, 1)[:n].transpose(0, 1)[None]
     _, block_size, heads, dim = cache.shape
@@ -211,25 +216,35 @@ def _context(cache: torch.Tensor, blocks: slice | torch.Tensor, n: int) -> torch
                             cache.storage_offset() + blocks.start * block_size * row)
 
 
-def _attend_runs(query: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, runs: list[slice],
-                 context: int, scale: float) -> torch.Tensor:
-    """Attention of `query` [1, Hkv, G, D] (no mask) to the first `context` positions held in
-    the block `runs`, each run read in place. Several runs are attended one by one and merged
-    by their log-sum-exp, which equals attending their concatenation (to float rounding)."""
-    if len(runs) == 1:
-        key, value = _context(cache_k, runs[0], context), _context(cache_v, runs[0], context)
-        return F.scaled_dot_product_attention(query, key, value, scale=scale)
+def _attend_one(query: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                blocks: slice | list[slice] | torch.Tensor, context: int, scale: float) -> torch.Tensor:
+    """Attention of one query's heads `query` [1, Hkv, G, D] (no mask) to the first `context`
+    positions held in `blocks` (see `AttentionMetadata.kv_blocks`). Returns [1, Hkv, G, D]."""
+    if isinstance(blocks, list):
+        if query.dtype == torch.float32:
+            return _merge_runs(query, cache_k, cache_v, blocks, context, scale)
+        # The kernel rounds each run's output to a reduced dtype before the merge, which
+        # would make tokens depend on where blocks sit: gather instead.
+        blocks = torch.cat([torch.arange(r.start, r.stop) for r in blocks]).to(query.device)
+    key, value = _context(cache_k, blocks, context), _context(cache_v, blocks, context)
+    return F.scaled_dot_product_attention(query, key, value, scale=scale)
+
+
+def _merge_runs(query: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, runs: list[slice],
+                context: int, scale: float) -> torch.Tensor:
+    """`_attend_one` over several block runs, each read in place, merged by their log-sum-exp:
+    equal to attending their concatenation up to float rounding. CPU and float32 only."""
     block_size = cache_k.shape[1]
     outs, lses, seen = [], [], 0
     for run in runs:
         n = min((run.stop - run.start) * block_size, context - seen)
         key, value = _context(cache_k, run, n), _context(cache_v, run, n)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, scale=scale)
-        outs.append(out.float())
+        outs.append(out)
         lses.append(lse)
         seen += n
     weights = torch.softmax(torch.stack(lses), 0)[..., None]   # each run's share of the probability mass
-    return (torch.stack(outs) * weights).sum(0).to(query.dtype)
+    return (torch.stack(outs) * weights).sum(0)
 
 
 def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
