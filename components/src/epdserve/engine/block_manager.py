@@ -75,7 +75,7 @@ class BlockManager:
         """
         assert not seq.block_table, f"{seq.request_id} already holds blocks"
         hits = self._match_prefix(seq)
-        self.prefix_queries += max(seq.num_tokens - 1, 0) // self.block_size
+        self.prefix_queries += self._num_reusable_blocks(seq)
         self.prefix_hits += len(hits)
         # Revive hits before taking fresh blocks, so that eviction cannot take a hit.
         for b in hits:
@@ -172,12 +172,16 @@ class BlockManager:
         logits, so at most `(num_tokens - 1) // block_size` blocks can hit.
         """
         hits: list[int] = []
-        for i in range(max(seq.num_tokens - 1, 0) // self.block_size):
+        for i in range(self._num_reusable_blocks(seq)):
             b = self._cached.get(self._full_block_hash(seq, i))
             if b is None:
                 break
             hits.append(b)
         return hits
+
+    def _num_reusable_blocks(self, seq: Sequence) -> int:
+        """Full blocks of `seq` before the one holding its last token, which is always computed."""
+        return max(seq.num_tokens - 1, 0) // self.block_size
 
     def _full_block_hash(self, seq: Sequence, i: int) -> bytes:
         """The hash of `seq`'s full block `i`, kept on the sequence: its tokens only ever grow,

@@ -126,6 +126,11 @@ def _context_blocks(runs: list[slice], length: int, context: int,
     if length == 1 and len(runs) <= MAX_RUNS and context >= MIN_RUNS_CONTEXT \
             and torch.device(device).type == "cpu":
         return runs
+    return _gather_index(runs, device)
+
+
+def _gather_index(runs: list[slice], device: torch.device | str) -> torch.Tensor:
+    """The block ids of `runs` in order, as one index tensor for a gather."""
     return torch.cat([torch.arange(r.start, r.stop) for r in runs]).to(device)
 
 
@@ -225,7 +230,7 @@ def _attend_one(query: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tenso
             return _merge_runs(query, cache_k, cache_v, blocks, context, scale)
         # The kernel rounds each run's output to a reduced dtype before the merge, which
         # would make tokens depend on where blocks sit: gather instead.
-        blocks = torch.cat([torch.arange(r.start, r.stop) for r in blocks]).to(query.device)
+        blocks = _gather_index(blocks, query.device)
     key, value = _context(cache_k, blocks, context), _context(cache_v, blocks, context)
     return F.scaled_dot_product_attention(query, key, value, scale=scale)
 
