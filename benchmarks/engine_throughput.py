@@ -49,7 +49,7 @@ from epdserve.models.base import ModelFamily, MultimodalModel
 from epdserve.models.registry import load_family
 from epdserve.runtime import services
 from epdserve.tools.procs import pid_with_arg
-from epdserve.worker.services import engine_config
+from epdserve.worker.services import engine_config, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("engine", "http", "hf")
@@ -208,8 +208,7 @@ def run_engine(cfg: BenchConfig) -> list[dict[str, Any]]:
     preprocessed off the clock."""
     config = parse_worker_args([*WORKER_FLAGS, "--model", cfg.model], {})
     family = load_family(cfg.model)
-    dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
-    model = family.load_runner(dtype, torch.device(config.device))
+    model = load_model(config, family)
     max_model_len = min(config.max_model_len or family.context_length, family.context_length)
     processor = AutoProcessor.from_pretrained(cfg.model)
 

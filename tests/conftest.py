@@ -44,9 +44,12 @@ def tiny_llava(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_runner(tiny_llava):
-    """The worker-side model of `tiny_llava` on the CPU, loaded once per session."""
+def tiny_runner(tiny_llava, tmp_path_factory):
+    """The worker-side model of `tiny_llava` on the CPU, loaded once per session, with the CPU
+    kernels as a worker loads it (torch's ops where they cannot run)."""
     import torch
 
+    from epdserve.kernels.cpu import load_cpu_kernels
     from epdserve.models.registry import load_family
-    return load_family(tiny_llava).load_runner(None, torch.device("cpu"))
+    kernels = load_cpu_kernels(tmp_path_factory.mktemp("kernels"))
+    return load_family(tiny_llava).load_runner(None, torch.device("cpu"), kernels)

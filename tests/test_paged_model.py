@@ -4,8 +4,8 @@ Run with `-s` to see the max abs logit difference of each case. Greedy tokens mu
 `generate()` exactly; logits within a tolerance, because the paged forward reorders float
 work that `transformers` does otherwise: packing several sequences into one forward changes
 the row count of every matmul (BLAS kernels differ by M), a decode query attends with the
-query heads of a KV head as rows of one call, and a prompt's last layer runs for its last
-token alone. Each moves fp32 logits by ~1e-6 on CPU.
+query heads of a KV head as rows of one call, a prompt's last layer runs for its last
+token alone, and the CPU kernels sum in their own order. Each moves fp32 logits by ~1e-6.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, DynamicCache
 
+from epdserve.kernels.cpu import CpuKernels, load_cpu_kernels
 from epdserve.models.llama import PagedLlama
 from epdserve.models.paged import AttentionMetadata, KVCache
 from epdserve.tools.tiny_model import build_tiny_model
@@ -38,6 +39,17 @@ def hf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
     return AutoModelForImageTextToText.from_pretrained(path).eval()
 
 
+@pytest.fixture(scope="module", params=["torch-ops", "cpu-kernels"])
+def kernels(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> CpuKernels | None:
+    """Each case runs on torch's ops alone and with epdserve's CPU kernels."""
+    if request.param == "torch-ops":
+        return None
+    found = load_cpu_kernels(tmp_path_factory.mktemp("kernels"))
+    if found is None:
+        pytest.skip("CPU kernels unavailable here (no AVX-512 or no C compiler)")
+    return found
+
+
 @dataclass
 class Seq:
     tokens: list[int]
@@ -51,8 +63,8 @@ class Engine:
     """Drives PagedLlama as a serving engine would: a shuffled block pool, a table per
     sequence, several sequence chunks packed into each forward."""
 
-    def __init__(self, hf, num_blocks: int = 96):
-        self.model = PagedLlama(hf.model.language_model, hf.lm_head)
+    def __init__(self, hf, kernels: CpuKernels | None, num_blocks: int = 96):
+        self.model = PagedLlama(hf.model.language_model, hf.lm_head, kernels)
         self.kv = self.model.allocate_cache(num_blocks, BLOCK)
         self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0)).tolist()
 
@@ -119,18 +131,18 @@ def prompts(hf, lengths: tuple[int, ...], seed: int = 0) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def test_single_sequence(hf) -> None:
+def test_single_sequence(hf, kernels) -> None:
     """(a) Prefill then decode steps, one sequence per forward."""
     for prompt in prompts(hf, (1, 6, 23)):
-        engine, seq = Engine(hf), Seq(prompt)
+        engine, seq = Engine(hf, kernels), Seq(prompt)
         engine.decode([seq], engine.step([(seq, prompt)]))
         assert compare("single", seq, hf_generate(hf, prompt), hf) <= PACKED_ATOL
 
 
 @torch.inference_mode()
-def test_packed_prefill_and_decode(hf) -> None:
+def test_packed_prefill_and_decode(hf, kernels) -> None:
     """(b) Sequences of different lengths prefilled in one forward, then decoded together."""
-    engine = Engine(hf)
+    engine = Engine(hf, kernels)
     seqs = [Seq(p) for p in prompts(hf, (11, 23, 6, 1, 17), seed=1)]
     engine.decode(seqs, engine.step([(s, s.tokens) for s in seqs]))
     for seq in seqs:
@@ -138,10 +150,10 @@ def test_packed_prefill_and_decode(hf) -> None:
 
 
 @torch.inference_mode()
-def test_chunked_prefill(hf) -> None:
+def test_chunked_prefill(hf, kernels) -> None:
     """(c) A prompt prefilled in 3 chunks across 3 forwards, each packed with another
     sequence's decode step; the chunked logits equal transformers fed the same chunks."""
-    engine = Engine(hf)
+    engine = Engine(hf, kernels)
     prompt, other = prompts(hf, (22, 9), seed=2)
     seq, neighbour = Seq(prompt), Seq(other)
     engine.decode([neighbour], engine.step([(neighbour, other)]), steps=1)
@@ -149,7 +161,7 @@ def test_chunked_prefill(hf) -> None:
     for a, b in pairwise([0, *cuts, len(prompt)]):
         logits = engine.step([(seq, prompt[a:b]), (neighbour, [neighbour.out[-1]])])
         engine.decode([neighbour], logits[1:], steps=1)
-    alone = Engine(hf)  # the same chunks in forwards of their own: exactly transformers'
+    alone = Engine(hf, kernels)  # the same chunks in forwards of their own: exactly transformers'
     lone = Seq(prompt)
     for a, b in pairwise([0, *cuts, len(prompt)]):
         lone_logits = alone.step([(lone, prompt[a:b])])[0]
@@ -161,10 +173,10 @@ def test_chunked_prefill(hf) -> None:
 
 
 @torch.inference_mode()
-def test_prefix_cache(hf) -> None:
+def test_prefix_cache(hf, kernels) -> None:
     """(d) B reuses A's first full blocks and computes only its suffix; A's blocks stay
     intact (A decodes on correctly afterwards)."""
-    engine = Engine(hf)
+    engine = Engine(hf, kernels)
     a_prompt, b_suffix = prompts(hf, (19, 7), seed=3)
     shared = 3 * BLOCK
     b_prompt = a_prompt[:shared] + b_suffix
@@ -200,12 +212,12 @@ def test_metadata_and_cache_shapes() -> None:
 
 
 @torch.inference_mode()
-def test_decode_over_block_runs(hf) -> None:
+def test_decode_over_block_runs(hf, kernels) -> None:
     """(e) A context held in two runs of consecutive blocks (a prefix-cache hit leaves the
     shared blocks apart from the sequence's own) is attended run by run and merged: the same
     tokens and logits as from one consecutive run."""
     prompt = prompts(hf, (300,), seed=4)[0]
-    split, whole = Engine(hf, num_blocks=200), Engine(hf, num_blocks=200)
+    split, whole = Engine(hf, kernels, num_blocks=200), Engine(hf, kernels, num_blocks=200)
     split.free = (list(range(120, 160)) + list(range(100)))[::-1]   # popped from the end: 2 runs
     whole.free = list(range(200))[::-1]
     a, b = Seq(prompt), Seq(prompt)
@@ -218,10 +230,10 @@ def test_decode_over_block_runs(hf) -> None:
 
 
 @torch.inference_mode()
-def test_chunk_without_output_rows(hf) -> None:
+def test_chunk_without_output_rows(hf, kernels) -> None:
     """(f) A prompt chunk that does not sample returns no rows but still writes its K/V: the
     next chunk's logits are transformers' for the same chunks."""
-    engine = Engine(hf)
+    engine = Engine(hf, kernels)
     prompt = prompts(hf, (14,), seed=5)[0]
     seq = Seq(prompt)
     while len(seq.table) * BLOCK < len(prompt):

@@ -11,6 +11,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
 
 class Role(str, Enum):
@@ -63,6 +64,8 @@ class WorkerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     ec_storage_path: str | None = None
+    cpu_kernels: bool = True                   # our AVX-512 kernels for float32 decode on CPU
+    kernel_cache_dir: str = "~/.cache/epdserve/kernels"
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,11 @@ def _json_limits(text: str) -> dict[str, int]:
     return limits
 
 
+def _default_kernel_cache(env: Mapping[str, str]) -> str:
+    cache = env.get("XDG_CACHE_HOME") or str(Path(env.get("HOME", "~")) / ".cache")
+    return str(Path(cache).expanduser() / "epdserve" / "kernels")
+
+
 def worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m epdserve.worker", description="Run one epdserve worker role.")
     roles = p.add_argument_group("role (none: a text-only processor + worker in one process)")
@@ -127,6 +135,11 @@ def worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--allowed-local-media-path", default=None)
     p.add_argument("--enable-mm-embeds", action="store_true")
     p.add_argument("--ec-storage-path", default=None)
+    p.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=WorkerConfig.cpu_kernels,
+                   help="float32 decode projections and attention on CPU through epdserve's AVX-512 kernels "
+                        "(built with the system C compiler on first use; torch ops where they cannot run)")
+    p.add_argument("--kernel-cache-dir", default=_default_kernel_cache(env),
+                   help="where the built kernels are kept (default: $XDG_CACHE_HOME/epdserve/kernels)")
     _add_runtime_args(p, env)
     return p
 
@@ -171,6 +184,7 @@ def parse_worker_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> Wor
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, ec_storage_path=args.ec_storage_path,
+        cpu_kernels=args.cpu_kernels, kernel_cache_dir=args.kernel_cache_dir,
     )
 
 

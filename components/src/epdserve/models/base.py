@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from epdserve.kernels.cpu import CpuKernels
 from epdserve.media.types import MediaInfo
 from epdserve.models.paged import AttentionMetadata, KVCache
 
@@ -54,8 +55,10 @@ class ModelFamily(ABC):
         """The content part the HF chat template expects for one media item."""
         return {"type": modality}
 
-    def load_runner(self, dtype: torch.dtype | None, device: torch.device) -> "MultimodalModel":
-        """Load the weights for a worker onto `device`. `dtype=None` keeps the checkpoint's dtype."""
+    def load_runner(self, dtype: torch.dtype | None, device: torch.device,
+                    kernels: CpuKernels | None = None) -> "MultimodalModel":
+        """Load the weights for a worker onto `device`. `dtype=None` keeps the checkpoint's
+        dtype. `kernels`: CPU kernels the model may use where they support its tensors."""
         raise NotImplementedError(f"{type(self).__name__} has no worker-side model yet")
 
 

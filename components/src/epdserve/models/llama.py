@@ -8,22 +8,48 @@ runs it and greedy outputs stay equal to its `generate()` (logits to float round
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel, rotate_half
 
+from epdserve.kernels.cpu import CpuKernels
 from epdserve.models.paged import AttentionMetadata, KVCache, paged_attention, write_kv
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class _Projections:
+    """One decoder layer's linear maps, each its `nn.Linear` or a kernel-backed stand-in."""
+
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    gate: Linear
+    up: Linear
+    down: Linear
 
 
 class PagedLlama:
     """A `LlamaModel` (+ lm_head) run over packed sequence chunks with a paged KV cache.
 
     Call under `torch.inference_mode()`. Hidden size H, vocabulary V, N packed tokens.
+    With `kernels`, float32 projections of few rows and one-query attention run through them.
     """
 
-    def __init__(self, decoder: LlamaModel, lm_head: nn.Linear):
+    def __init__(self, decoder: LlamaModel, lm_head: nn.Linear, kernels: CpuKernels | None = None):
         self.decoder = decoder
-        self.lm_head = lm_head
+        self.kernels = kernels
+        wrap = kernels.linear if kernels is not None else (lambda module: module)
+        self.lm_head = wrap(lm_head)
+        self.proj = [_Projections(wrap(layer.self_attn.q_proj), wrap(layer.self_attn.k_proj),
+                                  wrap(layer.self_attn.v_proj), wrap(layer.self_attn.o_proj),
+                                  wrap(layer.mlp.gate_proj), wrap(layer.mlp.up_proj), wrap(layer.mlp.down_proj))
+                     for layer in decoder.layers]
         config = decoder.config
         attn = decoder.layers[0].self_attn
         self.num_layers = len(decoder.layers)
@@ -48,35 +74,37 @@ class PagedLlama:
         hidden = inputs_embeds
         # [1, N, D] like transformers' [batch, seq, D]; elementwise, so packing changes nothing.
         cos, sin = (t[0] for t in self.decoder.rotary_emb(hidden, meta.positions[None]))
-        last = self.num_layers - 1
-        for i, layer in enumerate(self.decoder.layers[:last]):
-            hidden = self._layer(layer, hidden, cos, sin, meta, kv.key[i], kv.value[i])
-        # Past the last layer's K/V only the output rows matter: a prompt chunk computes its
-        # queries, attention and MLP there for its last token alone.
-        hidden = self._layer(self.decoder.layers[last], hidden, cos, sin, meta, kv.key[last], kv.value[last],
-                             outputs_only=True)
+        for i in range(self.num_layers):
+            # Past the last layer's K/V only the output rows matter: a prompt chunk computes
+            # its queries, attention and MLP there for its last token alone.
+            hidden = self._layer(i, hidden, cos, sin, meta, kv.key[i], kv.value[i],
+                                 outputs_only=i == self.num_layers - 1)
         return self.decoder.norm(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[M, H] final hidden states -> [M, V] float32 logits."""
         return self.lm_head(hidden).float()
 
-    def _layer(self, layer: LlamaDecoderLayer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def _layer(self, index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                meta: AttentionMetadata, cache_k: torch.Tensor, cache_v: torch.Tensor,
                outputs_only: bool = False) -> torch.Tensor:
-        """One `LlamaDecoderLayer` on [N, H] rows (cos, sin [N, D]) -> [N, H], or [M, H] at
+        """Decoder layer `index` on [N, H] rows (cos, sin [N, D]) -> [N, H], or [M, H] at
         `meta.output_rows` with `outputs_only`."""
-        attn = layer.self_attn
+        layer: LlamaDecoderLayer = self.decoder.layers[index]
+        proj = self.proj[index]
         normed = layer.input_layernorm(hidden)
-        k = self._rotate(attn.k_proj(normed), cos, sin)
-        write_kv(k, attn.v_proj(normed).view(k.shape), cache_k, cache_v, meta)
+        k = self._rotate(proj.k(normed), cos, sin)
+        write_kv(k, proj.v(normed).view(k.shape), cache_k, cache_v, meta)
         if outputs_only and meta.outputs is not None:   # from here on, the output rows alone
             rows = meta.output_rows
             hidden, normed, cos, sin = hidden[rows], normed[rows], cos[rows], sin[rows]
             meta = meta.outputs
-        q = self._rotate(attn.q_proj(normed), cos, sin)
-        hidden = hidden + attn.o_proj(paged_attention(q, cache_k, cache_v, meta, attn.scaling).flatten(1))
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        q = self._rotate(proj.q(normed), cos, sin)
+        attended = paged_attention(q, cache_k, cache_v, meta, layer.self_attn.scaling, self.kernels)
+        hidden = hidden + proj.o(attended.flatten(1))
+        # LlamaMLP.forward, with our projections
+        normed = layer.post_attention_layernorm(hidden)
+        return hidden + proj.down(layer.mlp.act_fn(proj.gate(normed)) * proj.up(normed))
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """[N, heads * D] projections -> [N, heads, D] with rotary embedding, computed as

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
+from epdserve.kernels.cpu import CpuKernels
 from epdserve.media.types import MediaInfo
 from epdserve.models.base import ModelFamily, MultimodalModel
 from epdserve.models.llama import PagedLlama
@@ -30,20 +31,22 @@ class LlavaFamily(ModelFamily):
         patches = (vision.image_size // vision.patch_size) ** 2
         return patches + (1 if self.hf_config.vision_feature_select_strategy == "full" else 0)
 
-    def load_runner(self, dtype: torch.dtype | None, device: torch.device) -> "LlavaModel":
-        return LlavaModel(self, dtype, device)
+    def load_runner(self, dtype: torch.dtype | None, device: torch.device,
+                    kernels: CpuKernels | None = None) -> "LlavaModel":
+        return LlavaModel(self, dtype, device, kernels)
 
 
 class LlavaModel(MultimodalModel):
     """CLIP tower and projector from `transformers`; the Llama decoder runs paged."""
 
-    def __init__(self, family: LlavaFamily, dtype: torch.dtype | None, device: torch.device):
+    def __init__(self, family: LlavaFamily, dtype: torch.dtype | None, device: torch.device,
+                 kernels: CpuKernels | None = None):
         # `transformers` maps both published key layouts (llava-hf and its own) on load.
         self.hf = AutoModelForImageTextToText.from_pretrained(
             family.model_dir, dtype=dtype or "auto").to(device).eval()
         self.image_processor = AutoImageProcessor.from_pretrained(family.model_dir)
         self.config = family.hf_config
-        self.text = PagedLlama(self.hf.model.language_model, self.hf.lm_head)
+        self.text = PagedLlama(self.hf.model.language_model, self.hf.lm_head, kernels)
         self.device = self.hf.device
         self.dtype = self.hf.dtype
         _drop_unused_vision_layers(self.hf)

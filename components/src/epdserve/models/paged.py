@@ -16,13 +16,40 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv, use_gqa_in_sdpa
 
+if TYPE_CHECKING:
+    from epdserve.kernels.cpu import CpuKernels
+
 MAX_RUNS = 4            # beyond this many block runs, one gather costs less than attending run by run
 MIN_RUNS_CONTEXT = 256  # below this many positions too: the gather is cheap, the merge is not
+
+
+@dataclass
+class DecodeBatch:
+    """The one-query chunks of a forward, for a kernel that attends them all in one call.
+
+    rows [S] int64: each one's row in the packed batch. block_tables [S, max_blocks] int32:
+    its block table, zero-padded. context_len [S] int32: its positions in the cache."""
+
+    rows: torch.Tensor
+    block_tables: torch.Tensor
+    context_len: torch.Tensor
+
+    @classmethod
+    def build(cls, rows: list[int], tables: list[Sequence[int]], context_len: list[int],
+              block_size: int) -> DecodeBatch | None:
+        if not rows:
+            return None
+        used = [-(-n // block_size) for n in context_len]
+        width = max(used)
+        padded = [list(t[:n]) + [0] * (width - n) for t, n in zip(tables, used)]
+        return cls(torch.tensor(rows, dtype=torch.long), torch.tensor(padded, dtype=torch.int32),
+                   torch.tensor(context_len, dtype=torch.int32))
 
 
 @dataclass
@@ -44,6 +71,8 @@ class AttentionMetadata:
     token of each chunk that samples. `outputs` attends only those rows (one query per
     sequence, over the same context; its positions and slot_mapping are empty, as the full
     pass writes the K/V); None when they are all the rows (a decode step).
+
+    decode: the one-query chunks again as a `DecodeBatch` (CPU only), for `CpuKernels`.
     """
 
     positions: torch.Tensor
@@ -55,6 +84,7 @@ class AttentionMetadata:
     masks: list[torch.Tensor | None]
     output_rows: torch.Tensor
     outputs: AttentionMetadata | None = None
+    decode: DecodeBatch | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -83,13 +113,21 @@ class AttentionMetadata:
         query_len = [length for _, _, length in chunks]
         context_len = [start + length for _, start, length in chunks]
         out = [i for i, s in enumerate(samples) if s]
+        on_cpu = torch.device(device).type == "cpu"
+
+        def decode_batch(rows: list[int], seqs: list[int]) -> DecodeBatch | None:
+            return DecodeBatch.build(rows, [chunks[i][0] for i in seqs], [context_len[i] for i in seqs],
+                                     block_size) if on_cpu else None
+
         outputs = None
         if len(out) < len(chunks) or any(n > 1 for n in query_len):
             none = torch.empty(0, dtype=torch.long, device=device)
             outputs = cls(positions=none, slot_mapping=none, query_start=list(range(len(out))),
                           query_len=[1] * len(out), context_len=[context_len[i] for i in out],
                           kv_blocks=[_context_blocks(kv_runs[i], 1, context_len[i], device) for i in out],
-                          masks=[None] * len(out), output_rows=torch.arange(len(out), device=device))
+                          masks=[None] * len(out), output_rows=torch.arange(len(out), device=device),
+                          decode=decode_batch(list(range(len(out))), out))
+        single = [i for i, n in enumerate(query_len) if n == 1]
         return cls(
             positions=torch.cat(positions).to(device),
             slot_mapping=torch.cat(slots).to(device),
@@ -100,6 +138,7 @@ class AttentionMetadata:
             masks=masks,
             output_rows=torch.tensor([query_start[i + 1] - 1 for i in out], dtype=torch.long, device=device),
             outputs=outputs,
+            decode=decode_batch([query_start[i] for i in single], single),
         )
 
 
@@ -186,16 +225,22 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: t
 
 
 def paged_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, kernels: CpuKernels | None = None) -> torch.Tensor:
     """Attend each sequence's queries (q [N, Hq, D]) to its first context_len cached tokens,
-    causally (a query at absolute position p sees positions <= p). Returns [N, Hq, D]."""
+    causally (a query at absolute position p sees positions <= p). Returns [N, Hq, D].
+    With `kernels` that support these tensors, all one-query chunks go through one kernel call."""
     num_kv_heads = cache_k.shape[2]
     groups = q.shape[1] // num_kv_heads
     out = torch.empty_like(q)
+    fused = meta.decode is not None and kernels is not None and kernels.supports_attention(q, cache_k)
+    if fused:
+        kernels.decode_attention(q, cache_k, cache_v, meta.decode, scale, out)
     for i in range(meta.num_seqs):
         start, length, context = meta.query_start[i], meta.query_len[i], meta.context_len[i]
         blocks = meta.kv_blocks[i]
         if length == 1:
+            if fused:
+                continue
             # One query sees every key: the query heads sharing a KV head become that head's
             # rows, so each key is read once per KV head instead of once per query head.
             query = q[start].view(1, num_kv_heads, groups, -1)

@@ -15,7 +15,8 @@ from epdserve.engine.async_engine import AsyncEngine
 from epdserve.engine.paged import EngineConfig, PagedEngine
 from epdserve.engine.scheduler import SchedulerConfig
 from epdserve.media.fetch import MediaFetcher
-from epdserve.models.base import ModelFamily
+from epdserve.kernels.cpu import load_cpu_kernels
+from epdserve.models.base import ModelFamily, MultimodalModel
 from epdserve.processor.handler import ProcessorHandler
 from epdserve.processor.prompt import PromptBuilder
 from epdserve.protocol import epdserve_pb2 as pb
@@ -108,10 +109,7 @@ class PDService(Service):
 
     async def start(self) -> None:
         c = self.config
-        dtype = None if c.dtype == "auto" else getattr(torch, c.dtype)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" \
-            else torch.device(c.device)
-        model = await asyncio.to_thread(self.family.load_runner, dtype, device)
+        model = await asyncio.to_thread(load_model, c, self.family)
         config = engine_config(c, self.max_model_len)
         self.engine = AsyncEngine(await asyncio.to_thread(PagedEngine, model, config))
         self.engine.start()
@@ -120,6 +118,16 @@ class PDService(Service):
 
     async def stop(self) -> None:
         await self.engine.stop()
+
+
+def load_model(c: WorkerConfig, family: ModelFamily) -> MultimodalModel:
+    """The worker's model on the device and in the dtype its flags name, with the CPU kernels
+    unless they are turned off."""
+    dtype = None if c.dtype == "auto" else getattr(torch, c.dtype)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" \
+        else torch.device(c.device)
+    kernels = load_cpu_kernels(c.kernel_cache_dir) if c.cpu_kernels and device.type == "cpu" else None
+    return family.load_runner(dtype, device, kernels)
 
 
 def engine_config(c: WorkerConfig, max_model_len: int) -> EngineConfig:

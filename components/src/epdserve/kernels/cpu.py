@@ -1,0 +1,148 @@
+"""Builds `cpu.c` with the system C compiler on first use and exposes its kernels.
+
+The shared library is cached under a directory the caller passes, named by a hash of the
+source and flags, and written atomically so concurrent workers can share the cache. Without
+a compiler, on a CPU without AVX-512 or off x86-64 Linux, `load_cpu_kernels` returns None and
+callers keep torch's ops; a kernel therefore never is the only way to run a model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from epdserve.models.paged import DecodeBatch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu.c")
+FLAGS = ("-O3", "-mavx512f", "-mfma", "-shared", "-fPIC")
+PANEL = 16
+MAX_LINEAR_ROWS = 48   # above this MKL's sgemm is as fast (measured on the bench model's shapes)
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+class PackedLinear:
+    """An `nn.Linear` whose float32 weight [N, K] is also held packed for `CpuKernels.linear`.
+
+    Calling it on x [M, K] gives x @ W^T (+ bias) [M, N]: through the kernel for a few
+    contiguous rows, else through the module (MKL). The packed copy costs the weight's size
+    once more; the module keeps its weight for the many-row case.
+    """
+
+    def __init__(self, kernels: CpuKernels, module: torch.nn.Linear):
+        self.kernels = kernels
+        self.module = module
+        self.out_features, self.in_features = module.weight.shape
+        self.packed = kernels.pack_weight(module.weight.detach())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[0] > MAX_LINEAR_ROWS or x.dtype != torch.float32 or not x.is_contiguous():
+            return self.module(x)
+        y = torch.empty(x.shape[0], self.out_features)
+        self.kernels.lib.linear(x.data_ptr(), self.packed.data_ptr(), y.data_ptr(), x.shape[0],
+                                self.out_features, self.in_features)
+        return y if self.module.bias is None else y.add_(self.module.bias)
+
+
+class CpuKernels:
+    """ctypes bindings of the compiled `cpu.c`; float32 CPU tensors only."""
+
+    def __init__(self, path: Path):
+        self.lib = ctypes.CDLL(str(path))
+        self.lib.pack_weight.argtypes = [_P, _P, _I, _I]
+        self.lib.pack_weight.restype = None
+        self.lib.linear.argtypes = [_P, _P, _P, _I, _I, _I]
+        self.lib.linear.restype = None
+        self.lib.paged_decode_attention.argtypes = [_P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I,
+                                                    ctypes.c_float, _P, _I]
+        self.lib.paged_decode_attention.restype = ctypes.c_int
+
+    @staticmethod
+    def supports(weight_or_cache: torch.Tensor) -> bool:
+        return weight_or_cache.dtype == torch.float32 and weight_or_cache.device.type == "cpu"
+
+    def pack_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """[N, K] -> panels [ceil(N/16), K, 16] (W^T in 16-column slices, zero-padded), flat."""
+        weight = weight.contiguous()
+        n, k = weight.shape
+        out = torch.empty(-(-n // PANEL) * PANEL * k)
+        self.lib.pack_weight(weight.data_ptr(), out.data_ptr(), n, k)
+        return out
+
+    def linear(self, module: torch.nn.Linear) -> PackedLinear | torch.nn.Linear:
+        """`module` as a `PackedLinear` when its weight suits the kernel, else itself."""
+        return PackedLinear(self, module) if self.supports(module.weight) else module
+
+    def decode_attention(self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                         batch: DecodeBatch, scale: float, out: torch.Tensor) -> None:
+        """Attention of the one-query rows `batch.rows` of q [N, Hq, D] to their paged
+        contexts in one layer's cache [blocks, block_size, Hkv, D], written into the same
+        rows of `out` [N, Hq, D]. q and out contiguous; D a multiple of 16."""
+        _, block_size, num_kv_heads, head_dim = cache_k.shape
+        status = self.lib.paged_decode_attention(
+            q.data_ptr(), q.stride(0), cache_k.data_ptr(), cache_v.data_ptr(),
+            batch.block_tables.data_ptr(), batch.block_tables.shape[1], batch.context_len.data_ptr(),
+            batch.rows.data_ptr(), batch.rows.shape[0], q.shape[1], num_kv_heads, head_dim, block_size,
+            scale, out.data_ptr(), out.stride(0))
+        if status:
+            raise MemoryError("paged_decode_attention: out of memory")
+
+    def supports_attention(self, q: torch.Tensor, cache_k: torch.Tensor) -> bool:
+        return self.supports(cache_k) and q.dtype == torch.float32 and q.shape[-1] % 16 == 0 \
+            and q.is_contiguous() and cache_k.is_contiguous()
+
+
+def _has_avx512() -> bool:
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
+
+
+def _build(cache_dir: Path) -> Path:
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = cache_dir / f"cpu-{digest}.so"
+    if target.exists():
+        return target
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+        os.replace(tmp, target)   # atomic: a concurrent builder never loads a half-written file
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"compiling {SOURCE.name} failed: {exc.stderr.strip()[-2000:]}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load_cpu_kernels(cache_dir: str | Path) -> CpuKernels | None:
+    """The kernels, built into `cache_dir` if needed; None (logged) where they cannot run."""
+    if not _has_avx512():
+        log.info("CPU kernels off: this CPU has no AVX-512")
+        return None
+    try:
+        return CpuKernels(_build(Path(cache_dir)))
+    except (RuntimeError, OSError) as exc:
+        log.warning("CPU kernels off, using torch ops: %s", exc)
+        return None

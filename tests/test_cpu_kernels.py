@@ -1,0 +1,86 @@
+"""epdserve's CPU kernels against torch's ops: linear layers and paged decode attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from epdserve.kernels import cpu
+from epdserve.kernels.cpu import MAX_LINEAR_ROWS, CpuKernels, load_cpu_kernels
+from epdserve.models.paged import AttentionMetadata, paged_attention
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory: pytest.TempPathFactory) -> CpuKernels:
+    found = load_cpu_kernels(tmp_path_factory.mktemp("kernels"))
+    if found is None:
+        pytest.skip("CPU kernels unavailable here (no AVX-512 or no C compiler)")
+    return found
+
+
+@pytest.mark.parametrize("n,k,bias", [(16, 16, False), (20, 80, True), (37, 64, False), (1376, 512, False),
+                                      (512, 1376, True)])
+def test_linear_matches_torch(kernels: CpuKernels, n: int, k: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(n * k)
+    module = torch.nn.Linear(k, n, bias=bias)
+    linear = kernels.linear(module)
+    for m in (1, 5, 24, 25, MAX_LINEAR_ROWS, MAX_LINEAR_ROWS + 1):
+        x = torch.randn(m, k, generator=gen)
+        with torch.inference_mode():
+            torch.testing.assert_close(linear(x), module(x), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_leaves_other_inputs_to_torch(kernels: CpuKernels) -> None:
+    module = torch.nn.Linear(32, 32)
+    assert kernels.linear(module.to(torch.bfloat16)) is module   # float32 weights only
+    linear = kernels.linear(torch.nn.Linear(32, 48))
+    x = torch.randn(2, 3, 32)   # not [M, K]: the module's own path
+    with torch.inference_mode():
+        assert torch.equal(linear(x), linear.module(x))
+        strided = x[0].t().contiguous().t()
+        assert torch.equal(linear(strided), linear.module(strided))
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,block", [(8, 4, 64, 16), (4, 4, 16, 4), (8, 1, 128, 32), (6, 2, 32, 5)])
+def test_decode_attention_matches_sdpa(kernels: CpuKernels, heads: int, kv_heads: int, dim: int,
+                                       block: int) -> None:
+    """Scattered, shared and partly filled blocks; decode rows between prompt chunks."""
+    gen = torch.Generator().manual_seed(heads * dim + block)
+    num_blocks = 200
+    cache_k = torch.randn(num_blocks, block, kv_heads, dim, generator=gen)
+    cache_v = torch.randn(num_blocks, block, kv_heads, dim, generator=gen)
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    shared = order[:3]
+    chunks = []   # (table, start, query_len): one-query chunks with prompt chunks between
+    for i, context in enumerate((1, block, 3 * block + 1, 40, 7, 2 * block)):
+        own = order[3 + 20 * i: 3 + 20 * (i + 1)]
+        table = (shared + own) if context > 3 * block else own
+        chunks.append((table, context - 1, 1))
+        if i % 2:
+            chunks.append((order[150 + i: 151 + i], 0, 1 + i % block))
+    meta = AttentionMetadata.build(chunks, block)
+    q = torch.randn(sum(n for *_, n in chunks), heads, dim, generator=gen)
+    scale = dim ** -0.5
+    reference = paged_attention(q, cache_k, cache_v, meta, scale)
+    ours = paged_attention(q, cache_k, cache_v, meta, scale, kernels)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_unsupported_head_dim_uses_torch(kernels: CpuKernels) -> None:
+    meta = AttentionMetadata.build([([0, 1], 5, 1)], 4)
+    cache = torch.randn(2, 4, 1, 20)
+    q = torch.randn(1, 2, 20)
+    assert not kernels.supports_attention(q, cache)
+    assert torch.equal(paged_attention(q, cache, cache, meta, 0.2, kernels), paged_attention(q, cache, cache, meta, 0.2))
+
+
+def test_build_is_cached_and_failures_fall_back(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                kernels: CpuKernels) -> None:
+    first = cpu._build(tmp_path)
+    assert cpu._build(tmp_path) == first and list(tmp_path.iterdir()) == [first]   # no temp files left
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C")
+    monkeypatch.setattr(cpu, "SOURCE", broken)
+    assert load_cpu_kernels(tmp_path / "other") is None
+    assert not list((tmp_path / "other").iterdir())
