@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from epdserve.kernels import cpu
 from epdserve.kernels.cpu import MAX_LINEAR_ROWS, CpuKernels, load_cpu_kernels

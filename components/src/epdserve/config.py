@@ -136,8 +136,9 @@ def worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--enable-mm-embeds", action="store_true")
     p.add_argument("--ec-storage-path", default=None)
     p.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=WorkerConfig.cpu_kernels,
-                   help="float32 decode projections and attention on CPU through epdserve's AVX-512 kernels "
-                        "(built with the system C compiler on first use; torch ops where they cannot run)")
+                   help="float32 decode attention on CPU, and its projections with one torch thread, through "
+                        "epdserve's AVX-512 kernels (built with the system C compiler on first use; torch ops "
+                        "where they cannot run)")
     p.add_argument("--kernel-cache-dir", default=_default_kernel_cache(env),
                    help="where the built kernels are kept (default: $XDG_CACHE_HOME/epdserve/kernels)")
     _add_runtime_args(p, env)

@@ -56,9 +56,14 @@ class PackedLinear:
 
 
 class CpuKernels:
-    """ctypes bindings of the compiled `cpu.c`; float32 CPU tensors only."""
+    """ctypes bindings of the compiled `cpu.c`; float32 CPU tensors only.
 
-    def __init__(self, path: Path):
+    `packs_linears`: whether `linear` wraps modules. The kernel runs on one thread; with more
+    intra-op threads MKL's parallel sgemm is the faster one (bench model, 20 rows, 2 threads).
+    """
+
+    def __init__(self, path: Path, packs_linears: bool = True):
+        self.packs_linears = packs_linears
         self.lib = ctypes.CDLL(str(path))
         self.lib.pack_weight.argtypes = [_P, _P, _I, _I]
         self.lib.pack_weight.restype = None
@@ -81,8 +86,9 @@ class CpuKernels:
         return out
 
     def linear(self, module: torch.nn.Linear) -> PackedLinear | torch.nn.Linear:
-        """`module` as a `PackedLinear` when its weight suits the kernel, else itself."""
-        return PackedLinear(self, module) if self.supports(module.weight) else module
+        """`module` as a `PackedLinear` when linears are on and its weight suits the kernel,
+        else itself."""
+        return PackedLinear(self, module) if self.packs_linears and self.supports(module.weight) else module
 
     def decode_attention(self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                          batch: DecodeBatch, scale: float, out: torch.Tensor) -> None:
@@ -136,13 +142,13 @@ def _build(cache_dir: Path) -> Path:
     return target
 
 
-def load_cpu_kernels(cache_dir: str | Path) -> CpuKernels | None:
+def load_cpu_kernels(cache_dir: str | Path, packs_linears: bool = True) -> CpuKernels | None:
     """The kernels, built into `cache_dir` if needed; None (logged) where they cannot run."""
     if not _has_avx512():
         log.info("CPU kernels off: this CPU has no AVX-512")
         return None
     try:
-        return CpuKernels(_build(Path(cache_dir)))
+        return CpuKernels(_build(Path(cache_dir)), packs_linears)
     except (RuntimeError, OSError) as exc:
         log.warning("CPU kernels off, using torch ops: %s", exc)
         return None
