@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from epdserve.kernels import cpu
 from epdserve.kernels.cpu import MAX_LINEAR_ROWS, CpuKernels, load_cpu_kernels
@@ -83,3 +84,22 @@ def test_build_is_cached_and_failures_fall_back(tmp_path, monkeypatch: pytest.Mo
     monkeypatch.setattr(cpu, "SOURCE", broken)
     assert load_cpu_kernels(tmp_path / "other") is None
     assert not list((tmp_path / "other").iterdir())
+
+
+def test_elementwise_kernels_match_transformers(kernels: CpuKernels) -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    gen = torch.Generator().manual_seed(7)
+    norm = LlamaRMSNorm(80, eps=1e-5)
+    norm.weight.data = torch.randn(80, generator=gen)
+    x = torch.randn(37, 80, generator=gen) * 3
+    with torch.inference_mode():
+        torch.testing.assert_close(kernels.rms_norm(x, norm.weight, norm.variance_epsilon), norm(x),
+                                   rtol=1e-6, atol=1e-6)
+        q = torch.randn(37, 3, 20, generator=gen)
+        cos, sin = torch.randn(37, 20, generator=gen), torch.randn(37, 20, generator=gen)
+        # transformers' layout: [batch, heads, seq, D] with cos/sin [batch, seq, D]
+        expected, _ = apply_rotary_pos_emb(q.transpose(0, 1)[None], q.transpose(0, 1)[None], cos[None], sin[None])
+        assert torch.equal(kernels.rotary(q, cos, sin), expected[0].transpose(0, 1))
+        gate, up = torch.randn(5, 37, generator=gen) * 4, torch.randn(5, 37, generator=gen)
+        torch.testing.assert_close(kernels.silu_mul(gate, up), F.silu(gate) * up, rtol=1e-6, atol=1e-6)

@@ -147,3 +147,44 @@ int paged_decode_attention(const float *q, int64_t q_stride, const float *kc, co
     free(st);
     return 0;
 }
+
+/* ---- elementwise: each reads its inputs once where torch runs several passes ---- */
+
+/* LlamaRMSNorm in float32: out = w * (x * rsqrt(mean(x^2) + eps)), per row of h. */
+void rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t h, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * h;
+        float *yr = out + r * h;
+        __m512 sq = _mm512_setzero_ps();
+        for (int64_t i = 0; i < h; i += 16) {
+            __mmask16 live = h - i >= 16 ? 0xFFFF : (__mmask16)((1u << (h - i)) - 1);
+            __m512 v = _mm512_maskz_loadu_ps(live, xr + i);
+            sq = _mm512_fmadd_ps(v, v, sq);
+        }
+        float inv = 1.f / sqrtf(_mm512_reduce_add_ps(sq) / (float)h + eps);
+        for (int64_t i = 0; i < h; i++) yr[i] = w[i] * (xr[i] * inv);
+    }
+}
+
+/* Rotary embedding as transformers' apply_rotary_pos_emb: x [rows, heads, d] (rotate_half
+   pairs i with i + d/2), cos/sin [rows, d]. Separate multiplies and add (no FMA): bit-equal. */
+void rotary(const float *x, const float *cos, const float *sin, float *out, int64_t rows, int64_t heads, int64_t d) {
+    const int64_t half = d / 2;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t h = 0; h < heads; h++) {
+            const float *xh = x + (r * heads + h) * d, *c = cos + r * d, *s = sin + r * d;
+            float *o = out + (r * heads + h) * d;
+            for (int64_t i = 0; i < half; i++) o[i] = xh[i] * c[i] + (-xh[i + half]) * s[i];
+            for (int64_t i = half; i < d; i++) o[i] = xh[i] * c[i] + xh[i - half] * s[i];
+        }
+}
+
+/* out = silu(gate) * up = gate / (1 + e^-gate) * up, n floats. */
+void silu_mul(const float *gate, const float *up, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 live = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 g = _mm512_maskz_loadu_ps(live, gate + i);
+        __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        _mm512_mask_storeu_ps(out + i, live, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(live, up + i)));
+    }
+}

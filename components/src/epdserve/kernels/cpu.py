@@ -25,7 +25,8 @@ from epdserve.models.paged import DecodeBatch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu.c")
-FLAGS = ("-O3", "-mavx512f", "-mfma", "-shared", "-fPIC")
+# No FMA contraction: `rotary` then rounds as transformers' separate multiplies and add.
+FLAGS = ("-O3", "-mavx512f", "-mfma", "-ffp-contract=off", "-shared", "-fPIC")
 PANEL = 16
 MAX_LINEAR_ROWS = 48   # above this MKL's sgemm is as fast (measured on the bench model's shapes)
 
@@ -72,6 +73,11 @@ class CpuKernels:
         self.lib.paged_decode_attention.argtypes = [_P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I,
                                                     ctypes.c_float, _P, _I]
         self.lib.paged_decode_attention.restype = ctypes.c_int
+        self.lib.rms_norm.argtypes = [_P, _P, _P, _I, _I, ctypes.c_float]
+        self.lib.rotary.argtypes = [_P, _P, _P, _P, _I, _I, _I]
+        self.lib.silu_mul.argtypes = [_P, _P, _P, _I]
+        for name in ("rms_norm", "rotary", "silu_mul"):
+            getattr(self.lib, name).restype = None
 
     @staticmethod
     def supports(weight_or_cache: torch.Tensor) -> bool:
@@ -103,6 +109,27 @@ class CpuKernels:
             scale, out.data_ptr(), out.stride(0))
         if status:
             raise MemoryError("paged_decode_attention: out of memory")
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """LlamaRMSNorm of x [N, H] with weight [H], in one pass."""
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        self.lib.rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
+        return out
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`apply_rotary_pos_emb` of x [N, heads, D] with cos, sin [N, D], bit for bit."""
+        x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+        out = torch.empty_like(x)
+        self.lib.rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), *x.shape)
+        return out
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up, elementwise, in one pass."""
+        gate, up = gate.contiguous(), up.contiguous()
+        out = torch.empty_like(gate)
+        self.lib.silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
+        return out
 
     def supports_attention(self, q: torch.Tensor, cache_k: torch.Tensor) -> bool:
         return self.supports(cache_k) and q.dtype == torch.float32 and q.shape[-1] % 16 == 0 \

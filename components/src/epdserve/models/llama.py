@@ -44,6 +44,11 @@ class PagedLlama:
     def __init__(self, decoder: LlamaModel, lm_head: nn.Linear, kernels: CpuKernels | None = None):
         self.decoder = decoder
         self.kernels = kernels
+        self.dtype = decoder.embed_tokens.weight.dtype
+        self.device = decoder.embed_tokens.weight.device
+        # The elementwise kernels take float32 CPU tensors; LlamaMLP's act_fn must be SiLU.
+        self.fused = kernels if kernels is not None and kernels.supports(decoder.embed_tokens.weight) else None
+        self.fused_mlp = self.fused is not None and decoder.config.hidden_act == "silu"
         wrap = kernels.linear if kernels is not None else (lambda module: module)
         self.lm_head = wrap(lm_head)
         self.proj = [_Projections(wrap(layer.self_attn.q_proj), wrap(layer.self_attn.k_proj),
@@ -55,8 +60,6 @@ class PagedLlama:
         self.num_layers = len(decoder.layers)
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = attn.head_dim
-        self.dtype = decoder.embed_tokens.weight.dtype
-        self.device = decoder.embed_tokens.weight.device
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[N] token ids -> [N, H] input embeddings."""
@@ -79,7 +82,7 @@ class PagedLlama:
             # its queries, attention and MLP there for its last token alone.
             hidden = self._layer(i, hidden, cos, sin, meta, kv.key[i], kv.value[i],
                                  outputs_only=i == self.num_layers - 1)
-        return self.decoder.norm(hidden)
+        return self._norm(self.decoder.norm, hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[M, H] final hidden states -> [M, V] float32 logits."""
@@ -92,7 +95,7 @@ class PagedLlama:
         `meta.output_rows` with `outputs_only`."""
         layer: LlamaDecoderLayer = self.decoder.layers[index]
         proj = self.proj[index]
-        normed = layer.input_layernorm(hidden)
+        normed = self._norm(layer.input_layernorm, hidden)
         k = self._rotate(proj.k(normed), cos, sin)
         write_kv(k, proj.v(normed).view(k.shape), cache_k, cache_v, meta)
         if outputs_only and meta.outputs is not None:   # from here on, the output rows alone
@@ -103,12 +106,19 @@ class PagedLlama:
         attended = paged_attention(q, cache_k, cache_v, meta, layer.self_attn.scaling, self.kernels)
         hidden = hidden + proj.o(attended.flatten(1))
         # LlamaMLP.forward, with our projections
-        normed = layer.post_attention_layernorm(hidden)
-        return hidden + proj.down(layer.mlp.act_fn(proj.gate(normed)) * proj.up(normed))
+        normed = self._norm(layer.post_attention_layernorm, hidden)
+        gate, up = proj.gate(normed), proj.up(normed)
+        return hidden + proj.down(self.fused.silu_mul(gate, up) if self.fused_mlp else layer.mlp.act_fn(gate) * up)
+
+    def _norm(self, norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """A LlamaRMSNorm module applied to [N, H] rows."""
+        return norm(hidden) if self.fused is None else self.fused.rms_norm(hidden, norm.weight, norm.variance_epsilon)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """[N, heads * D] projections -> [N, heads, D] with rotary embedding, computed as
         `apply_rotary_pos_emb` does; cos/sin [N, D] broadcast over the heads."""
         x = x.unflatten(-1, (-1, self.head_dim))
+        if self.fused is not None:
+            return self.fused.rotary(x, cos, sin)
         cos, sin = cos[:, None], sin[:, None]
         return (x * cos) + (rotate_half(x) * sin)
