@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from epdserve.kernels import cpu
-from epdserve.kernels.cpu import MAX_LINEAR_ROWS, CpuKernels, load_cpu_kernels
+from epdserve.kernels import linear
+from epdserve.kernels.cpu import CpuKernels, load_cpu_kernels
 from epdserve.models.paged import AttentionMetadata, paged_attention
 
 
@@ -19,27 +22,76 @@ def kernels(tmp_path_factory: pytest.TempPathFactory) -> CpuKernels:
     return found
 
 
+ROW_COUNTS = (1, 5, 24, 25, linear.FEW_ROWS, linear.FEW_ROWS + 1, 300)
+
+
 @pytest.mark.parametrize("n,k,bias", [(16, 16, False), (20, 80, True), (37, 64, False), (1376, 512, False),
                                       (512, 1376, True)])
-def test_linear_matches_torch(kernels: CpuKernels, n: int, k: int, bias: bool) -> None:
+def test_every_gemm_matches_torch(kernels: CpuKernels, n: int, k: int, bias: bool) -> None:
     gen = torch.Generator().manual_seed(n * k)
     module = torch.nn.Linear(k, n, bias=bias)
-    linear = kernels.linear(module)
-    for m in (1, 5, 24, 25, MAX_LINEAR_ROWS, MAX_LINEAR_ROWS + 1):
+    gemms = kernels._gemms(module)
+    assert "panels" in gemms and ("onednn" in gemms) == torch.backends.mkldnn.is_available()
+    for m in ROW_COUNTS:
         x = torch.randn(m, k, generator=gen)
         with torch.inference_mode():
-            torch.testing.assert_close(linear(x), module(x), rtol=1e-5, atol=1e-5)
+            for name, gemm in gemms.items():
+                torch.testing.assert_close(gemm(x), module(x), rtol=1e-5, atol=1e-4, msg=lambda s: f"{name}: {s}")
 
 
-def test_linear_leaves_other_inputs_to_torch(kernels: CpuKernels) -> None:
-    module = torch.nn.Linear(32, 32)
-    assert kernels.linear(module.to(torch.bfloat16)) is module   # float32 weights only
-    linear = kernels.linear(torch.nn.Linear(32, 48))
+def _sleepy(slow_when_few: bool, timed: list[int]) -> linear.Gemm:
+    """A GEMM 2 ms slow on few-row (or on many-row) inputs; records the rows it is timed on."""
+    def gemm(x: torch.Tensor) -> torch.Tensor:
+        timed.append(x.shape[0])
+        if (x.shape[0] <= linear.FEW_ROWS) == slow_when_few:
+            time.sleep(0.002)
+        return torch.zeros(x.shape[0], 7)
+    return gemm
+
+
+def test_chooser_takes_the_fastest_per_kind_of_call_once_per_shape() -> None:
+    timed: list[int] = []
+    few_fast, many_fast = _sleepy(False, timed), _sleepy(True, timed)
+    chooser = linear.LinearChooser(lambda m: {"few_fast": few_fast, "many_fast": many_fast})
+    module = torch.nn.Linear(3, 7)
+    module.forward = lambda x: time.sleep(0.004) or torch.zeros(x.shape[0], 7)   # torch's own: slowest
+    fast = chooser.linear(module)
+    assert isinstance(fast, linear.FastLinear) and fast.few is few_fast and fast.many is many_fast
+    assert set(timed) == set(linear.TIMING_ROWS)
+    timed.clear()
+    again = chooser.linear(torch.nn.Linear(3, 7))   # the same shape: not timed again
+    assert not timed and again.few is few_fast and again.many is many_fast
+    assert chooser.linear(torch.nn.Linear(3, 7).to(torch.bfloat16)).__class__ is torch.nn.Linear  # float32 only
+
+
+def test_fast_linear_leaves_other_inputs_to_torch(kernels: CpuKernels) -> None:
+    module = torch.nn.Linear(32, 48)
+    fast = linear.FastLinear(module, kernels.panel_gemm(module), kernels.panel_gemm(module))
     x = torch.randn(2, 3, 32)   # not [M, K]: the module's own path
     with torch.inference_mode():
-        assert torch.equal(linear(x), linear.module(x))
+        assert torch.equal(fast(x), module(x))
         strided = x[0].t().contiguous().t()
-        assert torch.equal(linear(strided), linear.module(strided))
+        assert torch.equal(fast(strided), module(strided))
+
+
+def test_replace_linears_in_a_module_tree(kernels: CpuKernels, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every float32 nn.Linear of a tree runs through the kernels; [..., K] inputs work."""
+    monkeypatch.setattr(linear, "fastest", lambda gemms, rows, k: ("panels", {}))
+    kernels = CpuKernels(kernels.lib._name)   # a fresh chooser: no choices timed before
+    torch.manual_seed(0)
+    tree = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Sequential(torch.nn.Linear(128, 64)))
+    x = torch.randn(2, 70, 64)
+    with torch.inference_mode():
+        expected = tree(x)
+        kernels.replace_linears(tree)
+        assert len(_inners(tree)) == 2
+        assert not any(type(m) is torch.nn.Linear for m in tree.modules() if m not in _inners(tree))
+        torch.testing.assert_close(tree(x), expected, rtol=1e-5, atol=1e-5)
+    assert len(list(tree.parameters())) == 4   # the weights stay in the tree
+
+
+def _inners(tree: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m.inner for m in tree.modules() if isinstance(m, linear.FastLinearModule)]
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim,block", [(8, 4, 64, 16), (4, 4, 16, 4), (8, 1, 128, 32), (6, 2, 32, 5)])

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from epdserve.kernels.linear import FastLinear, Gemm, LinearChooser, onednn_gemm
 from epdserve.models.paged import DecodeBatch
 
 log = logging.getLogger(__name__)
@@ -28,43 +29,19 @@ SOURCE = Path(__file__).with_name("cpu.c")
 # No FMA contraction: `rotary` then rounds as transformers' separate multiplies and add.
 FLAGS = ("-O3", "-mavx512f", "-mfma", "-ffp-contract=off", "-shared", "-fPIC")
 PANEL = 16
-MAX_LINEAR_ROWS = 48   # above this MKL's sgemm is as fast (measured on the bench model's shapes)
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-
-
-class PackedLinear:
-    """An `nn.Linear` whose float32 weight [N, K] is also held packed for `CpuKernels.linear`.
-
-    Calling it on x [M, K] gives x @ W^T (+ bias) [M, N]: through the kernel for a few
-    contiguous rows, else through the module (MKL). The packed copy costs the weight's size
-    once more; the module keeps its weight for the many-row case.
-    """
-
-    def __init__(self, kernels: CpuKernels, module: torch.nn.Linear):
-        self.kernels = kernels
-        self.module = module
-        self.out_features, self.in_features = module.weight.shape
-        self.packed = kernels.pack_weight(module.weight.detach())
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[0] > MAX_LINEAR_ROWS or x.dtype != torch.float32 or not x.is_contiguous():
-            return self.module(x)
-        y = torch.empty(x.shape[0], self.out_features)
-        self.kernels.lib.linear(x.data_ptr(), self.packed.data_ptr(), y.data_ptr(), x.shape[0],
-                                self.out_features, self.in_features)
-        return y if self.module.bias is None else y.add_(self.module.bias)
 
 
 class CpuKernels:
     """ctypes bindings of the compiled `cpu.c`; float32 CPU tensors only.
 
-    `packs_linears`: whether `linear` wraps modules. The kernel runs on one thread; with more
-    intra-op threads MKL's parallel sgemm is the faster one (bench model, 20 rows, 2 threads).
+    `linear` and `replace_linears` run each float32 linear through the fastest of torch's
+    own, oneDNN and the panel kernel here (see `epdserve.kernels.linear`).
     """
 
-    def __init__(self, path: Path, packs_linears: bool = True):
-        self.packs_linears = packs_linears
+    def __init__(self, path: Path):
+        self.chooser = LinearChooser(self._gemms)
         self.lib = ctypes.CDLL(str(path))
         self.lib.pack_weight.argtypes = [_P, _P, _I, _I]
         self.lib.pack_weight.restype = None
@@ -91,10 +68,32 @@ class CpuKernels:
         self.lib.pack_weight(weight.data_ptr(), out.data_ptr(), n, k)
         return out
 
-    def linear(self, module: torch.nn.Linear) -> PackedLinear | torch.nn.Linear:
-        """`module` as a `PackedLinear` when linears are on and its weight suits the kernel,
-        else itself."""
-        return PackedLinear(self, module) if self.packs_linears and self.supports(module.weight) else module
+    def panel_gemm(self, module: torch.nn.Linear) -> Gemm:
+        """`module` through the `linear` kernel over its weight packed in panels (a copy):
+        one thread, all rows in registers at 24 a pass, each weight read once per pass."""
+        packed = self.pack_weight(module.weight.detach())
+        n, k = module.weight.shape
+        bias = module.bias
+
+        def gemm(x: torch.Tensor) -> torch.Tensor:
+            y = torch.empty(x.shape[0], n)
+            self.lib.linear(x.data_ptr(), packed.data_ptr(), y.data_ptr(), x.shape[0], n, k)
+            return y if bias is None else y.add_(bias)
+        return gemm
+
+    def _gemms(self, module: torch.nn.Linear) -> dict[str, Gemm]:
+        gemms = {"panels": self.panel_gemm(module)}
+        if (onednn := onednn_gemm(module)) is not None:
+            gemms["onednn"] = onednn
+        return gemms
+
+    def linear(self, module: torch.nn.Linear) -> FastLinear | torch.nn.Linear:
+        """`module` through this machine's fastest GEMMs, or itself (see `LinearChooser`)."""
+        return self.chooser.linear(module)
+
+    def replace_linears(self, tree: torch.nn.Module) -> None:
+        """Swap the `nn.Linear`s of a `transformers` module tree for fast ones."""
+        self.chooser.replace_linears(tree)
 
     def decode_attention(self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                          batch: DecodeBatch, scale: float, out: torch.Tensor) -> None:
@@ -169,13 +168,13 @@ def _build(cache_dir: Path) -> Path:
     return target
 
 
-def load_cpu_kernels(cache_dir: str | Path, packs_linears: bool = True) -> CpuKernels | None:
+def load_cpu_kernels(cache_dir: str | Path) -> CpuKernels | None:
     """The kernels, built into `cache_dir` if needed; None (logged) where they cannot run."""
     if not _has_avx512():
         log.info("CPU kernels off: this CPU has no AVX-512")
         return None
     try:
-        return CpuKernels(_build(Path(cache_dir)), packs_linears)
+        return CpuKernels(_build(Path(cache_dir)))
     except (RuntimeError, OSError) as exc:
         log.warning("CPU kernels off, using torch ops: %s", exc)
         return None

@@ -50,6 +50,9 @@ class LlavaModel(MultimodalModel):
         self.device = self.hf.device
         self.dtype = self.hf.dtype
         _drop_unused_vision_layers(self.hf)
+        if kernels is not None:   # the image encoder's projections are prompt-sized GEMMs too
+            kernels.replace_linears(self.hf.model.vision_tower)
+            kernels.replace_linears(self.hf.model.multi_modal_projector)
 
     def preprocess(self, modality: str, items: list[Image.Image]) -> dict[str, torch.Tensor]:
         out = self.image_processor(images=items, return_tensors="pt")

@@ -122,11 +122,11 @@ class PDService(Service):
 
 def load_model(c: WorkerConfig, family: ModelFamily) -> MultimodalModel:
     """The worker's model on the device and in the dtype its flags name, with the CPU kernels
-    unless they are turned off (their linear only where torch runs one thread: see CpuKernels)."""
+    unless they are turned off."""
     dtype = None if c.dtype == "auto" else getattr(torch, c.dtype)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" \
         else torch.device(c.device)
-    kernels = load_cpu_kernels(c.kernel_cache_dir, packs_linears=torch.get_num_threads() == 1) \
+    kernels = load_cpu_kernels(c.kernel_cache_dir) \
         if c.cpu_kernels and device.type == "cpu" else None
     return family.load_runner(dtype, device, kernels)
 

@@ -1,0 +1,124 @@
+"""Float32 CPU linear layers through the fastest GEMM of this machine, chosen by timing.
+
+Which GEMM wins depends on the CPU, the thread count and the row count, so nothing is
+assumed: for each weight shape, every candidate is timed once at load on a few-row input
+(a decode step) and on a many-row one (a prompt chunk), and each kind of call then takes
+its winner. Candidates: the module itself (MKL's sgemm), oneDNN on a weight reordered for
+it (what vLLM's CPU backend uses), and `cpu.c`'s panel kernel. Measured on an AMD EPYC
+(Zen 4) at one thread: MKL 56-84 GFLOP/s on the bench model's prompt-chunk shapes, oneDNN
+86-107. The candidates sum in different orders, so outputs differ by float rounding only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+Gemm = Callable[[torch.Tensor], torch.Tensor]   # x [M, K] contiguous float32 -> x @ W^T + b [M, N]
+
+FEW_ROWS = 48                 # calls of at most this many rows take the few-row winner
+TIMING_ROWS = (16, 256)       # the inputs the candidates are timed on: few rows, many rows
+TIMING_RUNS = 5               # the best of this many runs counts
+
+
+def onednn_gemm(module: nn.Linear) -> Gemm | None:
+    """oneDNN's linear over a copy of the weight reordered for it; None without oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
+    bias = None if module.bias is None else module.bias.detach()
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _seconds(gemm: Gemm, x: torch.Tensor) -> float:
+    gemm(x)   # first call: lazy initialisation, cold caches
+    best = float("inf")
+    for _ in range(TIMING_RUNS):
+        start = time.perf_counter()
+        gemm(x)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def fastest(candidates: dict[str, Gemm], rows: int, in_features: int) -> tuple[str, dict[str, float]]:
+    """The name of the quickest candidate on a random [rows, in_features] input, and every
+    candidate's time in seconds."""
+    x = torch.randn(rows, in_features)
+    with torch.inference_mode():
+        times = {name: _seconds(gemm, x) for name, gemm in candidates.items()}
+    return min(times, key=times.get), times
+
+
+@dataclass
+class FastLinear:
+    """`module` with its few-row and many-row calls routed to the chosen GEMMs.
+
+    Inputs other than a contiguous float32 [M, K] matrix go to the module itself."""
+
+    module: nn.Linear
+    few: Gemm
+    many: Gemm
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous():
+            return self.module(x)
+        return (self.few if x.shape[0] <= FEW_ROWS else self.many)(x)
+
+
+class FastLinearModule(nn.Module):
+    """A `FastLinear` where an `nn.Linear` sat in a module tree; takes [..., K] inputs."""
+
+    def __init__(self, linear: FastLinear):
+        super().__init__()
+        self.inner = linear.module   # keeps weight and bias in the tree's parameters
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.reshape(-1, x.shape[-1]).contiguous()).unflatten(0, x.shape[:-1])
+
+
+class LinearChooser:
+    """Builds `FastLinear`s; times the candidates once per weight shape and thread count.
+
+    `candidates(module)` gives the GEMMs to time for a float32 CPU module (its own forward
+    is always one of them)."""
+
+    def __init__(self, candidates: Callable[[nn.Linear], dict[str, Gemm]]):
+        self.candidates = candidates
+        self._choices: dict[tuple, tuple[str, str]] = {}
+
+    def linear(self, module: nn.Linear) -> FastLinear | nn.Linear:
+        """`module` as a `FastLinear`, or itself when its weight is not float32 on the CPU
+        or its own forward wins both kinds of call."""
+        weight = module.weight
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            return module
+        gemms = {"torch": module, **self.candidates(module)}
+        key = (*weight.shape, module.bias is not None, torch.get_num_threads())
+        if key not in self._choices:
+            picks, report = [], []
+            for rows in TIMING_ROWS:
+                name, times = fastest(gemms, rows, weight.shape[1])
+                picks.append(name)
+                report.append(f"{rows} rows: " + ", ".join(f"{n} {t * 1e3:.3f}" for n, t in times.items()))
+            self._choices[key] = (picks[0], picks[1])
+            log.info("linear %dx%d: few rows -> %s, many rows -> %s (ms; %s)", weight.shape[1], weight.shape[0],
+                     picks[0], picks[1], "; ".join(report))
+        few, many = self._choices[key]
+        if few == many == "torch":
+            return module
+        return FastLinear(module, gemms[few], gemms[many])
+
+    def replace_linears(self, tree: nn.Module) -> None:
+        """Swap every `nn.Linear` inside `tree` for its `FastLinearModule` where one is built."""
+        for parent in list(tree.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear and isinstance(fast := self.linear(child), FastLinear):
+                    setattr(parent, name, FastLinearModule(fast))
