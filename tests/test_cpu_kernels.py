@@ -30,8 +30,9 @@ ROW_COUNTS = (1, 5, 24, 25, linear.FEW_ROWS, linear.FEW_ROWS + 1, 300)
 def test_every_gemm_matches_torch(kernels: CpuKernels, n: int, k: int, bias: bool) -> None:
     gen = torch.Generator().manual_seed(n * k)
     module = torch.nn.Linear(k, n, bias=bias)
-    gemms = kernels._gemms(module)
-    assert "panels" in gemms and ("onednn" in gemms) == torch.backends.mkldnn.is_available()
+    gemms = {"panels": kernels.panel_gemm(module), "onednn": linear.onednn_gemm(module)}
+    if gemms["onednn"] is None:
+        del gemms["onednn"]   # torch built without oneDNN
     for m in ROW_COUNTS:
         x = torch.randn(m, k, generator=gen)
         with torch.inference_mode():
@@ -52,15 +53,25 @@ def _sleepy(slow_when_few: bool, timed: list[int]) -> linear.Gemm:
 def test_chooser_takes_the_fastest_per_kind_of_call_once_per_shape() -> None:
     timed: list[int] = []
     few_fast, many_fast = _sleepy(False, timed), _sleepy(True, timed)
-    chooser = linear.LinearChooser(lambda m: {"few_fast": few_fast, "many_fast": many_fast})
+    built: list[str] = []
+
+    def factory(name: str, gemm: linear.Gemm):
+        return lambda module: built.append(name) or gemm
+
+    chooser = linear.LinearChooser({"few_fast": factory("few", few_fast), "many_fast": factory("many", many_fast),
+                                    "absent": lambda module: None})
     module = torch.nn.Linear(3, 7)
     module.forward = lambda x: time.sleep(0.004) or torch.zeros(x.shape[0], 7)   # torch's own: slowest
     fast = chooser.linear(module)
     assert isinstance(fast, linear.FastLinear) and fast.few is few_fast and fast.many is many_fast
     assert set(timed) == set(linear.TIMING_ROWS)
     timed.clear()
+    built.clear()
     again = chooser.linear(torch.nn.Linear(3, 7))   # the same shape: not timed again
     assert not timed and again.few is few_fast and again.many is many_fast
+    assert sorted(built) == ["few", "many"]
+    chooser.linear(torch.nn.Linear(3, 8))   # another shape is timed anew
+    assert timed
     assert chooser.linear(torch.nn.Linear(3, 7).to(torch.bfloat16)).__class__ is torch.nn.Linear  # float32 only
 
 

@@ -41,7 +41,7 @@ class CpuKernels:
     """
 
     def __init__(self, path: Path):
-        self.chooser = LinearChooser(self._gemms)
+        self.chooser = LinearChooser({"panels": self.panel_gemm, "onednn": onednn_gemm})
         self.lib = ctypes.CDLL(str(path))
         self.lib.pack_weight.argtypes = [_P, _P, _I, _I]
         self.lib.pack_weight.restype = None
@@ -80,12 +80,6 @@ class CpuKernels:
             self.lib.linear(x.data_ptr(), packed.data_ptr(), y.data_ptr(), x.shape[0], n, k)
             return y if bias is None else y.add_(bias)
         return gemm
-
-    def _gemms(self, module: torch.nn.Linear) -> dict[str, Gemm]:
-        gemms = {"panels": self.panel_gemm(module)}
-        if (onednn := onednn_gemm(module)) is not None:
-            gemms["onednn"] = onednn
-        return gemms
 
     def linear(self, module: torch.nn.Linear) -> FastLinear | torch.nn.Linear:
         """`module` through this machine's fastest GEMMs, or itself (see `LinearChooser`)."""

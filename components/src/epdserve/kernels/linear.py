@@ -1,12 +1,14 @@
 """Float32 CPU linear layers through the fastest GEMM of this machine, chosen by timing.
 
 Which GEMM wins depends on the CPU, the thread count and the row count, so nothing is
-assumed: for each weight shape, every candidate is timed once at load on a few-row input
-(a decode step) and on a many-row one (a prompt chunk), and each kind of call then takes
-its winner. Candidates: the module itself (MKL's sgemm), oneDNN on a weight reordered for
-it (what vLLM's CPU backend uses), and `cpu.c`'s panel kernel. Measured on an AMD EPYC
-(Zen 4) at one thread: MKL 56-84 GFLOP/s on the bench model's prompt-chunk shapes, oneDNN
-86-107. The candidates sum in different orders, so outputs differ by float rounding only.
+assumed: for each weight shape, every candidate is timed once at load, on cold caches, on
+a few-row input (a decode step) and on a many-row one (a prompt chunk), and each kind of
+call then takes its winner. Candidates: the module itself (MKL's sgemm), oneDNN on a weight
+reordered for it (what vLLM's CPU backend uses), and `cpu.c`'s panel kernel. Measured on an
+AMD EPYC (Zen 4) at one thread: on the bench model's prompt-chunk shapes MKL runs at 56-84
+GFLOP/s, oneDNN at 86-107; on few rows with the weights in memory the panel kernel, which
+prefetches them, is 1.5-3x faster than both. The candidates sum in different orders, so
+outputs differ by float rounding only.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ Gemm = Callable[[torch.Tensor], torch.Tensor]   # x [M, K] contiguous float32 ->
 FEW_ROWS = 48                 # calls of at most this many rows take the few-row winner
 TIMING_ROWS = (16, 256)       # the inputs the candidates are timed on: few rows, many rows
 TIMING_RUNS = 5               # the best of this many runs counts
+EVICT_BYTES = 64 << 20        # written before each timed run: more than a CPU's last-level cache
 
 
 def onednn_gemm(module: nn.Linear) -> Gemm | None:
@@ -37,10 +40,13 @@ def onednn_gemm(module: nn.Linear) -> Gemm | None:
     return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def _seconds(gemm: Gemm, x: torch.Tensor) -> float:
-    gemm(x)   # first call: lazy initialisation, cold caches
+def _seconds(gemm: Gemm, x: torch.Tensor, evict: torch.Tensor) -> float:
+    """Best time of `gemm(x)` with the caches flushed first: a decode step finds the weights
+    in memory, not in cache (timed warm, a kernel that prefetches them looks no better)."""
+    gemm(x)   # first call: lazy initialisation
     best = float("inf")
     for _ in range(TIMING_RUNS):
+        evict.fill_(1.0)
         start = time.perf_counter()
         gemm(x)
         best = min(best, time.perf_counter() - start)
@@ -51,8 +57,9 @@ def fastest(candidates: dict[str, Gemm], rows: int, in_features: int) -> tuple[s
     """The name of the quickest candidate on a random [rows, in_features] input, and every
     candidate's time in seconds."""
     x = torch.randn(rows, in_features)
+    evict = torch.empty(EVICT_BYTES // 4)
     with torch.inference_mode():
-        times = {name: _seconds(gemm, x) for name, gemm in candidates.items()}
+        times = {name: _seconds(gemm, x, evict) for name, gemm in candidates.items()}
     return min(times, key=times.get), times
 
 
@@ -87,11 +94,13 @@ class FastLinearModule(nn.Module):
 class LinearChooser:
     """Builds `FastLinear`s; times the candidates once per weight shape and thread count.
 
-    `candidates(module)` gives the GEMMs to time for a float32 CPU module (its own forward
-    is always one of them)."""
+    `factories` build each candidate GEMM for a float32 CPU module (a copy of its weight in
+    the candidate's layout), or give None where the candidate cannot run; the module's own
+    forward ("torch") is always a candidate. Only the chosen candidates are kept.
+    """
 
-    def __init__(self, candidates: Callable[[nn.Linear], dict[str, Gemm]]):
-        self.candidates = candidates
+    def __init__(self, factories: dict[str, Callable[[nn.Linear], Gemm | None]]):
+        self.factories = {"torch": lambda module: module, **factories}
         self._choices: dict[tuple, tuple[str, str]] = {}
 
     def linear(self, module: nn.Linear) -> FastLinear | nn.Linear:
@@ -100,21 +109,30 @@ class LinearChooser:
         weight = module.weight
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
             return module
-        gemms = {"torch": module, **self.candidates(module)}
         key = (*weight.shape, module.bias is not None, torch.get_num_threads())
         if key not in self._choices:
-            picks, report = [], []
-            for rows in TIMING_ROWS:
-                name, times = fastest(gemms, rows, weight.shape[1])
-                picks.append(name)
-                report.append(f"{rows} rows: " + ", ".join(f"{n} {t * 1e3:.3f}" for n, t in times.items()))
-            self._choices[key] = (picks[0], picks[1])
-            log.info("linear %dx%d: few rows -> %s, many rows -> %s (ms; %s)", weight.shape[1], weight.shape[0],
-                     picks[0], picks[1], "; ".join(report))
+            gemms = self._build(module, self.factories)
+            self._choices[key] = self._time(gemms, weight.shape[1], weight.shape[0])
         few, many = self._choices[key]
         if few == many == "torch":
             return module
+        gemms = self._build(module, {name: self.factories[name] for name in {few, many}})
         return FastLinear(module, gemms[few], gemms[many])
+
+    @staticmethod
+    def _build(module: nn.Linear, factories: dict[str, Callable[[nn.Linear], Gemm | None]]) -> dict[str, Gemm]:
+        return {name: gemm for name, factory in factories.items() if (gemm := factory(module)) is not None}
+
+    @staticmethod
+    def _time(gemms: dict[str, Gemm], in_features: int, out_features: int) -> tuple[str, str]:
+        picks, report = [], []
+        for rows in TIMING_ROWS:
+            name, times = fastest(gemms, rows, in_features)
+            picks.append(name)
+            report.append(f"{rows} rows: " + ", ".join(f"{n} {t * 1e3:.3f}" for n, t in times.items()))
+        log.info("linear %dx%d: few rows -> %s, many rows -> %s (ms; %s)", in_features, out_features,
+                 picks[0], picks[1], "; ".join(report))
+        return picks[0], picks[1]
 
     def replace_linears(self, tree: nn.Module) -> None:
         """Swap every `nn.Linear` inside `tree` for its `FastLinearModule` where one is built."""
