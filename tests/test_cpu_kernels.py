@@ -87,7 +87,7 @@ def test_fast_linear_leaves_other_inputs_to_torch(kernels: CpuKernels) -> None:
 
 def test_replace_linears_in_a_module_tree(kernels: CpuKernels, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every float32 nn.Linear of a tree runs through the kernels; [..., K] inputs work."""
-    monkeypatch.setattr(linear, "fastest", lambda gemms, rows, k: ("panels", {}))
+    monkeypatch.setattr(linear, "fastest", lambda gemms, rows, k, evict: ("panels", {}))
     kernels = CpuKernels(kernels.lib._name)   # a fresh chooser: no choices timed before
     torch.manual_seed(0)
     tree = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Sequential(torch.nn.Linear(128, 64)))

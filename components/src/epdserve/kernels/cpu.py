@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from epdserve.kernels.linear import FastLinear, Gemm, LinearChooser, onednn_gemm
+from epdserve.kernels.linear import FastLinear, Gemm, LinearChooser, float32_cpu, onednn_gemm
 from epdserve.models.paged import DecodeBatch
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,7 @@ class CpuKernels:
         for name in ("rms_norm", "rotary", "silu_mul"):
             getattr(self.lib, name).restype = None
 
-    @staticmethod
-    def supports(weight_or_cache: torch.Tensor) -> bool:
-        return weight_or_cache.dtype == torch.float32 and weight_or_cache.device.type == "cpu"
+    supports = staticmethod(float32_cpu)
 
     def pack_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """[N, K] -> panels [ceil(N/16), K, 16] (W^T in 16-column slices, zero-padded), flat."""

@@ -31,6 +31,11 @@ TIMING_RUNS = 5               # the best of this many runs counts
 EVICT_BYTES = 64 << 20        # written before each timed run: more than a CPU's last-level cache
 
 
+def float32_cpu(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is what the CPU kernels take: float32 on the CPU."""
+    return tensor.dtype == torch.float32 and tensor.device.type == "cpu"
+
+
 def onednn_gemm(module: nn.Linear) -> Gemm | None:
     """oneDNN's linear over a copy of the weight reordered for it; None without oneDNN."""
     if not torch.backends.mkldnn.is_available():
@@ -53,11 +58,11 @@ def _seconds(gemm: Gemm, x: torch.Tensor, evict: torch.Tensor) -> float:
     return best
 
 
-def fastest(candidates: dict[str, Gemm], rows: int, in_features: int) -> tuple[str, dict[str, float]]:
+def fastest(candidates: dict[str, Gemm], rows: int, in_features: int,
+            evict: torch.Tensor) -> tuple[str, dict[str, float]]:
     """The name of the quickest candidate on a random [rows, in_features] input, and every
-    candidate's time in seconds."""
+    candidate's time in seconds; `evict` is written before each timed run."""
     x = torch.randn(rows, in_features)
-    evict = torch.empty(EVICT_BYTES // 4)
     with torch.inference_mode():
         times = {name: _seconds(gemm, x, evict) for name, gemm in candidates.items()}
     return min(times, key=times.get), times
@@ -107,16 +112,17 @@ class LinearChooser:
         """`module` as a `FastLinear`, or itself when its weight is not float32 on the CPU
         or its own forward wins both kinds of call."""
         weight = module.weight
-        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        if not float32_cpu(weight):
             return module
         key = (*weight.shape, module.bias is not None, torch.get_num_threads())
-        if key not in self._choices:
+        if key in self._choices:
+            few, many = self._choices[key]
+            gemms = self._build(module, {name: self.factories[name] for name in {few, many}})
+        else:   # the first module of its shape: time every candidate, keep the winners built
             gemms = self._build(module, self.factories)
-            self._choices[key] = self._time(gemms, weight.shape[1], weight.shape[0])
-        few, many = self._choices[key]
+            few, many = self._choices[key] = self._time(gemms, weight.shape[1], weight.shape[0])
         if few == many == "torch":
             return module
-        gemms = self._build(module, {name: self.factories[name] for name in {few, many}})
         return FastLinear(module, gemms[few], gemms[many])
 
     @staticmethod
@@ -126,8 +132,9 @@ class LinearChooser:
     @staticmethod
     def _time(gemms: dict[str, Gemm], in_features: int, out_features: int) -> tuple[str, str]:
         picks, report = [], []
+        evict = torch.empty(EVICT_BYTES // 4)   # one per shape: its first fill faults every page in
         for rows in TIMING_ROWS:
-            name, times = fastest(gemms, rows, in_features)
+            name, times = fastest(gemms, rows, in_features, evict)
             picks.append(name)
             report.append(f"{rows} rows: " + ", ".join(f"{n} {t * 1e3:.3f}" for n, t in times.items()))
         log.info("linear %dx%d: few rows -> %s, many rows -> %s (ms; %s)", in_features, out_features,
