@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,27 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+PROBE_SHAPE = (256, 512, 1376)   # rows, in, out: one of the bench model's prompt-chunk GEMMs
+
+
+def gemm_probe_gflops(seconds: float = 1.0) -> float:
+    """This machine's float32 GEMM rate right now, on one thread: a shared VM's speed drifts,
+    and this, taken before each mode at each level, shows by how much during a run."""
+    import torch
+    rows, k, n = PROBE_SHAPE
+    x, w = torch.randn(rows, k), torch.randn(n, k)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            torch.mm(x, w.T)
+            calls += 1
+        return 2 * rows * k * n * calls / (time.perf_counter() - start) / 1e9
+    finally:
+        torch.set_num_threads(threads)
+
+
 def ensure_model(preset: str) -> Path:
     """A random-weight LLaVA of `preset`, built once into $EPDSERVE_CACHE (~/.cache/epdserve)."""
     from epdserve.tools.tiny_model import build_tiny_model
@@ -220,7 +242,7 @@ HEADLINE_CONCURRENCY = 32
 _COLUMNS = (("output tok/s", "output_tok_s", "{:.1f}"), ("req/s", "req_s", "{:.2f}"),
             ("TTFT p50 ms", "ttft_p50_ms", "{:.0f}"), ("TTFT p99 ms", "ttft_p99_ms", "{:.0f}"),
             ("ITL p50 ms", "itl_p50_ms", "{:.1f}"), ("ITL p99 ms", "itl_p99_ms", "{:.1f}"),
-            ("e2e p50 ms", "e2e_p50_ms", "{:.0f}"))
+            ("e2e p50 ms", "e2e_p50_ms", "{:.0f}"), ("probe GFLOP/s", "probe_gflops", "{:.0f}"))
 NOTES = """\
 - Closed loop: `engine` and `http` keep `c` requests in flight until all complete; `hf` runs
   the requests in order as static batches of `c` (one padded `generate()` each, left padding,
@@ -234,6 +256,8 @@ NOTES = """\
   starts (the vision tower runs inside the engine, timed); `http` times everything.
 - ITL: gaps between successive tokens (`http`: between successive token-bearing SSE chunks,
   see `token_chunks` in the JSON).
+- probe GFLOP/s: a one-thread float32 GEMM timed for 1 s just before the mode ran the level;
+  it shows how far the machine's own speed drifted between the numbers compared.
 - Peak RSS: VmHWM, reset before each level (it starts from the RSS the process already had):
   this process for `engine`/`hf` (each mode in its own process), the PD worker for `http`.
 """
@@ -256,7 +280,7 @@ def _mode_table(mode: str, result: dict[str, Any]) -> list[str]:
              f" — {result['wall_s']:.0f} s", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
     for lvl in result["levels"]:
-        cells = [str(lvl["concurrency"]), *(fmt.format(lvl[key]) for _, key, fmt in _COLUMNS),
+        cells = [str(lvl["concurrency"]), *(fmt.format(lvl.get(key, float("nan"))) for _, key, fmt in _COLUMNS),
                  f"{_serving_rss(lvl):.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]

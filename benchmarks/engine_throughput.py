@@ -7,7 +7,8 @@ Modes, all on the same model and the same requests (see common.build_workload):
   engine -- the worker's engine in-process behind `AsyncEngine`, closed-loop load.
   http   -- a real EPD cluster (launch/agg_multimodal.sh) driven by the streaming `openai` client.
   hf     -- static batching: one padded `model.generate()` per batch of `concurrency` requests.
-Each mode runs in its own process, so peak RSS (VmHWM, reset before every level) does not mix.
+Levels run in turn, every mode at a level before the next level, each (level, mode) in a fresh
+process (and `http` on a fresh cluster), so peak RSS (VmHWM) does not mix.
 Writes engine_throughput.json (raw numbers) and engine_throughput.md (tables) to --out.
 """
 
@@ -28,7 +29,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.generation.streamers import BaseStreamer
 
 from common import (TAG_VAR, RequestRecord, WorkItem, build_workload, decode_png, ensure_model, free_port,
-                    level_result, machine_info, peak_rss_mib, render_markdown, reset_peak_rss,
+                    gemm_probe_gflops, level_result, machine_info, peak_rss_mib, render_markdown, reset_peak_rss,
                     stop_tagged)
 from epdserve.config import WorkerConfig, parse_worker_args
 from epdserve.engine.async_engine import AsyncEngine
@@ -355,12 +356,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_mode(mode: str, cfg: BenchConfig) -> dict[str, Any]:
-    """Run one mode in a fresh process (so its peak RSS is its own) and time it."""
+def run_mode(mode: str, cfg: BenchConfig) -> tuple[list[dict[str, Any]], float]:
+    """Run one mode in a fresh process (so its peak RSS is its own); (levels, wall seconds)."""
     start = time.perf_counter()
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         levels = pool.submit(RUNNERS[mode], cfg).result()
-    return {"wall_s": time.perf_counter() - start, "levels": levels}
+    return levels, time.perf_counter() - start
+
+
+def run_levels(modes: list[str], cfg: BenchConfig) -> dict[str, dict[str, Any]]:
+    """Every mode at one level, then the next level: a shared VM's speed drifts by tens of
+    percent over minutes, so the numbers compared with each other are measured minutes
+    apart, not a whole mode's run apart."""
+    results = {mode: {"wall_s": 0.0, "levels": []} for mode in modes}
+    for c in cfg.levels:
+        for mode in modes:
+            probe = gemm_probe_gflops()
+            levels, wall = run_mode(mode, replace(cfg, levels=(c,)))
+            levels[0]["probe_gflops"] = probe
+            results[mode]["levels"] += levels
+            results[mode]["wall_s"] += wall
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -376,8 +392,7 @@ def main(argv: list[str] | None = None) -> None:
                    "max_num_seqs": parse_worker_args([*WORKER_FLAGS, "--model", cfg.model], {}).max_num_seqs},
         "machine": machine_info(), "results": {}}
     start = time.perf_counter()
-    for mode in args.modes:
-        report["results"][mode] = run_mode(mode, cfg)
+    report["results"] = run_levels(args.modes, cfg)
     report["machine"]["loadavg_at_end"] = os.getloadavg()
     report["total_wall_s"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
