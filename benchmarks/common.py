@@ -280,7 +280,7 @@ def _mode_table(mode: str, result: dict[str, Any]) -> list[str]:
              f" — {result['wall_s']:.0f} s", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
     for lvl in result["levels"]:
-        cells = [str(lvl["concurrency"]), *(fmt.format(lvl.get(key, float("nan"))) for _, key, fmt in _COLUMNS),
+        cells = [str(lvl["concurrency"]), *(fmt.format(lvl[key]) for _, key, fmt in _COLUMNS),
                  f"{_serving_rss(lvl):.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
