@@ -12,15 +12,21 @@ MODEL=""
 HTTP_PORT=8000
 NAMESPACE=epdserve
 SERVED_NAME=""
+ENCODE_WORKERS=1
+EC_STORAGE_PATH=""
 EXTRA_ARGS=()
 CHILDREN=()
 ESSENTIAL=()   # etcd/NATS supervisor and frontend: the cluster stops when one of them exits
+OWNED_DIRS=()  # directories this script created; removed when it stops
 
-# parse_args "$@": --model, --http-port, --namespace, --served-model-name; the rest goes to workers.
+# parse_args "$@": --model, --http-port, --namespace, --served-model-name, --encode-workers,
+# --ec-storage-path; the rest goes to every worker.
 parse_args() {
   while [ $# -gt 0 ]; do
     case "$1" in
       --model) MODEL=$2; shift 2 ;;
+      --encode-workers) ENCODE_WORKERS=$2; shift 2 ;;
+      --ec-storage-path) EC_STORAGE_PATH=$2; shift 2 ;;
       --http-port) HTTP_PORT=$2; shift 2 ;;
       --namespace) NAMESPACE=$2; shift 2 ;;
       --served-model-name) SERVED_NAME=$2; shift 2 ;;
@@ -48,8 +54,18 @@ ensure_model() {
 
 # worker CMD_FLAGS...: start one worker with the flags every worker of this cluster gets.
 worker() {
+  local storage=()
+  [ -n "$EC_STORAGE_PATH" ] && storage=(--ec-storage-path "$EC_STORAGE_PATH")
   spawn "$PYTHON" -m epdserve.worker "$@" --model "$MODEL" --served-model-name "$SERVED_NAME" \
-    --namespace "$NAMESPACE" "${EXTRA_ARGS[@]}"
+    --namespace "$NAMESPACE" "${storage[@]}" "${EXTRA_ARGS[@]}"
+}
+
+# ensure_ec_storage: without --ec-storage-path, an embedding cache directory of this run only.
+ensure_ec_storage() {
+  if [ -z "$EC_STORAGE_PATH" ]; then
+    EC_STORAGE_PATH=$(mktemp -d "${TMPDIR:-/tmp}/epdserve-ec-XXXXXX")
+    OWNED_DIRS+=("$EC_STORAGE_PATH")
+  fi
 }
 
 # spawn CMD...: start a child in its own process group and remember its PID.
@@ -80,6 +96,8 @@ stop_children() {
   for pid in "${CHILDREN[@]}"; do [ "$pid" != "$infra" ] && components+=("$pid"); done
   [ ${#components[@]} -gt 0 ] && { signal_and_wait TERM 40 "${components[@]}" || signal_and_wait KILL 5 "${components[@]}"; }
   [ -n "$infra" ] && { signal_and_wait TERM 10 "$infra" || signal_and_wait KILL 5 "$infra"; }
+  local dir
+  for dir in "${OWNED_DIRS[@]}"; do rm -rf -- "$dir"; done
 }
 
 # start_infra: etcd and NATS from the pip-installed binaries, unless something answers already.

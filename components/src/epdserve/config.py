@@ -64,6 +64,8 @@ class WorkerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     ec_storage_path: str | None = None
+    encoder_cache_bytes: int = 256 << 20      # encode worker: embedding cache, NIXL-registered
+    embedding_buffer_bytes: int = 64 << 20    # PD/prefill worker: staging for embeddings it READs
     cpu_kernels: bool = True                   # our AVX-512 kernels for float32 decode on CPU
     kernel_cache_dir: str = "~/.cache/epdserve/kernels"
 
@@ -116,6 +118,8 @@ def worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     roles = p.add_argument_group("role (none: a text-only processor + worker in one process)")
     for dest in _ROLE_FLAGS:
         roles.add_argument("--" + dest.replace("_", "-"), dest=dest, action="store_true")
+    roles.add_argument("--vllm-native-encoder-worker", dest="native_encoder_worker", action="store_true",
+                       help="Dynamo's name of --native-encoder-worker")
     roles.add_argument("--is-prefill-worker", action="store_true")
     p.add_argument("--enable-multimodal", action="store_true",
                    help="required by every multimodal role; media requests are refused without it")
@@ -134,7 +138,12 @@ def worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--allowed-media-domains", nargs="*", default=[])
     p.add_argument("--allowed-local-media-path", default=None)
     p.add_argument("--enable-mm-embeds", action="store_true")
-    p.add_argument("--ec-storage-path", default=None)
+    p.add_argument("--ec-storage-path", default=None,
+                   help="embedding cache on disk shared by a native encoder worker and PD workers")
+    p.add_argument("--encoder-cache-bytes", type=int, default=WorkerConfig.encoder_cache_bytes,
+                   help="encode worker: bytes of embeddings kept (LRU), registered with NIXL once")
+    p.add_argument("--embedding-buffer-bytes", type=int, default=WorkerConfig.embedding_buffer_bytes,
+                   help="PD/prefill worker: bytes registered with NIXL to receive embeddings into")
     p.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=WorkerConfig.cpu_kernels,
                    help="float32 decode attention on CPU, and its projections with one torch thread, through "
                         "epdserve's AVX-512 kernels (built with the system C compiler on first use; torch ops "
@@ -157,6 +166,8 @@ def _role(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Role:
         parser.error("multimodal roles require --enable-multimodal (it allows this deployment to "
                      "process media from requests)")
     role = chosen[0]
+    if role is Role.NATIVE_ENCODER and not args.ec_storage_path:
+        parser.error("--native-encoder-worker writes to the embedding cache on disk: give --ec-storage-path")
     if args.is_prefill_worker:
         if role not in (Role.PD, Role.ENCODE_PREFILL):
             parser.error("--is-prefill-worker goes with --multimodal-worker or --multimodal-encode-prefill-worker")
@@ -185,6 +196,7 @@ def parse_worker_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> Wor
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, ec_storage_path=args.ec_storage_path,
+        encoder_cache_bytes=args.encoder_cache_bytes, embedding_buffer_bytes=args.embedding_buffer_bytes,
         cpu_kernels=args.cpu_kernels, kernel_cache_dir=args.kernel_cache_dir,
     )
 
@@ -213,3 +225,10 @@ def parse_services_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> S
     p.add_argument("--workdir", default=None, help="etcd data, NATS config, logs (default: a new directory in $TMPDIR)")
     args = p.parse_args(argv)
     return ServicesConfig(args.etcd_endpoints, args.nats_server, args.workdir)
+
+
+def parse_stats_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> RuntimeConfig:
+    p = argparse.ArgumentParser(prog="python -m epdserve.tools.stats",
+                                description="Print every worker's counters (JSON) in a namespace.")
+    _add_runtime_args(p, env)
+    return _runtime(p.parse_args(argv))

@@ -61,12 +61,17 @@ class ModelFamily(ABC):
         dtype. `kernels`: CPU kernels the model may use where they support its tensors."""
         raise NotImplementedError(f"{type(self).__name__} has no worker-side model yet")
 
+    def load_encoder(self, dtype: torch.dtype | None, device: torch.device,
+                     kernels: CpuKernels | None = None) -> "MediaEncoder":
+        """Load only the media encoder (towers and projectors, no text decoder weights) for an
+        encode worker; arguments as for `load_runner`."""
+        raise NotImplementedError(f"{type(self).__name__} has no separate encoder")
 
-class MultimodalModel(ABC):
-    """Worker-side model: media encoder plus a causal text decoder over a paged KV cache.
 
-    Tensors are on `self.device`; hidden size is H, vocabulary V, N packed tokens. Callers
-    run these methods under `torch.inference_mode()`.
+class MediaEncoder(ABC):
+    """Media preprocessing and encoder: decoded media in, embeddings in the text decoder's
+    input space out. Tensors are on `self.device`; H is the decoder's hidden size. Callers run
+    `encode` under `torch.inference_mode()`.
     """
 
     device: torch.device
@@ -74,11 +79,20 @@ class MultimodalModel(ABC):
 
     @abstractmethod
     def preprocess(self, modality: str, items: list[Image.Image]) -> dict[str, torch.Tensor]:
-        """Turn decoded media of one request into encoder inputs (e.g. `pixel_values`)."""
+        """Turn decoded media into encoder inputs (e.g. `pixel_values`), batched along dim 0:
+        the features of several calls concatenate (`torch.cat` per key) into one batch."""
 
     @abstractmethod
     def encode(self, modality: str, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Encoder outputs, one `[num_placeholders_i, H]` tensor per item, in order."""
+
+
+class MultimodalModel(MediaEncoder):
+    """Worker-side model: media encoder plus a causal text decoder over a paged KV cache.
+
+    Hidden size is H, vocabulary V, N packed tokens. Callers run these methods under
+    `torch.inference_mode()`.
+    """
 
     @abstractmethod
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:

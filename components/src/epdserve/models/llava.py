@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForImageTextToText
+from transformers import AutoImageProcessor, AutoModel, AutoModelForImageTextToText
+from transformers.initialization import no_init_weights
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from epdserve.kernels.cpu import CpuKernels
 from epdserve.media.types import MediaInfo
-from epdserve.models.base import ModelFamily, MultimodalModel
+from epdserve.models.base import MediaEncoder, ModelFamily, MultimodalModel
+from epdserve.models.weights import read_tensors
 from epdserve.models.llama import PagedLlama
 from epdserve.models.paged import AttentionMetadata, KVCache
 
@@ -35,24 +38,24 @@ class LlavaFamily(ModelFamily):
                     kernels: CpuKernels | None = None) -> "LlavaModel":
         return LlavaModel(self, dtype, device, kernels)
 
+    def load_encoder(self, dtype: torch.dtype | None, device: torch.device,
+                     kernels: CpuKernels | None = None) -> "LlavaVision":
+        return LlavaVision(_vision_only(self, dtype, device), self, kernels)
 
-class LlavaModel(MultimodalModel):
-    """CLIP tower and projector from `transformers`; the Llama decoder runs paged."""
 
-    def __init__(self, family: LlavaFamily, dtype: torch.dtype | None, device: torch.device,
-                 kernels: CpuKernels | None = None):
-        # `transformers` maps both published key layouts (llava-hf and its own) on load.
-        self.hf = AutoModelForImageTextToText.from_pretrained(
-            family.model_dir, dtype=dtype or "auto").to(device).eval()
+class LlavaVision(MediaEncoder):
+    """The CLIP tower and projector of a `transformers` LLaVA, as `transformers` runs them."""
+
+    def __init__(self, hf: torch.nn.Module, family: LlavaFamily, kernels: CpuKernels | None):
+        self.hf = hf.eval()
         self.image_processor = AutoImageProcessor.from_pretrained(family.model_dir)
         self.config = family.hf_config
-        self.text = PagedLlama(self.hf.model.language_model, self.hf.lm_head, kernels)
-        self.device = self.hf.device
-        self.dtype = self.hf.dtype
-        _drop_unused_vision_layers(self.hf)
+        self.device = hf.model.multi_modal_projector.linear_1.weight.device
+        self.dtype = hf.model.multi_modal_projector.linear_1.weight.dtype
+        _drop_unused_vision_layers(hf)
         if kernels is not None:   # the image encoder's projections are prompt-sized GEMMs too
-            kernels.replace_linears(self.hf.model.vision_tower)
-            kernels.replace_linears(self.hf.model.multi_modal_projector)
+            kernels.replace_linears(hf.model.vision_tower)
+            kernels.replace_linears(hf.model.multi_modal_projector)
 
     def preprocess(self, modality: str, items: list[Image.Image]) -> dict[str, torch.Tensor]:
         out = self.image_processor(images=items, return_tensors="pt")
@@ -66,6 +69,26 @@ class LlavaModel(MultimodalModel):
             vision_feature_select_strategy=self.config.vision_feature_select_strategy,
         )
         return list(out.pooler_output)
+
+
+class LlavaModel(MultimodalModel):
+    """CLIP tower and projector from `transformers`; the Llama decoder runs paged."""
+
+    def __init__(self, family: LlavaFamily, dtype: torch.dtype | None, device: torch.device,
+                 kernels: CpuKernels | None = None):
+        # `transformers` maps both published key layouts (llava-hf and its own) on load.
+        self.hf = AutoModelForImageTextToText.from_pretrained(
+            family.model_dir, dtype=dtype or "auto").to(device).eval()
+        self.text = PagedLlama(self.hf.model.language_model, self.hf.lm_head, kernels)
+        self.vision = LlavaVision(self.hf, family, kernels)
+        self.device = self.hf.device
+        self.dtype = self.hf.dtype
+
+    def preprocess(self, modality: str, items: list[Image.Image]) -> dict[str, torch.Tensor]:
+        return self.vision.preprocess(modality, items)
+
+    def encode(self, modality: str, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return self.vision.encode(modality, features)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.text.embed(token_ids.to(self.device))
@@ -82,6 +105,34 @@ class LlavaModel(MultimodalModel):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.text.logits(hidden)
+
+
+def _vision_only(family: LlavaFamily, dtype: torch.dtype | None, device: torch.device) -> torch.nn.Module:
+    """A `transformers` LLaVA whose tower and projector hold the checkpoint's weights and whose
+    language model stays on the meta device: its weights are never read."""
+    config = family.hf_config
+    with torch.device("meta"):
+        hf = AutoModelForImageTextToText.from_config(config)
+    with no_init_weights():   # every parameter is overwritten from the checkpoint below
+        tower = AutoModel.from_config(config.vision_config)
+        projector = LlavaMultiModalProjector(config)
+    weights = read_tensors(family.model_dir, _vision_key)
+    for prefix, module in (("vision_tower.", tower), ("multi_modal_projector.", projector)):
+        state = {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+        module.load_state_dict(state, strict=True)
+        module.to(device=device, dtype=dtype or next(iter(state.values())).dtype)
+    hf.model.vision_tower, hf.model.multi_modal_projector = tower, projector
+    return hf
+
+
+def _vision_key(key: str) -> str | None:
+    """A checkpoint key in the in-memory layout of the tower or projector, else None. Both
+    published layouts: `vision_tower.vision_model.*` (llava-hf) and `vision_tower.*`
+    (`transformers` 5), each with or without a leading `model.`."""
+    key = key.removeprefix("model.")
+    if key.startswith("vision_tower.vision_model."):
+        key = "vision_tower." + key.removeprefix("vision_tower.vision_model.")
+    return key if key.startswith(("vision_tower.", "multi_modal_projector.")) else None
 
 
 def _drop_unused_vision_layers(hf: torch.nn.Module) -> None:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from epdserve.processor.detokenizer import IncrementalDetokenizer, StopStrings
+from epdserve.processor.encoders import EncoderRouter, EncodeSession
 from epdserve.processor.prompt import PromptBuilder
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
@@ -35,11 +36,12 @@ class ProcessorHandler:
     bounds prompt plus completion.
     """
 
-    def __init__(self, prompts: PromptBuilder, tokenizer: Any, backends: InstancePool,
+    def __init__(self, prompts: PromptBuilder, tokenizer: Any, backends: InstancePool, encoders: EncoderRouter,
                  plane: RequestPlane, eos_token_ids: list[int], max_model_len: int):
         self.prompts = prompts
         self.tokenizer = tokenizer
         self.backends = backends
+        self.encoders = encoders
         self.plane = plane
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
@@ -51,10 +53,34 @@ class ProcessorHandler:
         prompt = await self.prompts.build(req)
         sampling = self._sampling(req, len(prompt.token_ids))
         gen = pb.GenerateRequest(request_id=rid, token_ids=prompt.token_ids, sampling=sampling, media=prompt.media)
-        backend = self.backends.pick()
-        log.info("[%s] %d prompt tokens, %d media item(s), n=%d -> %s", rid, len(prompt.token_ids),
-                 len(prompt.media), req.n, backend.instance_id)
+        encode = EncodeSession(self.plane, self.encoders, rid)
+        try:
+            if gen.media:
+                await self._encode(encode, gen)
+            async for out in self._generate(req, gen, len(prompt.token_ids)):
+                yield out
+        finally:
+            await encode.close()
 
+    async def _encode(self, encode: EncodeSession, gen: pb.GenerateRequest) -> None:
+        """Swap the media bytes for the embeddings an encode worker made, when one is alive."""
+        result = await encode.start(list(gen.media))
+        if result is None:
+            return
+        for item, encoded in zip(gen.media, result.media):
+            if encoded.WhichOneof("source") == "embedding":
+                item.embedding.CopyFrom(encoded.embedding)
+            else:
+                item.in_ec_storage = True
+        gen.handoff.CopyFrom(result.handoff)
+
+    async def _generate(self, req: ChatCompletionRequest | CompletionRequest, gen: pb.GenerateRequest,
+                        prompt_len: int) -> AsyncIterator[bytes]:
+        rid = gen.request_id
+        backend = self.backends.pick()
+        log.info("[%s] %d prompt tokens, %d media item(s), n=%d -> %s", rid, prompt_len,
+                 len(gen.media), req.n, backend.instance_id)
+        prompt_token_ids = list(gen.token_ids)
         choices = [_Choice(IncrementalDetokenizer(self.tokenizer), StopStrings(req.stop_strings)) for _ in range(req.n)]
         completion_tokens, first, cut = 0, True, False
         stream = self.plane.stream(backend.subject, gen.SerializeToString(), rid)
@@ -74,11 +100,11 @@ class ProcessorHandler:
                 if req.return_token_ids:
                     out.token_ids.extend(delta.token_ids)
                     if first:
-                        out.prompt_token_ids.extend(prompt.token_ids)
+                        out.prompt_token_ids.extend(prompt_token_ids)
                 first = False
                 if finish:
                     choice.done = True
-                    out.usage.CopyFrom(pb.Usage(prompt_tokens=len(prompt.token_ids),
+                    out.usage.CopyFrom(pb.Usage(prompt_tokens=prompt_len,
                                                 completion_tokens=completion_tokens))
                 cut |= hit
                 yield out.SerializeToString()

@@ -13,13 +13,15 @@ import uvloop
 from epdserve.config import Role, WorkerConfig, parse_worker_args
 from epdserve.models.registry import load_family
 from epdserve.runtime.component import Runtime
-from epdserve.worker.services import PDService, ProcessorService, Service
+from epdserve.worker.services import EncodeService, PDService, ProcessorService, Service
 
 log = logging.getLogger("epdserve.worker")
 
 SERVICES: dict[Role, tuple[type[Service], ...]] = {
     Role.PROCESSOR: (ProcessorService,),
     Role.PD: (PDService,),
+    Role.ENCODE: (EncodeService,),
+    Role.NATIVE_ENCODER: (EncodeService,),
     Role.TEXT: (PDService, ProcessorService),
 }
 

@@ -1,21 +1,15 @@
-"""The PD worker role: decode media, encode, prefill and decode in one process (EPD)."""
+"""The PD worker role: prefill and decode, with media as bytes (EPD: encoded here) or as
+embeddings an encode worker produced (E/PD)."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import AsyncIterator
 
 from epdserve.engine.async_engine import AsyncEngine
-from epdserve.engine.base import EngineRequest, MultiModalInput, SamplingParams, TokenLogprob
-from epdserve.media.image import decode_image
-from epdserve.models.base import MultimodalModel
+from epdserve.engine.base import EngineRequest, SamplingParams, TokenLogprob
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
-
-log = logging.getLogger(__name__)
-
-DECODERS = {"image": decode_image}
+from epdserve.worker.media_sources import MediaResolver
 
 
 def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
@@ -33,29 +27,18 @@ def logprob_to_proto(lp: TokenLogprob) -> pb.Logprob:
 
 
 class PDHandler:
-    """Serves `GenerateRequest` -> stream of `TokenDelta`; media arrive as encoded bytes."""
+    """Serves `GenerateRequest` -> stream of `TokenDelta`."""
 
-    def __init__(self, engine: AsyncEngine, model: MultimodalModel):
+    def __init__(self, engine: AsyncEngine, media: MediaResolver):
         self.engine = engine
-        self.model = model
+        self.media = media
 
     async def generate(self, payload: bytes) -> AsyncIterator[bytes]:
         req = pb.GenerateRequest.FromString(payload)
-        # Decoding and resizing a photo takes tens of ms: keep it off the event loop.
-        mm_inputs = await asyncio.to_thread(self._mm_inputs, req)
+        mm_inputs = await self.media.resolve(req)
         ereq = EngineRequest(req.request_id, list(req.token_ids), sampling_from_proto(req.sampling), mm_inputs)
         async for out in self.engine.generate(ereq):
             if out.error is not None:
                 raise EpdError(500, f"generation failed: {out.error}")
             yield pb.TokenDelta(token_ids=out.new_token_ids, finish_reason=out.finish_reason or "", index=out.index,
                                 logprobs=[logprob_to_proto(lp) for lp in out.logprobs or ()]).SerializeToString()
-
-    def _mm_inputs(self, req: pb.GenerateRequest) -> list[MultiModalInput]:
-        inputs = []
-        for item in req.media:
-            decode = DECODERS.get(item.modality)
-            if decode is None:
-                raise EpdError.bad_request(f"this worker cannot decode {item.modality}")
-            features = self.model.preprocess(item.modality, [decode(item.data)])
-            inputs.append(MultiModalInput(item.modality, item.hash, item.offset, item.length, features=features))
-        return inputs

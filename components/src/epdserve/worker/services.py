@@ -3,30 +3,39 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
 
 import torch
 from transformers import AutoProcessor, GenerationConfig
 
-from epdserve.config import WorkerConfig
+from epdserve.config import Role, WorkerConfig
 from epdserve.engine.async_engine import AsyncEngine
 from epdserve.engine.paged import EngineConfig, PagedEngine
 from epdserve.engine.scheduler import SchedulerConfig
 from epdserve.media.fetch import MediaFetcher
-from epdserve.kernels.cpu import load_cpu_kernels
-from epdserve.models.base import ModelFamily, MultimodalModel
+from epdserve.kernels.cpu import CpuKernels, load_cpu_kernels
+from epdserve.models.base import MediaEncoder, ModelFamily, MultimodalModel
+from epdserve.processor.encoders import EncoderRouter
 from epdserve.processor.handler import ProcessorHandler
 from epdserve.processor.prompt import PromptBuilder
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.runtime.component import Runtime
 from epdserve.runtime.pool import InstancePool
+from epdserve.transfer.agent import TransferAgent
+from epdserve.worker.ec_storage import EmbeddingStorage
+from epdserve.worker.embedding_cache import EmbeddingCache
+from epdserve.worker.encode import MediaEmbedder, NixlEncodeHandler, StorageEncodeHandler
+from epdserve.worker.encode_batcher import EncodeBatcher
+from epdserve.worker.media_sources import MediaResolver
 from epdserve.worker.pd import PDHandler
 
 log = logging.getLogger(__name__)
 
-PROCESSOR, BACKEND = "processor", "backend"   # component names in discovery
+PROCESSOR, BACKEND, ENCODER = "processor", "backend", "encoder"   # component names in discovery
 
 
 class Service(ABC):
@@ -57,6 +66,12 @@ class Service(ABC):
     async def stop(self) -> None:
         return None
 
+    async def serve_stats(self, component: str, counters: Callable[[], dict[str, int]]) -> None:
+        """Serve `counters()` as `WorkerStats` on this instance's `stats` endpoint."""
+        async def stats(_: bytes) -> AsyncIterator[bytes]:
+            yield pb.WorkerStats(counters=counters()).SerializeToString()
+        await self.runtime.serve(component, "stats", stats)
+
 
 class ProcessorService(Service):
     """Announces the model to frontends only while at least one backend serves it."""
@@ -68,11 +83,14 @@ class ProcessorService(Service):
         templater = hf_processor if getattr(hf_processor, "chat_template", None) else tokenizer
         self.fetcher = MediaFetcher(c.media)
         prompts = PromptBuilder(self.family, tokenizer, templater, c.media, c.enable_multimodal, self.fetcher)
+        watch = await self.runtime.watch_cards(c.served_model_name)
         self.backends = InstancePool(
-            await self.runtime.watch_cards(c.served_model_name),
-            accept=lambda card: card.served_model_name == c.served_model_name and card.input == "tokens",
+            watch, accept=lambda card: card.served_model_name == c.served_model_name and card.input == "tokens",
             what=f"worker for model {c.served_model_name!r}")
-        handler = ProcessorHandler(prompts, tokenizer, self.backends, self.runtime.plane,
+        encoders = EncoderRouter(InstancePool(
+            watch, accept=lambda card: card.served_model_name == c.served_model_name and card.component == ENCODER,
+            what=f"encode worker for model {c.served_model_name!r}"))
+        handler = ProcessorHandler(prompts, tokenizer, self.backends, encoders, self.runtime.plane,
                                    _eos_token_ids(c.model, tokenizer), self.max_model_len)
         subject = await self.runtime.serve(PROCESSOR, "generate", handler.generate)
         self._card = self.card("text", PROCESSOR, subject)
@@ -105,7 +123,8 @@ class ProcessorService(Service):
 
 
 class PDService(Service):
-    """Encode + prefill + decode in this process, on the paged engine."""
+    """Prefill + decode in this process, on the paged engine; media arrive as bytes (encoded
+    here), as embeddings over NIXL, or in the embedding cache on disk."""
 
     async def start(self) -> None:
         c = self.config
@@ -113,22 +132,68 @@ class PDService(Service):
         config = engine_config(c, self.max_model_len)
         self.engine = AsyncEngine(await asyncio.to_thread(PagedEngine, model, config))
         self.engine.start()
-        subject = await self.runtime.serve(BACKEND, "generate", PDHandler(self.engine, model).generate)
+        # Registered once here, so that the first request does not pay for it.
+        self.agent = TransferAgent(f"{BACKEND}-{self.runtime.instance_id}", c.embedding_buffer_bytes,
+                                   model.device) if c.enable_multimodal else None
+        storage = EmbeddingStorage(c.ec_storage_path) if c.ec_storage_path else None
+        handler = PDHandler(self.engine, MediaResolver(model, self.agent, storage))
+        subject = await self.runtime.serve(BACKEND, "generate", handler.generate)
+        await self.serve_stats(BACKEND, self._counters)
         await self.runtime.publish_card(self.card("tokens", BACKEND, subject))
+
+    def _counters(self) -> dict[str, int]:
+        engine = dataclasses.asdict(self.engine.engine.stats())
+        return engine | (self.agent.stats() if self.agent is not None else {})
 
     async def stop(self) -> None:
         await self.engine.stop()
+        if self.agent is not None:
+            self.agent.close()
 
 
-def load_model(c: WorkerConfig, family: ModelFamily) -> MultimodalModel:
-    """The worker's model on the device and in the dtype its flags name, with the CPU kernels
-    unless they are turned off."""
+class EncodeService(Service):
+    """Media encoding for PD/prefill workers: the tower and projector only. Embeddings go out
+    over NIXL from a registered cache, or (native encoder) into the embedding cache on disk."""
+
+    async def start(self) -> None:
+        c = self.config
+        encoder = await asyncio.to_thread(load_encoder, c, self.family)
+        self.batcher = EncodeBatcher(encoder)
+        embedder = MediaEmbedder(encoder, self.batcher)
+        self.agent = None
+        if c.role is Role.NATIVE_ENCODER:
+            handler = StorageEncodeHandler(embedder, EmbeddingStorage(c.ec_storage_path))
+        else:
+            self.agent = TransferAgent(f"{ENCODER}-{self.runtime.instance_id}", c.encoder_cache_bytes,
+                                       encoder.device)
+            handler = NixlEncodeHandler(embedder, EmbeddingCache(self.agent), self.agent)
+        subject = await self.runtime.serve(ENCODER, "encode", handler.encode)
+        await self.serve_stats(ENCODER, handler.stats)
+        await self.runtime.publish_card(self.card("media", ENCODER, subject))
+
+    async def stop(self) -> None:
+        await self.batcher.close()
+        if self.agent is not None:
+            self.agent.close()
+
+
+def _placement(c: WorkerConfig) -> tuple[torch.dtype | None, torch.device, CpuKernels | None]:
+    """(dtype, device, CPU kernels) the worker's flags name; None dtype keeps the checkpoint's."""
     dtype = None if c.dtype == "auto" else getattr(torch, c.dtype)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" \
         else torch.device(c.device)
-    kernels = load_cpu_kernels(c.kernel_cache_dir) \
-        if c.cpu_kernels and device.type == "cpu" else None
-    return family.load_runner(dtype, device, kernels)
+    kernels = load_cpu_kernels(c.kernel_cache_dir) if c.cpu_kernels and device.type == "cpu" else None
+    return dtype, device, kernels
+
+
+def load_model(c: WorkerConfig, family: ModelFamily) -> MultimodalModel:
+    """The worker's model, placed as its flags say, with the CPU kernels unless turned off."""
+    return family.load_runner(*_placement(c))
+
+
+def load_encoder(c: WorkerConfig, family: ModelFamily) -> MediaEncoder:
+    """The encode worker's media encoder, placed as `load_model` places the model."""
+    return family.load_encoder(*_placement(c))
 
 
 def engine_config(c: WorkerConfig, max_model_len: int) -> EngineConfig:

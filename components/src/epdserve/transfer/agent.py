@@ -1,0 +1,217 @@
+"""A NIXL agent with one registered memory region, driven from an asyncio event loop.
+
+NIXL's progress thread busy-polls about 0.6 of a core even when idle (DESIGN.md, Transfer), so
+the agent runs without it: whoever waits polls, and only while something is outstanding. A
+reader polls its transfer's state until it completes; the holder of the memory polls for
+notifications while it expects one. Idle, the agent costs no CPU.
+
+Every NIXL call happens on the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import torch
+from nixl._api import nixl_agent, nixl_agent_config
+
+from epdserve.protocol import epdserve_pb2 as pb
+from epdserve.protocol.errors import EpdError
+from epdserve.transfer.region import RegionAllocator, Span
+
+log = logging.getLogger(__name__)
+
+_SPIN_S = 0.0002          # poll without sleeping this long: small transfers finish in it
+_MAX_SLEEP_S = 0.002      # then back off up to this between polls
+
+
+class _Backoff:
+    """Sleeps between polls: none at first, then doubling from 50 us up to _MAX_SLEEP_S."""
+
+    def __init__(self) -> None:
+        self._start = time.monotonic()
+        self._sleep = 0.00005
+
+    async def wait(self) -> None:
+        if time.monotonic() - self._start < _SPIN_S:
+            await asyncio.sleep(0)
+            return
+        await asyncio.sleep(self._sleep)
+        self._sleep = min(self._sleep * 2, _MAX_SLEEP_S)
+
+
+class TransferAgent:
+    """One NIXL agent (UCX backend) owning `capacity` registered bytes on `device`.
+
+    Memory is registered once, here; callers carve it with `alloc`/`free` and address it with
+    `view`. `read` pulls tensors from a peer's region into a local span with one READ;
+    `expect` waits for the notification a peer's READ of our memory sends when it completes.
+    """
+
+    def __init__(self, name: str, capacity: int, device: torch.device):
+        self.name = name
+        self._nixl = nixl_agent(name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+        self.region = torch.empty(capacity, dtype=torch.uint8, device=device)
+        self.mem_type = "VRAM" if self.region.is_cuda else "DRAM"
+        self.device_id = self.region.device.index or 0
+        self._registration = self._nixl.register_memory(self.region) if capacity else None
+        self.allocator = RegionAllocator(capacity)
+        self.metadata = self._nixl.get_agent_metadata()
+        self._remotes: set[str] = set()
+        self._live_transfers = 0
+        self._expected: dict[bytes, asyncio.Future[None]] = {}
+        self._notif_poller: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ memory
+
+    def alloc(self, nbytes: int) -> Span | None:
+        return self.allocator.alloc(nbytes)
+
+    def free(self, span: Span) -> None:
+        self.allocator.free(span)
+
+    def view(self, span: Span, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """`shape` of `dtype` at the start of `span`, aliasing the registered memory."""
+        nbytes = _nbytes(dtype, shape)
+        return self.region[span.offset:span.offset + nbytes].view(dtype).view(shape)
+
+    def remote_tensor(self, span: Span, dtype: torch.dtype, shape: tuple[int, ...]) -> pb.RemoteTensor:
+        """How a peer addresses `view(span, dtype, shape)`."""
+        return pb.RemoteTensor(addr=self.region.data_ptr() + span.offset, nbytes=_nbytes(dtype, shape),
+                               dtype=str(dtype).removeprefix("torch."), shape=shape)
+
+    def handoff(self, notif: bytes) -> pb.EmbeddingHandoff:
+        return pb.EmbeddingHandoff(agent=self.name, agent_metadata=self.metadata, notif=notif,
+                                   mem_type=self.mem_type, device_id=self.device_id)
+
+    # ------------------------------------------------------------------ transfers
+
+    async def read(self, handoff: pb.EmbeddingHandoff, tensors: list[pb.RemoteTensor], into: Span,
+                   timeout: float) -> list[int]:
+        """READ `tensors` of the peer named in `handoff` back to back into `into`, as one transfer
+        whose completion sends `handoff.notif` to the peer; returns each tensor's offset in `into`.
+
+        Raises EpdError(503) when the peer is gone, the transfer fails or exceeds `timeout`
+        seconds. Cancelling releases the transfer (NIXL aborts it).
+        """
+        offsets, local, remote = [], [], []
+        cursor = into.offset
+        for t in tensors:
+            offsets.append(cursor - into.offset)
+            local.append((self.region.data_ptr() + cursor, t.nbytes, self.device_id))
+            remote.append((t.addr, t.nbytes, handoff.device_id))
+            cursor += t.nbytes
+        if cursor > into.offset + into.nbytes:
+            raise ValueError(f"{cursor - into.offset} bytes do not fit a span of {into.nbytes}")
+        peer = self._connect(handoff)
+        handle = None
+        try:
+            handle = self._nixl.initialize_xfer(
+                "READ", self._nixl.get_xfer_descs(local, self.mem_type),
+                self._nixl.get_xfer_descs(remote, handoff.mem_type or "DRAM"), peer, handoff.notif)
+            self._live_transfers += 1
+            state = self._nixl.transfer(handle)
+            deadline = time.monotonic() + timeout
+            backoff = _Backoff()
+            while state not in ("DONE", "ERR"):
+                if time.monotonic() > deadline:
+                    raise EpdError(503, f"reading embeddings from {peer} timed out after {timeout}s")
+                await backoff.wait()
+                state = self._nixl.check_xfer_state(handle)
+            if state == "ERR":
+                raise EpdError(503, f"reading embeddings from {peer} failed")
+        except EpdError:
+            self._forget_remote(peer)
+            raise
+        except Exception as exc:   # nixlRemoteDisconnectError and friends: the peer died
+            self._forget_remote(peer)
+            raise EpdError(503, f"reading embeddings from {peer} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if handle is not None:
+                self._nixl.release_xfer_handle(handle)
+                self._live_transfers -= 1
+        return offsets
+
+    def _connect(self, handoff: pb.EmbeddingHandoff) -> str:
+        if handoff.agent not in self._remotes:
+            name = self._nixl.add_remote_agent(handoff.agent_metadata)
+            name = name.decode() if isinstance(name, bytes) else name
+            if name != handoff.agent:
+                raise EpdError(500, f"agent metadata names {name!r}, the handoff {handoff.agent!r}")
+            self._remotes.add(name)
+        return handoff.agent
+
+    def _forget_remote(self, peer: str) -> None:
+        """Drop a peer after a failure: if it restarted, its next handoff brings new metadata."""
+        if peer in self._remotes:
+            self._remotes.discard(peer)
+            try:
+                self._nixl.remove_remote_agent(peer)
+            except Exception:
+                log.warning("removing NIXL peer %s failed", peer, exc_info=True)
+
+    # ------------------------------------------------------------------ notifications
+
+    def expect(self, notif: bytes) -> asyncio.Future[None]:
+        """A future resolved when a peer's transfer carrying `notif` completes. Call `forget`
+        when done waiting, resolved or not."""
+        future = asyncio.get_running_loop().create_future()
+        self._expected[notif] = future
+        if self._notif_poller is None or self._notif_poller.done():
+            self._notif_poller = asyncio.create_task(self._poll_notifs(), name=f"nixl-notifs {self.name}")
+        return future
+
+    def forget(self, notif: bytes) -> None:
+        self._expected.pop(notif, None)
+
+    async def _poll_notifs(self) -> None:
+        """Poll while any notification is expected; polling also progresses peers' READs of
+        our memory over transports that need the target's help (TCP)."""
+        backoff = _Backoff()
+        while self._expected:
+            got = False
+            for messages in self._nixl.get_new_notifs().values():
+                for msg in messages:
+                    future = self._expected.pop(msg, None)
+                    if future is not None and not future.done():
+                        future.set_result(None)
+                        got = True
+            backoff = _Backoff() if got else backoff
+            await backoff.wait()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def stats(self) -> dict[str, int]:
+        return {"nixl_registrations": int(self._registration is not None),
+                "nixl_live_transfers": self._live_transfers,
+                "nixl_remote_agents": len(self._remotes),
+                "nixl_expected_notifs": len(self._expected),
+                "region_bytes": self.allocator.capacity,
+                "region_allocated_bytes": self.allocator.allocated_bytes,
+                "region_allocations": self.allocator.allocations}
+
+    def close(self) -> None:
+        if self._notif_poller is not None:
+            self._notif_poller.cancel()
+        for peer in list(self._remotes):
+            self._forget_remote(peer)
+        if self._registration is not None:
+            self._nixl.deregister_memory(self._registration)
+            self._registration = None
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    n = torch.empty((), dtype=dtype).element_size()
+    for d in shape:
+        n *= d
+    return n
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype a RemoteTensor names; ValueError for anything else."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype

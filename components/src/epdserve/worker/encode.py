@@ -1,0 +1,150 @@
+"""The encode worker roles: media in, embeddings handed to the worker that prefills.
+
+`NixlEncodeHandler` (`--multimodal-encode-worker`) keeps embeddings in its NIXL-registered
+cache and answers with where they are; the prefill side READs them and the READ's
+notification unpins them. `StorageEncodeHandler` (`--native-encoder-worker`) writes them to
+the embedding cache on disk instead. Both answer an `EncodeRequest` with one `EncodeResult`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import torch
+
+from epdserve.models.base import MediaEncoder
+from epdserve.protocol import epdserve_pb2 as pb
+from epdserve.protocol.errors import EpdError
+from epdserve.transfer.agent import TransferAgent
+from epdserve.worker.ec_storage import EmbeddingStorage
+from epdserve.worker.embedding_cache import CachedEmbedding, EmbeddingCache
+from epdserve.worker.encode_batcher import EncodeBatcher
+from epdserve.worker.media_inputs import media_features
+
+log = logging.getLogger(__name__)
+
+
+class MediaEmbedder:
+    """Media item -> its `[length, H]` embedding: decode, preprocess, batched encode. Items
+    with the same hash that are being encoded already wait for that encode."""
+
+    def __init__(self, encoder: MediaEncoder, batcher: EncodeBatcher):
+        self.encoder = encoder
+        self.batcher = batcher
+        self._in_flight: dict[str, asyncio.Future[torch.Tensor]] = {}
+
+    async def embed(self, item: pb.MediaItem) -> torch.Tensor:
+        future = self._in_flight.get(item.hash)
+        if future is None:
+            future = self._in_flight[item.hash] = asyncio.ensure_future(self._encode(item))
+            future.add_done_callback(lambda f, key=item.hash: self._drop(key, f))
+        # Shielded: one request leaving must not cancel an encode others wait for.
+        return await asyncio.shield(future)
+
+    def _drop(self, key: str, future: asyncio.Future) -> None:
+        self._in_flight.pop(key, None)
+        if not future.cancelled():
+            future.exception()   # retrieved here: every waiter may have left
+
+    async def _encode(self, item: pb.MediaItem) -> torch.Tensor:
+        if item.WhichOneof("source") != "data" or not item.data:
+            raise EpdError.bad_request(f"media item {item.hash[:16]} came without its data")
+        features = await asyncio.to_thread(media_features, self.encoder, item.modality, item.data)
+        embedding = await self.batcher.encode(item.modality, features)
+        if embedding.shape[0] != item.length:
+            raise EpdError(500, f"media item {item.hash[:16]} gave {embedding.shape[0]} embeddings "
+                                f"for {item.length} placeholders")
+        return embedding
+
+
+def _result_item(item: pb.MediaItem) -> pb.MediaItem:
+    return pb.MediaItem(modality=item.modality, hash=item.hash, offset=item.offset, length=item.length)
+
+
+class NixlEncodeHandler:
+    """Serves `EncodeRequest` -> `EncodeResult` naming each embedding in the NIXL cache.
+
+    The items stay pinned until the reader's READ notification arrives, the stream is
+    cancelled, or `handoff_timeout` seconds pass; then the stream ends.
+    """
+
+    def __init__(self, embedder: MediaEmbedder, cache: EmbeddingCache, agent: TransferAgent,
+                 handoff_timeout: float = 30.0):
+        self.embedder = embedder
+        self.cache = cache
+        self.agent = agent
+        self.handoff_timeout = handoff_timeout
+
+    async def encode(self, payload: bytes) -> AsyncIterator[bytes]:
+        req = pb.EncodeRequest.FromString(payload)
+        entries = await self._pinned_entries(req.media)
+        notif = f"{req.request_id}/{uuid.uuid4().hex[:8]}".encode()
+        read = self.agent.expect(notif)
+        try:
+            result = pb.EncodeResult(handoff=self.agent.handoff(notif))
+            for item, entry in zip(req.media, entries):
+                out = _result_item(item)
+                out.embedding.CopyFrom(self.cache.remote(entry))
+                result.media.append(out)
+            yield result.SerializeToString()
+            try:
+                await asyncio.wait_for(read, self.handoff_timeout)
+            except TimeoutError:
+                log.warning("[%s] nobody read the embeddings in %.0f s; freeing them", req.request_id,
+                            self.handoff_timeout)
+        finally:
+            self.agent.forget(notif)
+            for entry in entries:
+                self.cache.unpin(entry)
+
+    async def _pinned_entries(self, items: list[pb.MediaItem]) -> list[CachedEmbedding]:
+        """Each item's cache entry, pinned: hits as they are, misses encoded (concurrently)."""
+        async def entry(item: pb.MediaItem) -> CachedEmbedding:
+            if (hit := self.cache.lookup(item.hash)) is not None:
+                return hit
+            return self.cache.insert(item.hash, await self.embedder.embed(item))
+
+        results = await asyncio.gather(*(entry(it) for it in items), return_exceptions=True)
+        pinned = [r for r in results if isinstance(r, CachedEmbedding)]
+        if len(pinned) < len(results):
+            for e in pinned:
+                self.cache.unpin(e)
+            raise next(r for r in results if isinstance(r, BaseException))
+        return pinned
+
+    def stats(self) -> dict[str, int]:
+        return self.agent.stats() | self.cache.stats() | {"encoder_calls": self.embedder.batcher.calls}
+
+
+class StorageEncodeHandler:
+    """Serves `EncodeRequest` -> `EncodeResult` once every embedding is in the storage."""
+
+    def __init__(self, embedder: MediaEmbedder, storage: EmbeddingStorage):
+        self.embedder = embedder
+        self.storage = storage
+        self.hits = 0
+        self.misses = 0
+
+    async def encode(self, payload: bytes) -> AsyncIterator[bytes]:
+        req = pb.EncodeRequest.FromString(payload)
+        await asyncio.gather(*(self._store(item) for item in req.media))
+        result = pb.EncodeResult()
+        for item in req.media:
+            out = _result_item(item)
+            out.in_ec_storage = True
+            result.media.append(out)
+        yield result.SerializeToString()
+
+    async def _store(self, item: pb.MediaItem) -> None:
+        if self.storage.contains(item.hash):
+            self.hits += 1
+            return
+        self.misses += 1
+        embedding = await self.embedder.embed(item)
+        await asyncio.to_thread(self.storage.save, item.hash, embedding)
+
+    def stats(self) -> dict[str, int]:
+        return {"cache_hits": self.hits, "cache_misses": self.misses, "encoder_calls": self.embedder.batcher.calls}

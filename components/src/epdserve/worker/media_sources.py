@@ -1,0 +1,99 @@
+"""A generate request's media items -> engine inputs, from wherever each item comes.
+
+An item arrives as its encoded bytes (EPD: this worker encodes it), as embeddings in an
+encode worker's NIXL memory (E/PD: one READ per request into this worker's registered
+staging region, then copied out so the span is free at once), or as embeddings in the
+embedding cache on disk (the EC-connector topology).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+
+from epdserve.engine.base import MultiModalInput
+from epdserve.models.base import MediaEncoder
+from epdserve.protocol import epdserve_pb2 as pb
+from epdserve.protocol.errors import EpdError
+from epdserve.transfer.agent import TransferAgent, torch_dtype
+from epdserve.transfer.region import Span
+from epdserve.worker.ec_storage import EmbeddingStorage
+from epdserve.worker.media_inputs import media_features
+
+
+class MediaResolver:
+    """`agent` is None on workers that cannot receive embeddings over NIXL, `storage` None
+    without `--ec-storage-path`; `read_timeout` bounds the wait for staging room plus the READ
+    (seconds)."""
+
+    def __init__(self, model: MediaEncoder, agent: TransferAgent | None, storage: EmbeddingStorage | None,
+                 read_timeout: float = 10.0):
+        self.model = model
+        self.agent = agent
+        self.storage = storage
+        self.read_timeout = read_timeout
+        self._freed = asyncio.Event()
+
+    async def resolve(self, req: pb.GenerateRequest) -> list[MultiModalInput]:
+        remote = [i for i, item in enumerate(req.media) if item.WhichOneof("source") == "embedding"]
+        embeddings = dict(zip(remote, await self._read(req, [req.media[i] for i in remote]))) if remote else {}
+        # Decoding and resizing a photo takes tens of ms: keep it off the event loop.
+        return await asyncio.to_thread(self._inputs, req, embeddings)
+
+    def _inputs(self, req: pb.GenerateRequest, embeddings: dict[int, torch.Tensor]) -> list[MultiModalInput]:
+        inputs = []
+        for i, item in enumerate(req.media):
+            mm = MultiModalInput(item.modality, item.hash, item.offset, item.length)
+            source = item.WhichOneof("source")
+            if source == "data":
+                mm.features = media_features(self.model, item.modality, item.data)
+            elif source == "embedding":
+                mm.embeddings = embeddings[i]
+            elif source == "in_ec_storage":
+                mm.embeddings = self._stored(item)
+            else:
+                raise EpdError.bad_request(f"media item {item.hash[:16]} has no data")
+            inputs.append(mm)
+        return inputs
+
+    def _stored(self, item: pb.MediaItem) -> torch.Tensor:
+        if self.storage is None:
+            raise EpdError(503, "this worker has no --ec-storage-path to read embeddings from")
+        embedding = self.storage.load(item.hash, item.length)
+        if embedding is None:
+            raise EpdError(503, f"embedding of media item {item.hash[:16]} ({item.length} rows) is not "
+                                f"in {self.storage.root}")
+        return embedding.to(self.model.device)
+
+    async def _read(self, req: pb.GenerateRequest, items: list[pb.MediaItem]) -> list[torch.Tensor]:
+        if self.agent is None:
+            raise EpdError(503, "this worker cannot receive embeddings over NIXL")
+        tensors = [item.embedding for item in items]
+        for item, t in zip(items, tensors):
+            if len(t.shape) != 2 or t.shape[0] != item.length:
+                raise EpdError(500, f"embedding of media item {item.hash[:16]} has shape {list(t.shape)} "
+                                    f"for {item.length} placeholders")
+        deadline = time.monotonic() + self.read_timeout
+        span = await self._alloc(sum(t.nbytes for t in tensors), deadline)
+        try:
+            offsets = await self.agent.read(req.handoff, tensors, span, max(deadline - time.monotonic(), 0.001))
+            return [self.agent.view(Span(span.offset + off, t.nbytes), torch_dtype(t.dtype), tuple(t.shape)).clone()
+                    for off, t in zip(offsets, tensors)]
+        finally:
+            self.agent.free(span)
+            self._freed.set()
+
+    async def _alloc(self, nbytes: int, deadline: float) -> Span:
+        """A staging span, waiting for other requests' reads to free room until `deadline`."""
+        if nbytes > self.agent.allocator.capacity:
+            raise EpdError(503, f"the request's embeddings ({nbytes} bytes) exceed this worker's "
+                                f"--embedding-buffer-bytes ({self.agent.allocator.capacity})")
+        while (span := self.agent.alloc(nbytes)) is None:
+            self._freed.clear()
+            try:
+                await asyncio.wait_for(self._freed.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                raise EpdError(503, "no room to receive embeddings: too many requests in flight") from None
+        return span
