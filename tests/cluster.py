@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -15,7 +16,9 @@ from pathlib import Path
 import httpx
 import openai
 
+from epdserve.config import RuntimeConfig
 from epdserve.tools.procs import pid_with_arg, tagged_pids
+from epdserve.tools.stats import worker_stats
 from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +39,7 @@ class Cluster:
     base_url: str
     model: str
     log: Path
+    namespace: str
 
     def client(self, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url + "/v1", api_key="none", max_retries=0, timeout=120, **kw)
@@ -45,6 +49,22 @@ class Cluster:
 
     def models(self) -> list[str]:
         return [m["id"] for m in httpx.get(self.base_url + "/v1/models", timeout=5).json()["data"]]
+
+    def worker_stats(self, infra) -> dict[str, dict[str, int]]:
+        """Every worker's counters ("<component>/<instance id>" -> counters)."""
+        config = RuntimeConfig(infra.etcd_endpoints, infra.nats_server, self.namespace)
+        return asyncio.run(worker_stats(config))
+
+    def pids(self, arg: str) -> list[int]:
+        """The PIDs of this cluster's processes whose command line has the argument `arg`."""
+        pids = []
+        for pid in tagged_pids(TAG_VAR, self.tag):
+            try:
+                if arg.encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                    pids.append(pid)
+            except OSError:   # exited meanwhile
+                continue
+        return pids
 
     def stop(self) -> None:
         """SIGTERM the script (it stops its children), then kill anything tagged that is left."""
@@ -79,13 +99,14 @@ def start(command: Callable[[int, str], list[str]], infra, log: Path, served_nam
     etcd/NATS and a tag in its environment; wait until `served_name` is listed."""
     tag = uuid.uuid4().hex
     port = free_port()
+    namespace = f"t{tag[:8]}"
     env = os.environ | {"ETCD_ENDPOINTS": infra.etcd_endpoints, "NATS_SERVER": infra.nats_server,
                         "HTTP_HOST": "127.0.0.1", TAG_VAR: tag, "PYTHON": sys.executable}
     log = log.with_name(f"{log.stem}-{tag[:8]}.log")
     with open(log, "wb") as out:
-        proc = subprocess.Popen(command(port, f"t{tag[:8]}"), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(command(port, namespace), stdout=out, stderr=subprocess.STDOUT,
                                 env=env, cwd=ROOT)
-    cluster = Cluster(proc, tag, f"http://127.0.0.1:{port}", served_name, log)
+    cluster = Cluster(proc, tag, f"http://127.0.0.1:{port}", served_name, log, namespace)
     deadline = time.monotonic() + timeout
     try:
         while True:

@@ -34,6 +34,7 @@ class EmbeddingCache:
         self._entries: OrderedDict[str, CachedEmbedding] = OrderedDict()   # LRU first
         self.hits = 0
         self.misses = 0
+        self.evictions = 0
 
     def lookup(self, key: str) -> CachedEmbedding | None:
         """The entry, pinned and made most recent, or None (counted as hit or miss)."""
@@ -76,7 +77,9 @@ class EmbeddingCache:
     def _evict(self, entry: CachedEmbedding) -> None:
         del self._entries[entry.key]
         self.agent.free(entry.span)
+        self.evictions += 1
 
     def stats(self) -> dict[str, int]:
         return {"cache_entries": len(self._entries), "cache_hits": self.hits, "cache_misses": self.misses,
+                "cache_evictions": self.evictions,
                 "cache_pinned": sum(e.pins for e in self._entries.values())}

@@ -1,0 +1,42 @@
+"""Chat requests through the official `openai` client, checked against the HF oracle."""
+
+from __future__ import annotations
+
+import openai
+
+from oracle import data_url, hf_greedy, hf_text
+
+MAX_TOKENS = 12
+
+
+def chat_messages(images: list[bytes], text: str = "What is in this image?") -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": data_url(png)}} for png in images]
+    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+
+
+def run_chat(client: openai.OpenAI, model: str, messages: list[dict], stream: bool,
+             max_tokens: int = MAX_TOKENS) -> tuple[str, list[int], str]:
+    """(text, completion token ids, finish reason) of one temperature-0 chat completion."""
+    kw = dict(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
+              extra_body={"return_token_ids": True})
+    if not stream:
+        r = client.chat.completions.create(**kw)
+        choice = r.choices[0]
+        assert r.usage.completion_tokens == len(choice.model_extra["token_ids"])
+        return choice.message.content, choice.model_extra["token_ids"], choice.finish_reason
+    text, ids, finish, usage = "", [], None, None
+    for chunk in client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            ids += choice.model_extra.get("token_ids") or []
+            finish = choice.finish_reason or finish
+    assert usage is not None and usage.completion_tokens == len(ids)
+    return text, ids, finish
+
+
+def assert_matches_oracle(model_dir, messages, text, ids, max_tokens=MAX_TOKENS):
+    expected = hf_greedy(model_dir, messages, max_tokens=max_tokens)
+    assert ids == expected
+    assert text == hf_text(model_dir, expected).rstrip("\ufffd")

@@ -1,0 +1,154 @@
+"""E/PD clusters: `agg_multimodal_epd.sh` (embeddings over NIXL) and
+`agg_multimodal_ec_connector.sh` (embeddings through the cache on disk), driven by the
+official `openai` client and checked token-for-token against `transformers`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from chat import MAX_TOKENS, assert_matches_oracle, chat_messages, run_chat
+from cluster import launch
+from oracle import hf_greedy, make_image
+
+CACHE_BYTES = 1 << 20   # tiny LLaVA embeddings are 4 KiB: room for ~250, so eviction is exercised below
+TOPOLOGIES = {
+    "nixl": ("agg_multimodal_epd.sh", "--encode-workers", "2", "--encoder-cache-bytes", str(CACHE_BYTES),
+             "--embedding-buffer-bytes", str(64 << 10)),
+    "ec": ("agg_multimodal_ec_connector.sh",),
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from epdserve.tools.tiny_model import build_tiny_model
+    return build_tiny_model("llava", tmp_path_factory.mktemp("llava") / "tiny")
+
+
+@pytest.fixture(scope="module", params=list(TOPOLOGIES))
+def cluster(request, infra, model_dir, tmp_path_factory):
+    script, *args = TOPOLOGIES[request.param]
+    c = launch(script, infra, tmp_path_factory.mktemp("logs"), *args, model_dir=model_dir)
+    yield c
+    c.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize("num_images", [0, 1, 2])
+def test_chat_matches_transformers(cluster, model_dir, num_images, stream):
+    messages = chat_messages([make_image(20 + i) for i in range(num_images)])
+    text, ids, finish = run_chat(cluster.client(), cluster.model, messages, stream)
+    assert_matches_oracle(model_dir, messages, text, ids)
+    assert finish in ("stop", "length")
+
+
+def test_32_concurrent_requests_leave_nothing_behind(cluster, infra, model_dir):
+    """Distinct and repeated images, over both encoders; then every pin, transfer, staging span
+    and KV block is back, and each agent registered its memory exactly once."""
+    cases = [chat_messages([make_image(200 + i % 12)] * (1 + i % 2), f"Request number {i}.") for i in range(32)]
+
+    async def all_at_once():
+        async with cluster.async_client() as client:
+            return await asyncio.gather(*(client.chat.completions.create(
+                model=cluster.model, messages=m, max_tokens=MAX_TOKENS, temperature=0,
+                extra_body={"return_token_ids": True}) for m in cases))
+
+    for messages, r in zip(cases, asyncio.run(all_at_once())):
+        assert r.choices[0].model_extra["token_ids"] == hf_greedy(model_dir, messages, max_tokens=MAX_TOKENS)
+    stats = cluster.worker_stats(infra)
+    encoders = {k: v for k, v in stats.items() if k.startswith("encoder/")}
+    backends = {k: v for k, v in stats.items() if k.startswith("backend/")}
+    assert backends and encoders
+    for name, s in backends.items():
+        assert s["kv_blocks_free"] == s["kv_blocks_total"], name
+        assert s["running"] == s["waiting"] == 0, name
+        assert (s["nixl_registrations"], s["nixl_live_transfers"], s["region_allocations"]) == (1, 0, 0), name
+    for name, s in encoders.items():
+        assert s.get("cache_pinned", 0) == 0 and s.get("nixl_expected_notifs", 0) == 0, name
+        assert s.get("nixl_registrations", 1) == 1 and s.get("nixl_live_transfers", 0) == 0, name
+    if len(encoders) > 1:   # both took load, and repeated images hit the cache
+        assert all(s["encoder_calls"] > 0 for s in encoders.values())
+        assert sum(s["cache_hits"] for s in encoders.values()) > 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime + stime
+
+
+def test_idle_workers_use_almost_no_cpu(cluster):
+    """NIXL agents run without their busy-polling progress thread: idle, every process of the
+    cluster stays under 5% of a core."""
+    pids = cluster.pids("epdserve.worker") + cluster.pids("epdserve.frontend")
+    assert len(pids) >= 3
+    time.sleep(2)   # let the previous test's requests wind down
+    before = {pid: _cpu_seconds(pid) for pid in pids}
+    time.sleep(5)
+    used = {pid: _cpu_seconds(pid) - before[pid] for pid in pids}
+    assert all(s < 0.05 * 5 for s in used.values()), used
+
+
+def test_encoder_cache_evicts_and_stays_correct(cluster, infra, model_dir):
+    """More distinct images than the NIXL cache holds: old entries are evicted, and an evicted
+    image is encoded again correctly."""
+    client = cluster.client()
+    first = chat_messages([make_image(5000)])
+    run_chat(client, cluster.model, first, stream=False, max_tokens=2)
+    for i in range(0, 600, 4):   # 600 images of 4 KiB each, over two encoders: each gets > CACHE_BYTES
+        messages = chat_messages([make_image(6000 + i + j, (32, 32)) for j in range(4)])
+        run_chat(client, cluster.model, messages, stream=False, max_tokens=1)
+    text, ids, _ = run_chat(client, cluster.model, first, stream=False)
+    assert_matches_oracle(model_dir, first, text, ids)
+    nixl = [s for k, s in cluster.worker_stats(infra).items() if k.startswith("encoder/") and "cache_evictions" in s]
+    assert all(s["cache_evictions"] > 0 and s["region_allocated_bytes"] <= CACHE_BYTES for s in nixl)
+
+
+def test_killed_encoder_fails_over(infra, model_dir, tmp_path_factory):
+    """SIGKILL one of two encode workers under load: every in-flight request ends (an answer
+    or an error) within a deadline, and new requests are served by the other encoder."""
+    c = launch("agg_multimodal_epd.sh", infra, tmp_path_factory.mktemp("logs"), "--encode-workers", "2",
+               model_dir=model_dir, served_name="failover")
+    try:
+        encoders = c.pids("--multimodal-encode-worker")
+        assert len(encoders) == 2
+        cases = [chat_messages([make_image(900 + i)], f"Load {i}.") for i in range(16)]
+        outcomes: list = []
+
+        async def load():
+            async with c.async_client() as client:
+                async def one(m):
+                    try:
+                        r = await client.chat.completions.create(
+                            model=c.model, messages=m, max_tokens=MAX_TOKENS, temperature=0,
+                            extra_body={"return_token_ids": True})
+                        return m, r.choices[0].model_extra["token_ids"]
+                    except openai.APIError as exc:
+                        return m, exc
+                outcomes.extend(await asyncio.gather(*(one(m) for m in cases)))
+
+        killer = threading.Timer(0.3, os.kill, (encoders[0], signal.SIGKILL))
+        killer.start()
+        started = time.monotonic()
+        asyncio.run(load())
+        killer.join()
+        assert time.monotonic() - started < 45
+        for messages, result in outcomes:
+            if not isinstance(result, Exception):
+                assert result == hf_greedy(model_dir, messages, max_tokens=MAX_TOKENS)
+        client = c.client()
+        for i in range(4):   # new requests find the surviving encoder at once, dead one listed or not
+            messages = chat_messages([make_image(950 + i)])
+            t = time.monotonic()
+            text, ids, _ = run_chat(client, c.model, messages, stream=False)
+            assert time.monotonic() - t < 10
+            assert_matches_oracle(model_dir, messages, text, ids)
+    finally:
+        c.stop()

@@ -1,0 +1,144 @@
+"""NIXL hand-off pieces in one process: the region allocator, a READ between two agents with
+its notification, the NIXL embedding cache, the cache on disk, encoder routing, and the
+encode worker's vision-only model."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from epdserve.protocol import epdserve_pb2 as pb
+from epdserve.protocol.errors import EpdError
+from epdserve.transfer.agent import TransferAgent, torch_dtype
+from epdserve.transfer.region import ALIGNMENT, RegionAllocator, Span
+from epdserve.worker.ec_storage import EmbeddingStorage
+from epdserve.worker.embedding_cache import EmbeddingCache
+from oracle import make_image
+
+CPU = torch.device("cpu")
+
+
+def test_allocator_aligns_and_coalesces():
+    a = RegionAllocator(4 * ALIGNMENT)
+    spans = [a.alloc(10), a.alloc(ALIGNMENT + 1), a.alloc(1)]
+    assert [s.offset for s in spans] == [0, ALIGNMENT, 3 * ALIGNMENT]
+    assert a.alloc(1) is None
+    a.free(spans[0])
+    a.free(spans[2])
+    assert a.alloc(2 * ALIGNMENT) is None   # two holes of one unit each
+    a.free(spans[1])
+    assert a.allocated_bytes == a.allocations == 0
+    assert a.alloc(4 * ALIGNMENT) == Span(0, 4 * ALIGNMENT)   # all merged back
+
+
+async def test_read_moves_tensors_and_notifies_the_holder():
+    holder = TransferAgent("test-holder", 1 << 20, CPU)
+    reader = TransferAgent("test-reader", 1 << 20, CPU)
+    try:
+        tensors, remotes = [torch.randn(16, 64), torch.randn(3, 5).to(torch.bfloat16)], []
+        for t in tensors:
+            span = holder.alloc(t.numel() * t.element_size())
+            holder.view(span, t.dtype, tuple(t.shape)).copy_(t)
+            remotes.append(holder.remote_tensor(span, t.dtype, tuple(t.shape)))
+        done = holder.expect(b"req-1")
+        into = reader.alloc(sum(r.nbytes for r in remotes))
+        offsets = await reader.read(holder.handoff(b"req-1"), remotes, into, timeout=10)
+        await asyncio.wait_for(done, 10)
+        for t, r, off in zip(tensors, remotes, offsets):
+            got = reader.view(Span(into.offset + off, r.nbytes), torch_dtype(r.dtype), tuple(r.shape))
+            assert torch.equal(got, t)
+        assert reader.stats()["nixl_live_transfers"] == 0 and reader.stats()["nixl_remote_agents"] == 1
+        holder.forget(b"req-1")
+        assert holder.stats()["nixl_expected_notifs"] == 0
+    finally:
+        reader.close()
+        holder.close()
+
+
+async def test_read_from_a_vanished_peer_is_a_503():
+    reader = TransferAgent("test-reader-2", 1 << 16, CPU)
+    ghost = TransferAgent("test-ghost", 1 << 16, CPU)
+    handoff = ghost.handoff(b"x")
+    remote = ghost.remote_tensor(ghost.alloc(1024), torch.float32, (256,))
+    ghost.close()
+    try:
+        with pytest.raises(EpdError) as err:
+            await reader.read(handoff, [remote], reader.alloc(1024), timeout=2)
+        assert err.value.code == 503
+        assert reader.stats()["nixl_live_transfers"] == 0
+    finally:
+        reader.close()
+
+
+async def test_cache_is_lru_by_bytes_and_never_evicts_pinned():
+    agent = TransferAgent("test-cache", 3 * 4096, CPU)
+    cache = EmbeddingCache(agent)
+    try:
+        a = cache.insert("a", torch.ones(16, 64))        # 4 KiB each: room for three
+        cache.insert("b", torch.ones(16, 64) * 2)
+        cache.unpin(cache.insert("c", torch.ones(16, 64) * 3))
+        cache.unpin(cache.lookup("b"))                   # b is now more recent than c
+        cache.unpin(cache.lookup("b"))
+        cache.insert("d", torch.ones(16, 64) * 4)        # evicts c: a is pinned, b recent
+        assert cache.lookup("c") is None and cache.evictions == 1
+        cache.unpin(a)
+        assert torch.equal(agent.view(a.span, a.dtype, a.shape), torch.ones(16, 64))
+        with pytest.raises(EpdError) as err:
+            cache.insert("huge", torch.ones(64, 64))      # 16 KiB > the region
+        assert err.value.code == 503
+    finally:
+        agent.close()
+
+
+def test_storage_writes_atomically_and_checks_length(tmp_path):
+    store = EmbeddingStorage(tmp_path / "ec")
+    emb = torch.randn(7, 8)
+    store.save("f" * 64, emb)
+    store.save("client uuid / with slashes", emb)
+    assert torch.equal(store.load("f" * 64, 7), emb)
+    assert store.load("f" * 64, 8) is None and store.load("missing") is None
+    assert torch.equal(store.load("client uuid / with slashes"), emb)
+    assert sorted(p.name for p in (tmp_path / "ec").iterdir())[1] == "f" * 64 + ".safetensors"
+    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "ec").iterdir())
+
+
+class _Pool:
+    def __init__(self, ids):
+        self.ids, self.turn = ids, 0
+
+    def cards(self):
+        return [pb.ModelCard(instance_id=i, subject=i) for i in self.ids]
+
+    def pick(self):
+        self.turn += 1
+        return self.cards()[self.turn % len(self.ids)]
+
+
+def test_router_prefers_the_encoder_holding_the_items():
+    from epdserve.processor.encoders import EncoderRouter
+    pool = _Pool(["e1", "e2"])
+    router = EncoderRouter(pool)
+    router.record("e2", ["h1", "h2"])
+    router.record("e1", ["h3"])
+    assert router.pick(["h1", "h3", "h2"]).instance_id == "e2"
+    assert router.pick(["h1"], exclude=frozenset({"e2"})).instance_id == "e1"
+    assert {router.pick(["new"]).instance_id for _ in range(4)} == {"e1", "e2"}
+    pool.ids = ["e1"]                                    # e2 died: its items go elsewhere
+    assert router.pick(["h1"]).instance_id == "e1"
+    assert router.pick(["h1"], exclude=frozenset({"e1"})) is None
+
+
+def test_encoder_loads_only_the_vision_weights_and_encodes_like_the_full_model(tiny_llava, tiny_runner):
+    from epdserve.models.registry import load_family
+    encoder = load_family(tiny_llava).load_encoder(None, CPU)
+    loaded = {n for n, p in encoder.hf.named_parameters() if p.device.type != "meta"}
+    assert loaded and all(n.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for n in loaded)
+    images = [Image.open(io.BytesIO(make_image(i))).convert("RGB") for i in range(2)]
+    with torch.inference_mode():
+        expected = tiny_runner.encode("image", tiny_runner.preprocess("image", images))
+        got = encoder.encode("image", encoder.preprocess("image", images))
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
