@@ -16,47 +16,35 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import hashlib
 import json
 import multiprocessing
 import os
-import subprocess
-import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import httpx
-import openai
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.generation.streamers import BaseStreamer
 
-from common import (TAG_VAR, RequestRecord, WorkItem, build_workload, decode_png, ensure_model, free_port,
-                    gemm_probe_gflops, level_result, machine_info, peak_rss_mib, render_markdown, reset_peak_rss,
-                    stop_tagged)
+from cluster import closed_loop, http_cluster, http_level
+from common import (RequestRecord, WorkItem, build_workload, decode_png, ensure_model, gemm_probe_gflops,
+                    level_result, machine_info, peak_rss_mib, render_markdown, reset_peak_rss)
 from epdserve.config import WorkerConfig, parse_worker_args
 from epdserve.engine.async_engine import AsyncEngine
 from epdserve.engine.base import Engine, EngineRequest, MultiModalInput, SamplingParams
 from epdserve.engine.paged import PagedEngine
 from epdserve.models.base import ModelFamily, MultimodalModel
 from epdserve.models.registry import load_family
-from epdserve.runtime import services
-from epdserve.tools.procs import pid_with_arg
 from epdserve.worker.services import engine_config, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("engine", "http", "hf")
 WORKER_FLAGS = ("--multimodal-worker", "--enable-multimodal", "--device", "cpu")
-SERVED_NAME = "bench-llava"
-READY_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
@@ -70,21 +58,6 @@ class BenchConfig:
 def make_engine(model: MultimodalModel, c: WorkerConfig, max_model_len: int) -> Engine:
     """The engine the PD worker runs, built as worker/services.py PDService builds it."""
     return PagedEngine(model, engine_config(c, max_model_len))
-
-
-async def closed_loop(items: list[WorkItem], concurrency: int,
-                      send: Callable[[WorkItem], Awaitable[RequestRecord]]) -> tuple[list[RequestRecord], float]:
-    """Keep `concurrency` requests in flight until all complete; (records, wall seconds)."""
-    pending: Iterator[WorkItem] = iter(items)
-    records: list[RequestRecord] = []
-
-    async def client() -> None:
-        for item in pending:   # shared iterator: each client takes the next request when free
-            records.append(await send(item))
-
-    start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(min(concurrency, len(items)))))
-    return records, time.perf_counter() - start
 
 
 def _log(mode: str, level: dict[str, Any]) -> None:
@@ -234,90 +207,13 @@ def run_engine(cfg: BenchConfig) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- http
 
-def _wait_served(proc: subprocess.Popen, base_url: str, log: Path) -> None:
-    """Poll /v1/models until the model is listed; raise with the log tail on exit or timeout."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"cluster exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            models = httpx.get(base_url + "/v1/models", timeout=5).json()["data"]
-            if any(m["id"] == SERVED_NAME for m in models):
-                return
-        except (httpx.HTTPError, ValueError, KeyError):
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"cluster not ready after {READY_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-
-
-@contextmanager
-def http_cluster(model: str) -> Iterator[tuple[str, dict[str, int]]]:
-    """etcd + NATS on free ports and launch/agg_multimodal.sh; yields (base URL, role -> PID).
-
-    Stops the script with SIGTERM, then SIGKILLs any process carrying this run's tag."""
-    tag = uuid.uuid4().hex
-    with tempfile.TemporaryDirectory(prefix="epdserve-bench-") as tmp:
-        work, infra = Path(tmp), []
-        etcd_url, nats_url = f"http://127.0.0.1:{free_port()}", f"nats://127.0.0.1:{free_port()}"
-        port, log = free_port(), work / "cluster.log"
-        try:
-            infra.append(services.start_etcd(etcd_url, work / "etcd"))
-            infra.append(services.start_nats(nats_url, work / "nats"))
-            env = os.environ | {"ETCD_ENDPOINTS": etcd_url, "NATS_SERVER": nats_url, "HTTP_HOST": "127.0.0.1",
-                                "PYTHON": sys.executable, TAG_VAR: tag}
-            cmd = ["bash", str(ROOT / "launch" / "agg_multimodal.sh"), "--model", model, "--http-port", str(port),
-                   "--namespace", "bench", "--served-model-name", SERVED_NAME, "--device", "cpu"]
-            with open(log, "wb") as out:
-                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-            try:
-                base_url, started = f"http://127.0.0.1:{port}", time.perf_counter()
-                _wait_served(proc, base_url, log)
-                print(f"[http] cluster ready in {time.perf_counter() - started:.1f} s", flush=True)
-                pids = {"worker": pid_with_arg(TAG_VAR, tag, "--multimodal-worker"),
-                        "processor": pid_with_arg(TAG_VAR, tag, "--multimodal-processor"),
-                        "frontend": pid_with_arg(TAG_VAR, tag, "epdserve.frontend")}
-                yield base_url, pids
-            finally:
-                stop_tagged(proc, tag)
-        finally:
-            for server in reversed(infra):
-                services.stop(server)
-
-
-def _data_url(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-async def http_level(base_url: str, items: list[WorkItem], concurrency: int) -> tuple[list[RequestRecord], float]:
-    """Closed-loop streaming chat completions; a chunk's tokens are timed on its arrival."""
-    urls = {it.rid: _data_url(it.image) for it in items if it.image is not None}   # off the clock
-    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=600)
-
-    async def send(item: WorkItem) -> RequestRecord:
-        rec = RequestRecord(item.rid, item.image is not None, item.max_tokens)
-        chunk_times: list[float] = []
-        issued = time.perf_counter()
-        stream = await client.chat.completions.create(
-            model=SERVED_NAME, messages=item.openai_messages(urls.get(item.rid)), max_tokens=item.max_tokens,
-            temperature=0, stream=True, stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True, "return_token_ids": True})
-        async for chunk in stream:
-            now = time.perf_counter()
-            if chunk.usage is not None:
-                rec.output_tokens, rec.prompt_tokens = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
-            if any((c.model_extra or {}).get("token_ids") for c in chunk.choices):
-                chunk_times.append(now)
-        rec.finish(issued, chunk_times)
-        return rec
-
-    async with client:
-        return await closed_loop(items, concurrency, send)
-
-
 def run_http(cfg: BenchConfig) -> list[dict[str, Any]]:
     """A real cluster; peak RSS per serving process (VmHWM reset before each level)."""
     levels = []
-    with http_cluster(cfg.model) as (base_url, pids):
+    with http_cluster(cfg.model) as cluster:
+        base_url = cluster.base_url
+        pids = {"worker": cluster.pid("--multimodal-worker"), "processor": cluster.pid("--multimodal-processor"),
+                "frontend": cluster.pid("epdserve.frontend")}
         asyncio.run(http_level(base_url, build_workload(2, cfg.seed, "warmup"), 2))
         for c in cfg.levels:
             items = build_workload(cfg.requests_per_level, cfg.seed, f"c{c}")

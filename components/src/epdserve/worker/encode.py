@@ -35,6 +35,7 @@ class MediaEmbedder:
         self.encoder = encoder
         self.batcher = batcher
         self._in_flight: dict[str, asyncio.Future[torch.Tensor]] = {}
+        self.encoded_items = 0
 
     async def embed(self, item: pb.MediaItem) -> torch.Tensor:
         future = self._in_flight.get(item.hash)
@@ -44,6 +45,9 @@ class MediaEmbedder:
         # Shielded: one request leaving must not cancel an encode others wait for.
         return await asyncio.shield(future)
 
+    def stats(self) -> dict[str, int]:
+        return {"encoded_items": self.encoded_items, "encoder_calls": self.batcher.calls}
+
     def _drop(self, key: str, future: asyncio.Future) -> None:
         self._in_flight.pop(key, None)
         if not future.cancelled():
@@ -52,6 +56,7 @@ class MediaEmbedder:
     async def _encode(self, item: pb.MediaItem) -> torch.Tensor:
         if item.WhichOneof("source") != "data" or not item.data:
             raise EpdError.bad_request(f"media item {item.hash[:16]} came without its data")
+        self.encoded_items += 1
         features = await asyncio.to_thread(media_features, self.encoder, item.modality, item.data)
         embedding = await self.batcher.encode(item.modality, features)
         if embedding.shape[0] != item.length:
@@ -116,7 +121,7 @@ class NixlEncodeHandler:
         return pinned
 
     def stats(self) -> dict[str, int]:
-        return self.agent.stats() | self.cache.stats() | {"encoder_calls": self.embedder.batcher.calls}
+        return self.agent.stats() | self.cache.stats() | self.embedder.stats()
 
 
 class StorageEncodeHandler:
@@ -147,4 +152,4 @@ class StorageEncodeHandler:
         await asyncio.to_thread(self.storage.save, item.hash, embedding)
 
     def stats(self) -> dict[str, int]:
-        return {"cache_hits": self.hits, "cache_misses": self.misses, "encoder_calls": self.embedder.batcher.calls}
+        return {"cache_hits": self.hits, "cache_misses": self.misses} | self.embedder.stats()

@@ -1,0 +1,283 @@
+"""Hand-off bandwidth between two processes, as between an encode worker and a PD worker.
+
+`measure_pair(mode, ucx_tls, spec)` starts a holder and a reader, each a fresh
+`python transfer_probe.py ROLE MODE FD SPEC [RESULT_FD]`, with UCX_TLS in their environment
+before nixl loads. They talk over a multiprocessing Pipe. Modes:
+  handoff  -- our path: the holder's `TransferAgent` keeps the tensors in its `EmbeddingCache`
+              and awaits `expect(notif)`; the reader runs `MediaResolver._read` (staging span,
+              `TransferAgent.read`, clone out of the region, free).
+  raw      -- two bare `nixl_agent`s without a progress thread (as `TransferAgent` runs):
+              one initialize_xfer + transfer + busy-polled check_xfer_state; the holder
+              busy-polls get_new_notifs (it progresses READs that need the target, e.g. TCP).
+  raw-prog -- the same with NIXL's default progress thread; both sides poll every POLL_S.
+Per rep: the reader sends ("go", case, notif); the holder arms its wait for `notif` and
+answers ("armed", ...); the reader times its READ. The holder goes back to the pipe only once
+the READ's notification has arrived, so no two reps overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+MODES = ("handoff", "raw", "raw-prog")
+POLL_S = 0.0001          # raw-prog: the progress thread moves data, the waiters only look
+NOTIF_TIMEOUT_S = 60.0
+
+
+def _nbytes(shapes: list[list[int]]) -> int:
+    return sum(r * c * 4 for r, c in shapes)   # float32 [rows, hidden]
+
+
+def _check_ucx(nixl: Any) -> None:
+    """nixl logs a backend it cannot create and goes on without it: make that an error."""
+    if "UCX" not in nixl.backends:
+        raise RuntimeError("the UCX backend could not be created")
+
+
+def _nixl_agent(name: str, prog: bool) -> Any:
+    from nixl._api import nixl_agent, nixl_agent_config
+    agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=prog, backends=["UCX"]))
+    _check_ucx(agent)
+    return agent
+
+
+# --------------------------------------------------------------------------- holder
+
+class HandoffHolder:
+    """The encode worker's side: embeddings in the `EmbeddingCache`, `expect(notif)`."""
+
+    def __init__(self, cases: list[list[list[int]]]):
+        from epdserve.transfer.agent import TransferAgent
+        from epdserve.transfer.region import ALIGNMENT
+        from epdserve.worker.embedding_cache import EmbeddingCache
+        size = sum(_nbytes(shapes) + ALIGNMENT * len(shapes) for shapes in cases)
+        self.agent = TransferAgent("holder", size, torch.device("cpu"))
+        _check_ucx(self.agent._nixl)
+        cache = EmbeddingCache(self.agent)
+        self.remotes = [[cache.remote(cache.insert(f"{i}/{j}", torch.full(tuple(s), j + 1.0))).SerializeToString()
+                         for j, s in enumerate(shapes)] for i, shapes in enumerate(cases)]
+
+    def describe(self) -> bytes:
+        return self.agent.metadata
+
+    async def serve(self, case: int, notif: bytes, peer: Connection) -> None:
+        done = self.agent.expect(notif)
+        try:
+            peer.send(("armed", self.agent.handoff(notif).SerializeToString(), self.remotes[case]))
+            await asyncio.wait_for(done, NOTIF_TIMEOUT_S)
+        finally:
+            self.agent.forget(notif)
+
+
+class RawHolder:
+    """Bare NIXL: one registered tensor holding every case back to back."""
+
+    def __init__(self, cases: list[list[list[int]]], prog: bool):
+        self.prog = prog
+        self.nixl = _nixl_agent("holder", prog)
+        self.region = torch.empty(sum(_nbytes(s) for s in cases) // 4)
+        self.nixl.register_memory(self.region)
+        self.descs, cursor = [], 0
+        for shapes in cases:
+            case = []
+            for j, (rows, cols) in enumerate(shapes):
+                self.region[cursor:cursor + rows * cols] = j + 1.0
+                case.append((self.region.data_ptr() + cursor * 4, rows * cols * 4))
+                cursor += rows * cols
+            self.descs.append(case)
+
+    def describe(self) -> bytes:
+        return self.nixl.get_agent_metadata()
+
+    async def serve(self, case: int, notif: bytes, peer: Connection) -> None:
+        peer.send(("armed", b"", self.descs[case]))
+        deadline = time.monotonic() + NOTIF_TIMEOUT_S
+        while not any(notif in msgs for msgs in self.nixl.get_new_notifs().values()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no notification {notif!r}")
+            if self.prog:
+                time.sleep(POLL_S)
+
+
+async def holder(mode: str, spec: dict[str, Any], peer: Connection) -> None:
+    try:
+        store = HandoffHolder(spec["cases"]) if mode == "handoff" else RawHolder(spec["cases"], mode == "raw-prog")
+    except Exception as exc:   # e.g. a UCX_TLS this machine cannot serve
+        peer.send(("unavailable", f"{type(exc).__name__}: {exc}"))
+        return
+    peer.send(("ready", store.describe()))
+    while (msg := peer.recv())[0] == "go":
+        await store.serve(msg[1], msg[2], peer)
+
+
+# --------------------------------------------------------------------------- reader
+
+class HandoffReader:
+    """The PD worker's side: `MediaResolver._read` as it runs for a request, with the time
+    inside `TransferAgent.read` recorded apart from the whole."""
+
+    def __init__(self, capacity: int):
+        from epdserve.transfer.agent import TransferAgent
+        from epdserve.worker.media_sources import MediaResolver
+        self.agent = TransferAgent("reader", capacity, torch.device("cpu"))
+        _check_ucx(self.agent._nixl)
+        self.resolver = MediaResolver(None, self.agent, None)   # _read uses only the agent
+        self.read_s = 0.0
+        read = self.agent.read
+
+        async def timed_read(*args: Any) -> list[int]:
+            start = time.perf_counter()
+            try:
+                return await read(*args)
+            finally:
+                self.read_s = time.perf_counter() - start
+
+        self.agent.read = timed_read
+
+    async def read(self, notif: bytes, handoff: bytes, remotes: list) -> tuple[float, float, list[torch.Tensor]]:
+        """(whole seconds, seconds inside the READ, the tensors read)."""
+        from epdserve.protocol import epdserve_pb2 as pb
+        req = pb.GenerateRequest(handoff=pb.EmbeddingHandoff.FromString(handoff))
+        for r in remotes:
+            t = pb.RemoteTensor.FromString(r)
+            req.media.append(pb.MediaItem(modality="image", hash=str(t.addr), length=t.shape[0], embedding=t))
+        start = time.perf_counter()
+        out = await self.resolver._read(req, list(req.media))
+        return time.perf_counter() - start, self.read_s, out
+
+
+class RawReader:
+    def __init__(self, capacity: int, prog: bool, peer_metadata: bytes):
+        self.prog = prog
+        self.nixl = _nixl_agent("reader", prog)
+        self.region = torch.empty(capacity // 4)
+        self.nixl.register_memory(self.region)
+        self.peer = self.nixl.add_remote_agent(peer_metadata)
+
+    async def read(self, notif: bytes, handoff: bytes, descs: list) -> tuple[float, float, list[torch.Tensor]]:
+        local, remote, views, cursor = [], [], [], 0
+        for addr, nbytes in descs:   # back to back in the local region, as TransferAgent.read does
+            local.append((self.region.data_ptr() + cursor * 4, nbytes, 0))
+            remote.append((addr, nbytes, 0))
+            views.append(self.region[cursor:cursor + nbytes // 4])
+            cursor += nbytes // 4
+        start = time.perf_counter()
+        handle = self.nixl.initialize_xfer("READ", self.nixl.get_xfer_descs(local, "DRAM"),
+                                           self.nixl.get_xfer_descs(remote, "DRAM"), self.peer, notif)
+        state = self.nixl.transfer(handle)
+        while state not in ("DONE", "ERR"):
+            if self.prog:
+                time.sleep(POLL_S)
+            state = self.nixl.check_xfer_state(handle)
+        self.nixl.release_xfer_handle(handle)
+        elapsed = time.perf_counter() - start
+        if state == "ERR":
+            raise RuntimeError("the READ failed")
+        return elapsed, elapsed, views
+
+
+async def reader(mode: str, spec: dict[str, Any], peer: Connection) -> dict[str, Any]:
+    kind, info = peer.recv()
+    if kind == "unavailable":
+        return {"unavailable": f"holder: {info}"}
+    capacity = max(_nbytes(s) for s in spec["cases"]) + 4096
+    try:
+        rd = HandoffReader(capacity) if mode == "handoff" else RawReader(capacity, mode == "raw-prog", info)
+    except Exception as exc:
+        return {"unavailable": f"reader: {type(exc).__name__}: {exc}"}
+    cases = []
+    for i, shapes in enumerate(spec["cases"]):
+        total, read = [], []
+        for rep in range(spec["warmup"] + spec["reps"]):
+            notif = f"{i}/{rep}".encode()
+            peer.send(("go", i, notif))
+            _, handoff, remotes = peer.recv()
+            elapsed, read_s, out = await rd.read(notif, handoff, remotes)
+            if any(float(t.flatten()[-1]) != j + 1.0 for j, t in enumerate(out)):
+                raise RuntimeError("read back the wrong bytes")
+            if rep >= spec["warmup"]:   # the first READs also connect the peers
+                total.append(elapsed)
+                read.append(read_s)
+        cases.append({"bytes": _nbytes(shapes), "total_s": total, "read_s": read})
+    return {"cases": cases}
+
+
+# --------------------------------------------------------------------------- parent side
+
+def measure_pair(mode: str, ucx_tls: str | None, spec: dict[str, Any], timeout: float = 180) -> dict[str, Any]:
+    """Run holder and reader with UCX_TLS=`ucx_tls` (None: unset); the reader's result, or
+    {"unavailable": why} / {"error": why}."""
+    env = {k: v for k, v in os.environ.items() if k != "UCX_TLS"} | ({"UCX_TLS": ucx_tls} if ucx_tls else {})
+    holder_end, reader_end = Pipe()
+    result_in, result_out = Pipe(duplex=False)
+    with tempfile.TemporaryFile() as log:
+        def start(role: str, *conns: Connection) -> subprocess.Popen:
+            fds = [str(c.fileno()) for c in conns]
+            return subprocess.Popen([sys.executable, __file__, role, mode, json.dumps(spec), *fds],
+                                    pass_fds=[c.fileno() for c in conns], env=env, stdout=log, stderr=log)
+        procs = [start("holder", holder_end), start("reader", reader_end, result_out)]
+        for conn in (holder_end, reader_end, result_out):
+            conn.close()   # the children hold them now: a child's exit is an EOF here
+        try:
+            if not result_in.poll(timeout):
+                return {"error": f"no result in {timeout:.0f} s"}
+            return result_in.recv()
+        except EOFError:
+            log.seek(0)
+            return {"error": "reader exited: " + log.read().decode(errors="replace")[-1500:]}
+        finally:
+            for p in procs:
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
+def memcpy_times(shapes: list[list[int]], reps: int, warmup: int) -> list[float]:
+    """`dst.copy_(src)` of the same tensors into preallocated ones, in this process."""
+    src = [torch.full(tuple(s), 1.0) for s in shapes]
+    dst = [torch.empty_like(t) for t in src]
+    times = []
+    for rep in range(warmup + reps):
+        start = time.perf_counter()
+        for d, s in zip(dst, src):
+            d.copy_(s)
+        if rep >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _child_main(role: str, mode: str, spec_json: str, peer_fd: str, result_fd: str | None = None) -> None:
+    spec, peer = json.loads(spec_json), Connection(int(peer_fd))
+    if role == "holder":
+        try:
+            asyncio.run(holder(mode, spec, peer))
+        except EOFError:
+            pass   # the reader is gone: it reports why
+        return
+    result = Connection(int(result_fd))
+    try:
+        result.send(asyncio.run(reader(mode, spec, peer)))
+    except Exception as exc:
+        result.send({"error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        try:
+            peer.send(("stop",))
+        except OSError:
+            pass   # the holder is gone already
+
+
+if __name__ == "__main__":
+    _child_main(*sys.argv[1:])
