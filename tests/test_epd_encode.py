@@ -6,14 +6,17 @@ official `openai` client and checked token-for-token against `transformers`.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import openai
 import pytest
+from PIL import Image
 
 from chat import MAX_TOKENS, assert_matches_oracle, chat_messages, run_chat
 from cluster import launch
@@ -114,14 +117,14 @@ def test_encoder_cache_evicts_and_stays_correct(cluster, infra, model_dir):
 
 
 def test_killed_encoder_fails_over(infra, model_dir, tmp_path_factory):
-    """SIGKILL one of two encode workers under load: every in-flight request ends (an answer
-    or an error) within a deadline, and new requests are served by the other encoder."""
+    """One of two encode workers hangs and dies under load: every in-flight request ends (an
+    answer or an error) within a deadline, and new requests are served by the other encoder."""
     c = launch("agg_multimodal_epd.sh", infra, tmp_path_factory.mktemp("logs"), "--encode-workers", "2",
                model_dir=model_dir, served_name="failover")
     try:
         encoders = c.pids("--multimodal-encode-worker")
         assert len(encoders) == 2
-        cases = [chat_messages([make_image(900 + i)], f"Load {i}.") for i in range(16)]
+        cases = [chat_messages([make_image(900 + i)], f"Load {i}.") for i in range(48)]
         outcomes: list = []
 
         async def load():
@@ -136,12 +139,17 @@ def test_killed_encoder_fails_over(infra, model_dir, tmp_path_factory):
                         return m, exc
                 outcomes.extend(await asyncio.gather(*(one(m) for m in cases)))
 
-        killer = threading.Timer(0.3, os.kill, (encoders[0], signal.SIGKILL))
-        killer.start()
+        # Freeze the encoder as the load starts (requests to it are then stuck in flight), kill it
+        # a moment later: its requests must end, retried on the other encoder or failed.
+        freeze = threading.Timer(0.05, os.kill, (encoders[0], signal.SIGSTOP))
+        kill = threading.Timer(1.5, os.kill, (encoders[0], signal.SIGKILL))
+        freeze.start()
+        kill.start()
         started = time.monotonic()
         asyncio.run(load())
-        killer.join()
-        assert time.monotonic() - started < 45
+        elapsed = time.monotonic() - started
+        kill.join()
+        assert elapsed < 30
         for messages, result in outcomes:
             if not isinstance(result, Exception):
                 assert result == hf_greedy(model_dir, messages, max_tokens=MAX_TOKENS)
@@ -154,3 +162,13 @@ def test_killed_encoder_fails_over(infra, model_dir, tmp_path_factory):
             assert_matches_oracle(model_dir, messages, text, ids)
     finally:
         c.stop()
+
+
+def test_photo_sized_image_goes_to_the_encoder_once(cluster, model_dir):
+    """An ~8 MB PNG crosses NATS once, in chunks, to the encoder; the PD worker gets embeddings."""
+    rng = np.random.default_rng(1)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (1650, 1650, 3), dtype=np.uint8)).save(buf, format="PNG")
+    messages = chat_messages([buf.getvalue()])
+    text, ids, _ = run_chat(cluster.client(), cluster.model, messages, stream=True)
+    assert_matches_oracle(model_dir, messages, text, ids)

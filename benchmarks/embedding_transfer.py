@@ -1,0 +1,406 @@
+"""Embedding hand-off bandwidth, encoder-cache TTFT, and E/PD vs EPD, in one run.
+
+    python benchmarks/embedding_transfer.py [--model DIR] [--threads N] [--out benchmarks/results] [--quick]
+
+1. bandwidth  -- embedding-sized payloads from one process to another (transfer_probe.py):
+                 our hand-off (EmbeddingCache + expect / MediaResolver._read), a bare NIXL READ
+                 without and with NIXL's progress thread, and a plain in-process memcpy; under
+                 several UCX_TLS settings.
+2. cache      -- TTFT of an image request on an encoder-cache miss vs a hit, on an E/PD
+                 cluster (launch/agg_multimodal_epd.sh).
+3. topologies -- EPD (agg_multimodal.sh) vs E/PD on the same workload, level by level, each
+                 (level, topology) on a fresh cluster.
+Writes embedding_transfer.json (raw numbers) and embedding_transfer.md (tables) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster import Cluster, client_for, data_url, http_cluster, http_level, timed_chat
+from common import (RequestRecord, build_workload, ensure_model, gemm_probe_gflops, level_result, machine_info,
+                    percentile)
+from epdserve.tools.images import synthetic_png
+from transfer_probe import MODES, measure_pair, memcpy_times
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPOLOGIES = {"EPD": "agg_multimodal.sh", "E/PD": "agg_multimodal_epd.sh"}
+CACHE_IMAGE_SIZE = (640, 480)
+CACHE_MAX_TOKENS = 4        # TTFT is what is measured; a few tokens keep each sample short
+ENCODER_TIMEOUT_S = 120
+TARGETS = {"handoff_vs_raw": 0.8, "hit_vs_miss": 0.4, "epd_split_ttft_ms": 5.0, "epd_split_tok_s": 0.9}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shapes: tuple[tuple[int, int], ...]   # float32 [rows, hidden] tensors read in one transfer
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r * c * 4 for r, c in self.shapes)
+
+
+LLAVA_IMAGE = (576, 4096)   # one LLaVA-1.5-7B image: 576 tokens x hidden 4096
+CASES = (Case("1 image", (LLAVA_IMAGE,)), Case("4 images", (LLAVA_IMAGE,) * 4), Case("64 MiB", ((4096, 4096),)))
+UCX_SETTINGS: tuple[str | None, ...] = (None, "cma,tcp,self", "shm,tcp,self", "tcp,self")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str
+    preset: str | None
+    seed: int
+    cases: tuple[Case, ...]
+    ucx_settings: tuple[str | None, ...]   # None: UCX_TLS unset (what the workers run with)
+    reps: int                              # timed repetitions per measurement
+    warmup: int                            # untimed ones before them (the first READ connects)
+    cache_samples: int                     # miss/hit pairs
+    levels: tuple[tuple[int, int], ...]    # (concurrency, requests)
+
+
+def _ms(seconds: list[float]) -> list[float]:
+    return [s * 1000 for s in seconds]
+
+
+# --------------------------------------------------------------------------- 1. bandwidth
+
+def _rate(nbytes: int, times: list[float], **extra: Any) -> dict[str, Any]:
+    """Median and best GB/s (10^9 bytes) of one measurement's repetitions."""
+    if not times:
+        return {"median_gbps": float("nan"), "best_gbps": float("nan")}
+    median = percentile(times, 50) / 1000
+    return {"median_gbps": nbytes / median / 1e9, "best_gbps": nbytes / min(times) / 1e9,
+            "median_ms": median * 1000, "times_ms": _ms(times), **extra}
+
+
+def _mode_rates(result: dict[str, Any], cases: tuple[Case, ...]) -> dict[str, Any]:
+    if "cases" not in result:
+        return {"status": "unavailable" if "unavailable" in result else "error",
+                "why": result.get("unavailable") or result.get("error")}
+    rates = {}
+    for case, got in zip(cases, result["cases"]):
+        rates[case.name] = _rate(case.nbytes, got["total_s"], read_median_ms=percentile(got["read_s"], 50))
+    return {"status": "ok", "cases": rates}
+
+
+def run_bandwidth(cfg: Config) -> dict[str, Any]:
+    """Each UCX setting in turn, every mode of it in a fresh pair of processes: the numbers
+    compared with each other (handoff vs raw) are measured seconds apart."""
+    spec = {"cases": [[list(s) for s in c.shapes] for c in cfg.cases], "reps": cfg.reps, "warmup": cfg.warmup}
+    settings = []
+    for tls in cfg.ucx_settings:
+        probe = gemm_probe_gflops()
+        modes = {mode: _mode_rates(measure_pair(mode, tls, spec), cfg.cases) for mode in MODES}
+        settings.append({"ucx_tls": tls or "default", "probe_gflops": probe, "modes": modes})
+        first = cfg.cases[0].name
+        print(f"[bandwidth] UCX_TLS={tls or 'default'}: " + ", ".join(
+            f"{m} {r['cases'][first]['median_gbps']:.2f} GB/s" if r["status"] == "ok" else f"{m} {r['status']}"
+            for m, r in modes.items()) + f" ({first}, median)", flush=True)
+    memcpy = {c.name: _rate(c.nbytes, memcpy_times([list(s) for s in c.shapes], cfg.reps, cfg.warmup))
+              for c in cfg.cases}
+    return {"settings": settings, "memcpy": memcpy}
+
+
+def _ratio(settings: dict[str, Any], case: str, other: str) -> float:
+    a, b = settings["modes"]["handoff"], settings["modes"][other]
+    if a["status"] != "ok" or b["status"] != "ok":
+        return float("nan")
+    return a["cases"][case]["median_gbps"] / b["cases"][case]["median_gbps"]
+
+
+def _winner(bandwidth: dict[str, Any], case: str, mode: str = "handoff") -> str:
+    ok = [s for s in bandwidth["settings"] if s["modes"][mode]["status"] == "ok"]
+    return max(ok, key=lambda s: s["modes"][mode]["cases"][case]["median_gbps"])["ucx_tls"] if ok else "–"
+
+
+# --------------------------------------------------------------------------- 2. cache
+
+def _encoder_counters(cluster: Cluster) -> dict[str, int]:
+    """Summed counters of the cluster's encode workers; empty when none is registered."""
+    totals: dict[str, int] = {}
+    for name, counters in cluster.stats().items():
+        if name.startswith("encoder/"):
+            for key, value in counters.items():
+                totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+def wait_encoder(cluster: Cluster) -> None:
+    """The model is listed before the encode worker may have registered; without one the
+    processor sends images to the PD worker, which would measure EPD instead."""
+    deadline = time.monotonic() + ENCODER_TIMEOUT_S
+    while not _encoder_counters(cluster):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no encode worker registered in {ENCODER_TIMEOUT_S} s")
+        time.sleep(0.5)
+
+
+def _cache_messages(url: str) -> list[dict[str, Any]]:
+    """A unique system text first: the template puts it before the image, so the PD worker's
+    prefix cache cannot reuse the image's KV blocks and a hit saves only the encode."""
+    return [{"role": "system", "content": f"Session {uuid.uuid4().hex[:12]}."},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "What is in this image?"}]}]
+
+
+async def _cache_pairs(base_url: str, seeds: list[int]) -> dict[str, list[RequestRecord]]:
+    """For each seed: its image never seen (miss), then the same image again (hit)."""
+    out: dict[str, list[RequestRecord]] = {"miss": [], "hit": []}
+    async with client_for(base_url) as client:
+        for seed in seeds:
+            url = data_url(synthetic_png(seed, CACHE_IMAGE_SIZE))   # off the clock
+            for kind in ("miss", "hit"):
+                rec = RequestRecord(f"{kind}-{seed}", True, CACHE_MAX_TOKENS)
+                out[kind].append(await timed_chat(client, rec, _cache_messages(url)))
+    return out
+
+
+def run_cache(cfg: Config) -> dict[str, Any]:
+    rng = random.Random(f"{cfg.seed}/cache")
+    seeds = rng.sample(range(2**31), cfg.cache_samples + 1)
+    probe = gemm_probe_gflops()
+    with http_cluster(cfg.model, TOPOLOGIES["E/PD"], label="cache") as cluster:
+        wait_encoder(cluster)
+        asyncio.run(_cache_pairs(cluster.base_url, seeds[:1]))   # warm-up pair, not counted
+        before = _encoder_counters(cluster)
+        samples = asyncio.run(_cache_pairs(cluster.base_url, seeds[1:]))
+        after = _encoder_counters(cluster)
+    p50 = {kind: percentile([r.ttft_s for r in recs], 50) for kind, recs in samples.items()}
+    result = {"image_size": CACHE_IMAGE_SIZE, "samples": cfg.cache_samples, "probe_gflops": probe,
+              "miss_ttft_p50_ms": p50["miss"], "hit_ttft_p50_ms": p50["hit"],
+              "hit_vs_miss": p50["hit"] / p50["miss"],
+              "encoder_cache_hits": after.get("cache_hits", 0) - before.get("cache_hits", 0),
+              "encoder_cache_misses": after.get("cache_misses", 0) - before.get("cache_misses", 0),
+              "records": {kind: [asdict(r) for r in recs] for kind, recs in samples.items()}}
+    print(f"[cache] TTFT p50 miss {p50['miss']:.0f} ms, hit {p50['hit']:.0f} ms "
+          f"({result['hit_vs_miss']:.2f}x); encoder hits {result['encoder_cache_hits']}, "
+          f"misses {result['encoder_cache_misses']}", flush=True)
+    return result
+
+
+# --------------------------------------------------------------------------- 3. topologies
+
+def _topology_level(cfg: Config, topology: str, concurrency: int, requests: int) -> dict[str, Any]:
+    """One level on a fresh cluster of `topology`, after a two-request warm-up."""
+    items = build_workload(requests, cfg.seed, f"c{concurrency}")
+    probe = gemm_probe_gflops()
+    with http_cluster(cfg.model, TOPOLOGIES[topology], label=f"{topology} c={concurrency}") as cluster:
+        if topology == "E/PD":
+            wait_encoder(cluster)
+        asyncio.run(http_level(cluster.base_url, build_workload(2, cfg.seed, "warmup"), 2))
+        records, wall = asyncio.run(http_level(cluster.base_url, items, concurrency))
+        encoder_calls = _encoder_counters(cluster).get("encoder_calls") if topology == "E/PD" else None
+    level = level_result(concurrency, records, wall, {}, probe_gflops=probe, encoder_calls=encoder_calls,
+                         image_ttft_p50_ms=percentile([r.ttft_s for r in records if r.has_image], 50),
+                         text_ttft_p50_ms=percentile([r.ttft_s for r in records if not r.has_image], 50))
+    print(f"[{topology}] c={concurrency}: {level['output_tok_s']:.1f} tok/s, TTFT p50 {level['ttft_p50_ms']:.0f} ms "
+          f"(image {level['image_ttft_p50_ms']:.0f}), {wall:.1f} s", flush=True)
+    return level
+
+
+def run_topologies(cfg: Config) -> dict[str, list[dict[str, Any]]]:
+    """Both topologies at one level, then the next level (a shared VM drifts over minutes)."""
+    results: dict[str, list[dict[str, Any]]] = {t: [] for t in TOPOLOGIES}
+    for concurrency, requests in cfg.levels:
+        for topology in TOPOLOGIES:
+            results[topology].append(_topology_level(cfg, topology, concurrency, requests))
+    return results
+
+
+def paired_ttft_delta_ms(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Median over requests of b's TTFT minus a's for the same request (same workload): steadier
+    than a difference of medians when prompts and images vary from request to request."""
+    ttft = {r["rid"]: r["ttft_s"] for r in a["records"]}
+    return percentile([r["ttft_s"] - ttft[r["rid"]] for r in b["records"] if r["rid"] in ttft], 50)
+
+
+# --------------------------------------------------------------------------- targets and report
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    goal: str
+    measured: str
+    holds: bool
+
+
+def evaluate_targets(results: dict[str, Any]) -> list[Target]:
+    bw, cache, topo = results["bandwidth"], results["cache"], results["topologies"]
+    default, first = bw["settings"][0], next(iter(bw["memcpy"]))
+    ratio = _ratio(default, first, "raw")
+    best = _winner(bw, first)
+    best_ratio = _ratio(next(s for s in bw["settings"] if s["ucx_tls"] == best), first, "raw") if best != "–" \
+        else float("nan")
+    epd, split = ({lvl["concurrency"]: lvl for lvl in topo[t]} for t in TOPOLOGIES)
+    low, high = min(epd), (32 if 32 in epd else max(epd))
+    delta = split[low]["ttft_p50_ms"] - epd[low]["ttft_p50_ms"]
+    tok = split[high]["output_tok_s"] / epd[high]["output_tok_s"]
+    return [
+        Target(f"handoff / raw NIXL READ, {first}, UCX_TLS {default['ucx_tls']}", f">= {TARGETS['handoff_vs_raw']}",
+               f"{ratio:.2f}", ratio >= TARGETS["handoff_vs_raw"]),
+        Target(f"handoff / raw NIXL READ, {first}, fastest UCX_TLS ({best})", f">= {TARGETS['handoff_vs_raw']}",
+               f"{best_ratio:.2f}", best_ratio >= TARGETS["handoff_vs_raw"]),
+        Target("TTFT p50 encoder-cache hit / miss (E/PD)", f"<= {TARGETS['hit_vs_miss']}",
+               f"{cache['hit_vs_miss']:.2f}", cache["hit_vs_miss"] <= TARGETS["hit_vs_miss"]),
+        Target(f"E/PD - EPD TTFT p50 at c={low}", f"<= {TARGETS['epd_split_ttft_ms']:.0f} ms",
+               f"{delta:+.1f} ms (paired median {paired_ttft_delta_ms(epd[low], split[low]):+.1f} ms)",
+               delta <= TARGETS["epd_split_ttft_ms"]),
+        Target(f"E/PD / EPD output tok/s at c={high}", f">= {TARGETS['epd_split_tok_s']}", f"{tok:.2f}x",
+               tok >= TARGETS["epd_split_tok_s"]),
+    ]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows), ""]
+
+
+def _gbps(mode: dict[str, Any], case: str) -> str:
+    if mode["status"] != "ok":
+        return mode["status"]
+    r = mode["cases"][case]
+    return f"{r['median_gbps']:.2f} / {r['best_gbps']:.2f}"
+
+
+def _bandwidth_md(bw: dict[str, Any], cases: list[Case]) -> list[str]:
+    rows = []
+    for s in bw["settings"]:
+        for case in cases:
+            handoff = s["modes"]["handoff"]
+            read = f"{handoff['cases'][case.name]['read_median_ms']:.2f} / {handoff['cases'][case.name]['median_ms']:.2f}" \
+                if handoff["status"] == "ok" else "–"
+            rows.append([s["ucx_tls"], f"{case.name} ({case.nbytes / 1e6:.1f} MB)", _gbps(handoff, case.name), read,
+                         _gbps(s["modes"]["raw"], case.name), _gbps(s["modes"]["raw-prog"], case.name),
+                         f"{_ratio(s, case.name, 'raw'):.2f}", f"{_ratio(s, case.name, 'raw-prog'):.2f}",
+                         f"{s['probe_gflops']:.0f}"])
+    lines = ["## 1. Hand-off bandwidth (GB/s, median / best)", "",
+             *_table(["UCX_TLS", "payload", "handoff", "READ / whole ms", "raw READ", "raw READ + prog thread",
+                      "handoff/raw", "handoff/raw-prog", "probe GFLOP/s"], rows)]
+    lines += _table(["payload", "memcpy (dst.copy_(src)) GB/s", "fastest UCX_TLS: handoff", "raw READ"],
+                    [[c.name, f"{bw['memcpy'][c.name]['median_gbps']:.2f} / {bw['memcpy'][c.name]['best_gbps']:.2f}",
+                      _winner(bw, c.name), _winner(bw, c.name, "raw")] for c in cases])
+    why = [f"- UCX_TLS {s['ucx_tls']}, {m}: {r['status']}: {r['why']}" for s in bw["settings"]
+           for m, r in s["modes"].items() if r["status"] != "ok"]
+    return lines + (why + [""] if why else [])
+
+
+def _topologies_md(topo: dict[str, list[dict[str, Any]]]) -> list[str]:
+    epd, split = ({lvl["concurrency"]: lvl for lvl in topo[t]} for t in TOPOLOGIES)
+    rows = [[str(c), f"{epd[c]['ttft_p50_ms']:.0f}", f"{split[c]['ttft_p50_ms']:.0f}",
+             f"{split[c]['ttft_p50_ms'] - epd[c]['ttft_p50_ms']:+.1f}", f"{paired_ttft_delta_ms(epd[c], split[c]):+.1f}",
+             f"{epd[c]['image_ttft_p50_ms']:.0f}", f"{split[c]['image_ttft_p50_ms']:.0f}",
+             f"{epd[c]['output_tok_s']:.1f}", f"{split[c]['output_tok_s']:.1f}",
+             f"{split[c]['output_tok_s'] / epd[c]['output_tok_s']:.2f}x", str(epd[c]["requests"]),
+             f"{epd[c]['probe_gflops']:.0f} / {split[c]['probe_gflops']:.0f}"] for c in sorted(epd)]
+    return ["## 3. EPD vs E/PD (same workload, fresh cluster per level and topology)", "",
+            *_table(["c", "EPD TTFT p50 ms", "E/PD TTFT p50 ms", "Δ ms", "paired Δ ms", "EPD image TTFT p50",
+                     "E/PD image TTFT p50", "EPD tok/s", "E/PD tok/s", "E/PD/EPD", "requests",
+                     "probe GFLOP/s EPD / E/PD"], rows)]
+
+
+NOTES = """\
+- **handoff**: the holder keeps the tensors in an `EmbeddingCache` (its `TransferAgent`'s one
+  registered region) and awaits `expect(notif)`; the reader runs `MediaResolver._read`: staging
+  span, one `TransferAgent.read` of all the request's tensors, `.clone()` out of the region,
+  `free`. Timed from `_read`'s call to its return; "READ / whole ms" splits off the time spent
+  inside `TransferAgent.read` (the rest is mostly the clone).
+- **raw READ**: two bare `nixl_agent`s, one `initialize_xfer("READ")` + `transfer` + polled
+  `check_xfer_state` into registered memory, handle released; no copy out. Without the
+  progress thread both sides busy-poll (the holder `get_new_notifs`); with it both poll every
+  0.1 ms. Every mode runs in a fresh pair of processes, with UCX_TLS set before nixl loads.
+- **memcpy**: `dst.copy_(src)` of the same tensors into preallocated ones, one process.
+- Each measurement: warm-up repetitions (the first READ also connects the peers), then the
+  timed ones; GB/s = 10^9 bytes per second of the median and of the fastest repetition.
+- **cache**: E/PD cluster; each sample is a never-seen 640x480 PNG (miss), then the same image
+  again (hit), one at a time, 4 output tokens. A unique system text comes before the image in
+  the prompt, so the PD worker's prefix cache cannot reuse the image's KV: a hit saves only the
+  encode. The encode workers' hit/miss counters are checked against the samples.
+- **EPD vs E/PD**: the workload of `build_workload` (half the requests with one image, 16..96
+  output tokens, EOS ignored), closed loop at `c`; TTFT from the client. "paired Δ" is the
+  median over requests of (E/PD - EPD) TTFT of the same request.
+- probe GFLOP/s: a one-thread GEMM timed for 1 s before each measurement (the VM's speed drifts).
+"""
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    cfg, mach, res = report["config"], report["machine"], report["results"]
+    cases = [Case(c["name"], tuple(map(tuple, c["shapes"]))) for c in cfg["cases"]]
+    cache = res["cache"]
+    lines = [
+        "# Embedding transfer", "",
+        (f"Model `{cfg['model']}` (preset: {cfg['preset'] or 'given'}); {cfg['reps']} timed repetitions per "
+         f"bandwidth measurement; seed {cfg['seed']}."),
+        (f"Machine: {mach['cores']} cores ({mach['cpu']}), torch {mach['torch']} (threads: {mach['torch_threads']}); "
+         f"load average {mach['loadavg_at_start'][0]:.2f} at start, {mach['loadavg_at_end'][0]:.2f} at end; "
+         f"total {report['total_wall_s']:.0f} s."), "",
+        *_table(["target", "goal", "measured", "holds"],
+                [[t["name"], t["goal"], t["measured"], "yes" if t["holds"] else "**no**"] for t in report["targets"]]),
+        *_bandwidth_md(res["bandwidth"], cases),
+        f"## 2. Encoder cache (E/PD, {cache['samples']} samples each, one at a time)", "",
+        *_table(["miss TTFT p50 ms", "hit TTFT p50 ms", "hit/miss", "encoder hits / misses counted", "probe GFLOP/s"],
+                [[f"{cache['miss_ttft_p50_ms']:.0f}", f"{cache['hit_ttft_p50_ms']:.0f}", f"{cache['hit_vs_miss']:.2f}",
+                  f"{cache['encoder_cache_hits']} / {cache['encoder_cache_misses']}", f"{cache['probe_gflops']:.0f}"]]),
+        *_topologies_md(res["topologies"]),
+        "## Definitions", "", NOTES]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--model", help="HF LLaVA directory (default: a random-weight one, preset bench)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int,
+                   help="OMP_NUM_THREADS for every process, cluster and transfer probes (default: torch's default)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: tiny preset, 2 payloads, 2 UCX settings, c = 1 4, few requests, 1 thread")
+    args = p.parse_args(argv)
+    args.threads = args.threads or (1 if args.quick else None)
+    return args
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    preset = "tiny" if args.quick else "bench"
+    model = Path(args.model) if args.model else ensure_model(preset)
+    common = dict(model=str(model.resolve()), preset=None if args.model else preset, seed=args.seed)
+    if args.quick:
+        return Config(**common, cases=CASES[:2], ucx_settings=(None, "tcp,self"), reps=3, warmup=1,
+                      cache_samples=3, levels=((1, 4), (4, 8)))
+    return Config(**common, cases=CASES, ucx_settings=UCX_SETTINGS, reps=10, warmup=2, cache_samples=8,
+                  levels=((1, 24), (16, 48), (32, 64)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:   # inherited by every child process, read at torch import
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        import torch
+        torch.set_num_threads(args.threads)
+    cfg = make_config(args)
+    report: dict[str, Any] = {"config": {**asdict(cfg), "threads": args.threads}, "machine": machine_info()}
+    start = time.perf_counter()
+    report["results"] = {"bandwidth": run_bandwidth(cfg), "cache": run_cache(cfg), "topologies": run_topologies(cfg)}
+    report["targets"] = [asdict(t) for t in evaluate_targets(report["results"])]
+    report["machine"]["loadavg_at_end"] = os.getloadavg()
+    report["total_wall_s"] = time.perf_counter() - start
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "embedding_transfer.json").write_text(json.dumps(report, indent=1) + "\n")
+    markdown = render_markdown(report)
+    (args.out / "embedding_transfer.md").write_text(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
