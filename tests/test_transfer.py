@@ -142,3 +142,42 @@ def test_encoder_loads_only_the_vision_weights_and_encodes_like_the_full_model(t
         expected = tiny_runner.encode("image", tiny_runner.preprocess("image", images))
         got = encoder.encode("image", encoder.preprocess("image", images))
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+class _StubEmbedder:
+    """Stands in for the vision tower: every item embeds to a constant."""
+
+    async def embed(self, item: pb.MediaItem) -> torch.Tensor:
+        return torch.full((item.length, 8), 1.0)
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+
+@pytest.mark.parametrize("how", ["cancelled", "timed out", "read"])
+async def test_encode_handler_unpins_on_every_ending(how):
+    from epdserve.worker.encode import NixlEncodeHandler
+    agent = TransferAgent(f"test-encode-{how.replace(' ', '-')}", 1 << 16, CPU)
+    reader = TransferAgent(f"test-pd-{how.replace(' ', '-')}", 1 << 16, CPU)
+    handler = NixlEncodeHandler(_StubEmbedder(), EmbeddingCache(agent), agent, handoff_timeout=0.2)
+    req = pb.EncodeRequest(request_id="r", media=[pb.MediaItem(modality="image", hash=h, length=4, data=b"x")
+                                                   for h in ("a", "b", "a")])
+    try:
+        stream = handler.encode(req.SerializeToString())
+        result = pb.EncodeResult.FromString(await anext(stream))
+        assert handler.cache.stats()["cache_pinned"] == 3
+        if how == "cancelled":
+            await stream.aclose()
+        else:
+            if how == "read":
+                tensors = [m.embedding for m in result.media]
+                await reader.read(result.handoff, tensors, reader.alloc(sum(t.nbytes for t in tensors)), timeout=5)
+            started = asyncio.get_running_loop().time()
+            assert [x async for x in stream] == []
+            waited = asyncio.get_running_loop().time() - started
+            assert waited < 0.15 if how == "read" else waited >= 0.2
+        assert handler.cache.stats()["cache_pinned"] == 0
+        assert agent.stats()["nixl_expected_notifs"] == 0
+    finally:
+        reader.close()
+        agent.close()
