@@ -62,14 +62,11 @@ class Config:
     seed: int
     cases: tuple[Case, ...]
     ucx_settings: tuple[str | None, ...]   # None: UCX_TLS unset (what the workers run with)
-    reps: int                              # timed repetitions per measurement
+    rounds: int                            # passes over every (UCX setting, mode)
+    reps: int                              # timed repetitions per measurement and round
     warmup: int                            # untimed ones before them (the first READ connects)
     cache_samples: int                     # miss/hit pairs
     levels: tuple[tuple[int, int], ...]    # (concurrency, requests)
-
-
-def _ms(seconds: list[float]) -> list[float]:
-    return [s * 1000 for s in seconds]
 
 
 # --------------------------------------------------------------------------- 1. bandwidth
@@ -78,9 +75,9 @@ def _rate(nbytes: int, times: list[float], **extra: Any) -> dict[str, Any]:
     """Median and best GB/s (10^9 bytes) of one measurement's repetitions."""
     if not times:
         return {"median_gbps": float("nan"), "best_gbps": float("nan")}
-    median = percentile(times, 50) / 1000
-    return {"median_gbps": nbytes / median / 1e9, "best_gbps": nbytes / min(times) / 1e9,
-            "median_ms": median * 1000, "times_ms": _ms(times), **extra}
+    median_ms = percentile(times, 50)
+    return {"median_gbps": nbytes / median_ms / 1e6, "best_gbps": nbytes / min(times) / 1e9,
+            "median_ms": median_ms, "times_ms": [t * 1000 for t in times], **extra}
 
 
 def _mode_rates(result: dict[str, Any], cases: tuple[Case, ...]) -> dict[str, Any]:
@@ -93,20 +90,39 @@ def _mode_rates(result: dict[str, Any], cases: tuple[Case, ...]) -> dict[str, An
     return {"status": "ok", "cases": rates}
 
 
+def _merge(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's rounds as one result: every repetition of every round, or the first failure."""
+    if failed := next((r for r in rounds if "cases" not in r), None):
+        return failed
+    return {"cases": [{"total_s": [t for c in per_round for t in c["total_s"]],
+                       "read_s": [t for c in per_round for t in c["read_s"]]}
+                      for per_round in zip(*(r["cases"] for r in rounds))]}
+
+
+def _log_round(round_: int, tls: str | None, case: Case, results: dict[str, dict[str, Any]]) -> None:
+    parts = [f"{mode} {case.nbytes / percentile(r['cases'][0]['total_s'], 50) / 1e6:.2f} GB/s"   # B/ms -> GB/s
+             if "cases" in r else f"{mode} failed" for mode, r in results.items()]
+    print(f"[bandwidth] round {round_ + 1}, UCX_TLS={tls or 'default'}: {', '.join(parts)} ({case.name}, median)",
+          flush=True)
+
+
 def run_bandwidth(cfg: Config) -> dict[str, Any]:
-    """Each UCX setting in turn, every mode of it in a fresh pair of processes: the numbers
-    compared with each other (handoff vs raw) are measured seconds apart."""
+    """Round after round, each UCX setting in turn, every mode in a fresh pair of processes:
+    the numbers compared with each other (handoff vs raw) are measured seconds apart, and the
+    rounds spread each measurement over the run's minutes."""
     spec = {"cases": [[list(s) for s in c.shapes] for c in cfg.cases], "reps": cfg.reps, "warmup": cfg.warmup}
-    settings = []
-    for tls in cfg.ucx_settings:
-        probe = gemm_probe_gflops()
-        modes = {mode: _mode_rates(measure_pair(mode, tls, spec), cfg.cases) for mode in MODES}
-        settings.append({"ucx_tls": tls or "default", "probe_gflops": probe, "modes": modes})
-        first = cfg.cases[0].name
-        print(f"[bandwidth] UCX_TLS={tls or 'default'}: " + ", ".join(
-            f"{m} {r['cases'][first]['median_gbps']:.2f} GB/s" if r["status"] == "ok" else f"{m} {r['status']}"
-            for m, r in modes.items()) + f" ({first}, median)", flush=True)
-    memcpy = {c.name: _rate(c.nbytes, memcpy_times([list(s) for s in c.shapes], cfg.reps, cfg.warmup))
+    runs: dict[tuple[str | None, str], list[dict[str, Any]]] = {(t, m): [] for t in cfg.ucx_settings for m in MODES}
+    probes: dict[str | None, list[float]] = {t: [] for t in cfg.ucx_settings}
+    for round_ in range(cfg.rounds):
+        for tls in cfg.ucx_settings:
+            probes[tls].append(gemm_probe_gflops())
+            for mode in MODES:
+                runs[tls, mode].append(measure_pair(mode, tls, spec))
+            _log_round(round_, tls, cfg.cases[0], {m: runs[tls, m][-1] for m in MODES})
+    settings = [{"ucx_tls": tls or "default", "probe_gflops": probes[tls],
+                 "modes": {m: _mode_rates(_merge(runs[tls, m]), cfg.cases) for m in MODES}}
+                for tls in cfg.ucx_settings]
+    memcpy = {c.name: _rate(c.nbytes, memcpy_times([list(s) for s in c.shapes], cfg.reps * cfg.rounds, cfg.warmup))
               for c in cfg.cases}
     return {"settings": settings, "memcpy": memcpy}
 
@@ -125,11 +141,12 @@ def _winner(bandwidth: dict[str, Any], case: str, mode: str = "handoff") -> str:
 
 # --------------------------------------------------------------------------- 2. cache
 
-def _encoder_counters(cluster: Cluster) -> dict[str, int]:
-    """Summed counters of the cluster's encode workers; empty when none is registered."""
+def _counters(cluster: Cluster, component: str = "encoder") -> dict[str, int]:
+    """Summed counters of the cluster's `component` instances (encoder: the encode workers,
+    backend: the PD workers); empty when none is registered."""
     totals: dict[str, int] = {}
     for name, counters in cluster.stats().items():
-        if name.startswith("encoder/"):
+        if name.startswith(component + "/"):
             for key, value in counters.items():
                 totals[key] = totals.get(key, 0) + value
     return totals
@@ -139,7 +156,7 @@ def wait_encoder(cluster: Cluster) -> None:
     """The model is listed before the encode worker may have registered; without one the
     processor sends images to the PD worker, which would measure EPD instead."""
     deadline = time.monotonic() + ENCODER_TIMEOUT_S
-    while not _encoder_counters(cluster):
+    while not _counters(cluster):
         if time.monotonic() > deadline:
             raise TimeoutError(f"no encode worker registered in {ENCODER_TIMEOUT_S} s")
         time.sleep(0.5)
@@ -172,19 +189,21 @@ def run_cache(cfg: Config) -> dict[str, Any]:
     with http_cluster(cfg.model, TOPOLOGIES["E/PD"], label="cache") as cluster:
         wait_encoder(cluster)
         asyncio.run(_cache_pairs(cluster.base_url, seeds[:1]))   # warm-up pair, not counted
-        before = _encoder_counters(cluster)
+        before, pd_before = _counters(cluster), _counters(cluster, "backend")
         samples = asyncio.run(_cache_pairs(cluster.base_url, seeds[1:]))
-        after = _encoder_counters(cluster)
+        after, pd_after = _counters(cluster), _counters(cluster, "backend")
     p50 = {kind: percentile([r.ttft_s for r in recs], 50) for kind, recs in samples.items()}
     result = {"image_size": CACHE_IMAGE_SIZE, "samples": cfg.cache_samples, "probe_gflops": probe,
               "miss_ttft_p50_ms": p50["miss"], "hit_ttft_p50_ms": p50["hit"],
               "hit_vs_miss": p50["hit"] / p50["miss"],
               "encoder_cache_hits": after.get("cache_hits", 0) - before.get("cache_hits", 0),
               "encoder_cache_misses": after.get("cache_misses", 0) - before.get("cache_misses", 0),
+              "pd_prefix_cache_hits": pd_after.get("prefix_cache_hits", 0) - pd_before.get("prefix_cache_hits", 0),
               "records": {kind: [asdict(r) for r in recs] for kind, recs in samples.items()}}
     print(f"[cache] TTFT p50 miss {p50['miss']:.0f} ms, hit {p50['hit']:.0f} ms "
           f"({result['hit_vs_miss']:.2f}x); encoder hits {result['encoder_cache_hits']}, "
-          f"misses {result['encoder_cache_misses']}", flush=True)
+          f"misses {result['encoder_cache_misses']}; PD prefix-cache block hits {result['pd_prefix_cache_hits']}",
+          flush=True)
     return result
 
 
@@ -199,7 +218,7 @@ def _topology_level(cfg: Config, topology: str, concurrency: int, requests: int)
             wait_encoder(cluster)
         asyncio.run(http_level(cluster.base_url, build_workload(2, cfg.seed, "warmup"), 2))
         records, wall = asyncio.run(http_level(cluster.base_url, items, concurrency))
-        encoder_calls = _encoder_counters(cluster).get("encoder_calls") if topology == "E/PD" else None
+        encoder_calls = _counters(cluster).get("encoder_calls") if topology == "E/PD" else None
     level = level_result(concurrency, records, wall, {}, probe_gflops=probe, encoder_calls=encoder_calls,
                          image_ttft_p50_ms=percentile([r.ttft_s for r in records if r.has_image], 50),
                          text_ttft_p50_ms=percentile([r.ttft_s for r in records if not r.has_image], 50))
@@ -282,7 +301,7 @@ def _bandwidth_md(bw: dict[str, Any], cases: list[Case]) -> list[str]:
             rows.append([s["ucx_tls"], f"{case.name} ({case.nbytes / 1e6:.1f} MB)", _gbps(handoff, case.name), read,
                          _gbps(s["modes"]["raw"], case.name), _gbps(s["modes"]["raw-prog"], case.name),
                          f"{_ratio(s, case.name, 'raw'):.2f}", f"{_ratio(s, case.name, 'raw-prog'):.2f}",
-                         f"{s['probe_gflops']:.0f}"])
+                         " / ".join(f"{p:.0f}" for p in s["probe_gflops"])])
     lines = ["## 1. Hand-off bandwidth (GB/s, median / best)", "",
              *_table(["UCX_TLS", "payload", "handoff", "READ / whole ms", "raw READ", "raw READ + prog thread",
                       "handoff/raw", "handoff/raw-prog", "probe GFLOP/s"], rows)]
@@ -338,18 +357,21 @@ def render_markdown(report: dict[str, Any]) -> str:
     cache = res["cache"]
     lines = [
         "# Embedding transfer", "",
-        (f"Model `{cfg['model']}` (preset: {cfg['preset'] or 'given'}); {cfg['reps']} timed repetitions per "
-         f"bandwidth measurement; seed {cfg['seed']}."),
+        (f"Model `{cfg['model']}` (preset: {cfg['preset'] or 'given'}); bandwidth: {cfg['rounds']} round(s) of "
+         f"{cfg['reps']} timed repetitions per measurement; seed {cfg['seed']}; OMP threads: {cfg['threads']}."),
         (f"Machine: {mach['cores']} cores ({mach['cpu']}), torch {mach['torch']} (threads: {mach['torch_threads']}); "
          f"load average {mach['loadavg_at_start'][0]:.2f} at start, {mach['loadavg_at_end'][0]:.2f} at end; "
-         f"total {report['total_wall_s']:.0f} s."), "",
+         f"total {report['total_wall_s']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in report["wall_s"].items())
+         + ")."), "",
         *_table(["target", "goal", "measured", "holds"],
                 [[t["name"], t["goal"], t["measured"], "yes" if t["holds"] else "**no**"] for t in report["targets"]]),
         *_bandwidth_md(res["bandwidth"], cases),
         f"## 2. Encoder cache (E/PD, {cache['samples']} samples each, one at a time)", "",
-        *_table(["miss TTFT p50 ms", "hit TTFT p50 ms", "hit/miss", "encoder hits / misses counted", "probe GFLOP/s"],
+        *_table(["miss TTFT p50 ms", "hit TTFT p50 ms", "hit/miss", "encoder hits / misses counted",
+                 "PD prefix-cache block hits", "probe GFLOP/s"],
                 [[f"{cache['miss_ttft_p50_ms']:.0f}", f"{cache['hit_ttft_p50_ms']:.0f}", f"{cache['hit_vs_miss']:.2f}",
-                  f"{cache['encoder_cache_hits']} / {cache['encoder_cache_misses']}", f"{cache['probe_gflops']:.0f}"]]),
+                  f"{cache['encoder_cache_hits']} / {cache['encoder_cache_misses']}", str(cache["pd_prefix_cache_hits"]),
+                  f"{cache['probe_gflops']:.0f}"]]),
         *_topologies_md(res["topologies"]),
         "## Definitions", "", NOTES]
     return "\n".join(lines)
@@ -365,7 +387,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int,
                    help="OMP_NUM_THREADS for every process, cluster and transfer probes (default: torch's default)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke test: tiny preset, 2 payloads, 2 UCX settings, c = 1 4, few requests, 1 thread")
+                   help="smoke test: tiny preset, 2 payloads, 2 UCX settings, one round, c = 2 only, 1 thread")
     args = p.parse_args(argv)
     args.threads = args.threads or (1 if args.quick else None)
     return args
@@ -376,9 +398,10 @@ def make_config(args: argparse.Namespace) -> Config:
     model = Path(args.model) if args.model else ensure_model(preset)
     common = dict(model=str(model.resolve()), preset=None if args.model else preset, seed=args.seed)
     if args.quick:
-        return Config(**common, cases=CASES[:2], ucx_settings=(None, "tcp,self"), reps=3, warmup=1,
-                      cache_samples=3, levels=((1, 4), (4, 8)))
-    return Config(**common, cases=CASES, ucx_settings=UCX_SETTINGS, reps=10, warmup=2, cache_samples=8,
+        return Config(**common, cases=CASES[:2], ucx_settings=(None, "tcp,self"), rounds=1, reps=3,
+                      warmup=1, cache_samples=3, levels=((2, 6),))
+    return Config(**common, cases=CASES, ucx_settings=UCX_SETTINGS, rounds=2, reps=8, warmup=2,
+                  cache_samples=8,
                   levels=((1, 24), (16, 48), (32, 64)))
 
 
@@ -391,7 +414,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = make_config(args)
     report: dict[str, Any] = {"config": {**asdict(cfg), "threads": args.threads}, "machine": machine_info()}
     start = time.perf_counter()
-    report["results"] = {"bandwidth": run_bandwidth(cfg), "cache": run_cache(cfg), "topologies": run_topologies(cfg)}
+    report["results"], report["wall_s"] = {}, {}
+    for part, run in (("bandwidth", run_bandwidth), ("cache", run_cache), ("topologies", run_topologies)):
+        part_start = time.perf_counter()
+        report["results"][part] = run(cfg)
+        report["wall_s"][part] = time.perf_counter() - part_start
     report["targets"] = [asdict(t) for t in evaluate_targets(report["results"])]
     report["machine"]["loadavg_at_end"] = os.getloadavg()
     report["total_wall_s"] = time.perf_counter() - start

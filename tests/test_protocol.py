@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from epdserve.protocol import codegen
+from epdserve.protocol import epdserve_pb2
 from epdserve.protocol.errors import EpdError
 from epdserve.protocol.openai import parse_request
 
@@ -14,9 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_generated_code_is_current(tmp_path):
-    fresh = codegen.generate(ROOT / "protos" / "epdserve.proto", tmp_path)
-    checked_in = Path(codegen.__file__).parent / "epdserve_pb2.py"
-    assert fresh.read_text() == checked_in.read_text(), "run: python -m epdserve.protocol.codegen"
+    # In a child process: grpc_tools' protobuf runtime and NIXL's abort when both load in one.
+    subprocess.run([sys.executable, "-m", "epdserve.protocol.codegen",
+                    "--proto", str(ROOT / "protos" / "epdserve.proto"), "--out-dir", str(tmp_path)], check=True)
+    checked_in = Path(epdserve_pb2.__file__)
+    assert (tmp_path / "epdserve_pb2.py").read_text() == checked_in.read_text(), \
+        "run: python -m epdserve.protocol.codegen"
 
 
 @pytest.mark.parametrize("body, param", [
