@@ -96,3 +96,25 @@ def test_concurrent_requests_progress_together(tiny_llava, tiny_runner):
             await engine.stop()
         assert finished == ["short", "long"]
     asyncio.run(main())
+
+
+def test_settled_waits_until_an_abort_is_applied(tiny_llava, tiny_runner):
+    """After `settled()`, an aborted request is out of the engine: its inputs may be reused."""
+    async def main():
+        paged = PagedEngine(tiny_runner, EngineConfig(scheduler=SchedulerConfig(max_num_seqs=8)))
+        engine = AsyncEngine(paged)
+        engine.start()
+        try:
+            req = engine_request(tiny_llava, tiny_runner, "r", "a long answer", [make_image(1)], 300)
+            req = EngineRequest(req.request_id, req.prompt_token_ids, SamplingParams(max_tokens=300), req.mm_inputs)
+            stream = engine.generate(req)
+            await anext(stream)
+            await stream.aclose()          # queues the abort
+            await asyncio.wait_for(engine.settled(), 10)
+            assert not paged.has_unfinished()
+            assert paged.stats().kv_blocks_free == paged.stats().kv_blocks_total
+            await asyncio.wait_for(engine.settled(), 10)   # idle: returns as well
+        finally:
+            await engine.stop()
+        await engine.settled()             # stopped: returns at once
+    asyncio.run(main())

@@ -25,7 +25,7 @@ from oracle import hf_greedy, make_image
 CACHE_BYTES = 1 << 20   # tiny LLaVA embeddings are 4 KiB: room for ~250, so eviction is exercised below
 TOPOLOGIES = {
     "nixl": ("agg_multimodal_epd.sh", "--encode-workers", "2", "--encoder-cache-bytes", str(CACHE_BYTES),
-             "--embedding-buffer-bytes", str(64 << 10)),
+             "--embedding-buffer-bytes", str(128 << 10)),
     "ec": ("agg_multimodal_ec_connector.sh",),
 }
 

@@ -29,6 +29,8 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
         self._dead: str | None = None   # set when the engine thread died
+        self._inbox_rounds = 0          # times the engine thread took the inbox; under _cond
+        self._settle_waiters: list[tuple[int, asyncio.Future[None]]] = []   # (round, future); under _cond
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -40,6 +42,7 @@ class AsyncEngine:
             self._stopped = True
             self._cond.notify()
         await asyncio.to_thread(self._thread.join)
+        self._wake(self._take_settled(None))
 
     @property
     def num_requests(self) -> int:
@@ -71,6 +74,18 @@ class AsyncEngine:
                     self._aborts.append(rid)
                     self._cond.notify()
 
+    async def settled(self) -> None:
+        """Return once every request and abort sent before the call is applied: no engine step
+        that may still read an aborted request's inputs is running. Callers release memory
+        that such inputs alias (e.g. embeddings in a transfer region) only after it."""
+        future = asyncio.get_running_loop().create_future()
+        with self._cond:
+            if self._dead or self._stopped:
+                return
+            self._settle_waiters.append((self._inbox_rounds + 1, future))
+            self._cond.notify()
+        await future
+
     def _run(self) -> None:
         try:
             self._loop_forever()
@@ -81,23 +96,43 @@ class AsyncEngine:
 
     def _fail_consumers(self) -> None:
         self._deliver([EngineOutput(rid, [], "error", error=self._dead) for rid in self._queues])
+        self._wake(self._take_settled(None))
+
+    def _take_settled(self, up_to_round: int | None) -> list[asyncio.Future[None]]:
+        """Remove and return the settle waiters of rounds <= `up_to_round` (None: all)."""
+        with self._cond:
+            ready = [f for r, f in self._settle_waiters if up_to_round is None or r <= up_to_round]
+            self._settle_waiters = [(r, f) for r, f in self._settle_waiters
+                                    if up_to_round is not None and r > up_to_round]
+        return ready
+
+    @staticmethod
+    def _wake(futures: list[asyncio.Future[None]]) -> None:
+        for future in futures:
+            if not future.done():
+                future.set_result(None)
 
     def _loop_forever(self) -> None:
         live: dict[str, int] = {}   # request id -> unfinished choices inside the engine; this thread's
         while True:
             with self._cond:
-                while not (self._stopped or self._adds or self._aborts or self.engine.has_unfinished()):
+                while not (self._stopped or self._adds or self._aborts or self._settle_waiters
+                           or self.engine.has_unfinished()):
                     self._cond.wait()
                 if self._stopped:
                     return
                 adds, self._adds = self._adds, []
                 aborts, self._aborts = self._aborts, []
+                self._inbox_rounds += 1
+                round_ = self._inbox_rounds
             for req in adds:
                 self.engine.add_request(req)
                 live[req.request_id] = req.sampling.n
             for rid in aborts:  # after adds: a request may be cancelled in the same batch
                 self.engine.abort(rid)
                 live.pop(rid, None)
+            if settled := self._take_settled(round_):   # the previous step is over, the inbox applied
+                self._loop.call_soon_threadsafe(self._wake, settled)
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # a bug in a step fails the requests in it, not the worker

@@ -2,14 +2,20 @@
 
 An item arrives as its encoded bytes (EPD: this worker encodes it), as embeddings in an
 encode worker's NIXL memory (E/PD: one READ per request into this worker's registered
-staging region, then copied out so the span is free at once), or as embeddings in the
-embedding cache on disk (the EC-connector topology).
+staging region), or as embeddings in the embedding cache on disk (the EC-connector topology).
+
+READ embeddings stay where they landed, in the staging region, for the request's lifetime:
+copying them out into fresh memory costs about 1 ms per MB in page faults, several times the
+READ itself. While the region is more than half full, a request's embeddings are copied out
+and its span freed at once instead, so that a burst never waits for long generations.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import torch
 
@@ -36,11 +42,22 @@ class MediaResolver:
         self.read_timeout = read_timeout
         self._freed = asyncio.Event()
 
-    async def resolve(self, req: pb.GenerateRequest) -> list[MultiModalInput]:
+    @contextlib.asynccontextmanager
+    async def resolve(self, req: pb.GenerateRequest) -> AsyncIterator[list[MultiModalInput]]:
+        """The request's engine inputs, valid until the context exits (the engine must be
+        done with them by then)."""
         remote = [i for i, item in enumerate(req.media) if item.WhichOneof("source") == "embedding"]
-        embeddings = dict(zip(remote, await self._read(req, [req.media[i] for i in remote]))) if remote else {}
-        # Decoding and resizing a photo takes tens of ms: keep it off the event loop.
-        return await asyncio.to_thread(self._inputs, req, embeddings)
+        held: Span | None = None
+        try:
+            embeddings = {}
+            if remote:
+                tensors, held = await self._read(req, [req.media[i] for i in remote])
+                embeddings = dict(zip(remote, tensors))
+            # Decoding and resizing a photo takes tens of ms: keep it off the event loop.
+            yield await asyncio.to_thread(self._inputs, req, embeddings)
+        finally:
+            if held is not None:
+                self._release(held)
 
     def _inputs(self, req: pb.GenerateRequest, embeddings: dict[int, torch.Tensor]) -> list[MultiModalInput]:
         inputs = []
@@ -67,7 +84,9 @@ class MediaResolver:
                                 f"in {self.storage.root}")
         return embedding.to(self.model.device)
 
-    async def _read(self, req: pb.GenerateRequest, items: list[pb.MediaItem]) -> list[torch.Tensor]:
+    async def _read(self, req: pb.GenerateRequest, items: list[pb.MediaItem]
+                    ) -> tuple[list[torch.Tensor], Span | None]:
+        """The items' embeddings, and the staging span they alias (None: copied out, freed)."""
         if self.agent is None:
             raise EpdError(503, "this worker cannot receive embeddings over NIXL")
         tensors = [item.embedding for item in items]
@@ -76,14 +95,26 @@ class MediaResolver:
                 raise EpdError(500, f"embedding of media item {item.hash[:16]} has shape {list(t.shape)} "
                                     f"for {item.length} placeholders")
         deadline = time.monotonic() + self.read_timeout
-        span = await self._alloc(sum(t.nbytes for t in tensors), deadline)
+        nbytes = sum(t.nbytes for t in tensors)
+        allocator = self.agent.allocator
+        hold = allocator.allocated_bytes + nbytes <= allocator.capacity // 2
+        span = await self._alloc(nbytes, deadline)
         try:
             offsets = await self.agent.read(req.handoff, tensors, span, max(deadline - time.monotonic(), 0.001))
-            return [self.agent.view(Span(span.offset + off, t.nbytes), torch_dtype(t.dtype), tuple(t.shape)).clone()
-                    for off, t in zip(offsets, tensors)]
-        finally:
-            self.agent.free(span)
-            self._freed.set()
+            views = [self.agent.view(Span(span.offset + off, t.nbytes), torch_dtype(t.dtype), tuple(t.shape))
+                     for off, t in zip(offsets, tensors)]
+        except BaseException:
+            self._release(span)
+            raise
+        if hold:
+            return views, span
+        copies = [v.clone() for v in views]
+        self._release(span)
+        return copies, None
+
+    def _release(self, span: Span) -> None:
+        self.agent.free(span)
+        self._freed.set()
 
     async def _alloc(self, nbytes: int, deadline: float) -> Span:
         """A staging span, waiting for other requests' reads to free room until `deadline`."""

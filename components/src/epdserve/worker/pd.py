@@ -3,6 +3,7 @@ embeddings an encode worker produced (E/PD)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 from epdserve.engine.async_engine import AsyncEngine
@@ -35,10 +36,19 @@ class PDHandler:
 
     async def generate(self, payload: bytes) -> AsyncIterator[bytes]:
         req = pb.GenerateRequest.FromString(payload)
-        mm_inputs = await self.media.resolve(req)
-        ereq = EngineRequest(req.request_id, list(req.token_ids), sampling_from_proto(req.sampling), mm_inputs)
-        async for out in self.engine.generate(ereq):
-            if out.error is not None:
-                raise EpdError(500, f"generation failed: {out.error}")
-            yield pb.TokenDelta(token_ids=out.new_token_ids, finish_reason=out.finish_reason or "", index=out.index,
-                                logprobs=[logprob_to_proto(lp) for lp in out.logprobs or ()]).SerializeToString()
+        async with self.media.resolve(req) as mm_inputs:
+            ereq = EngineRequest(req.request_id, list(req.token_ids), sampling_from_proto(req.sampling), mm_inputs)
+            finished = False
+            try:
+                async with contextlib.aclosing(self.engine.generate(ereq)) as outputs:
+                    async for out in outputs:
+                        if out.error is not None:
+                            raise EpdError(500, f"generation failed: {out.error}")
+                        yield pb.TokenDelta(token_ids=out.new_token_ids, finish_reason=out.finish_reason or "",
+                                            index=out.index,
+                                            logprobs=[logprob_to_proto(lp) for lp in out.logprobs or ()]
+                                            ).SerializeToString()
+                finished = True
+            finally:
+                if not finished:   # aborted: a step in flight may still read the inputs
+                    await self.engine.settled()
