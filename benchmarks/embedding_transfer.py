@@ -29,6 +29,7 @@ from typing import Any
 from cluster import Cluster, client_for, data_url, http_cluster, http_level, timed_chat
 from common import (RequestRecord, build_workload, ensure_model, gemm_probe_gflops, level_result, machine_info,
                     percentile)
+from epdserve.config import WorkerConfig
 from epdserve.tools.images import synthetic_png
 from transfer_probe import MODES, measure_pair, memcpy_times
 
@@ -53,6 +54,7 @@ class Case:
 LLAVA_IMAGE = (576, 4096)   # one LLaVA-1.5-7B image: 576 tokens x hidden 4096
 CASES = (Case("1 image", (LLAVA_IMAGE,)), Case("4 images", (LLAVA_IMAGE,) * 4), Case("64 MiB", ((4096, 4096),)))
 UCX_SETTINGS: tuple[str | None, ...] = (None, "cma,tcp,self", "shm,tcp,self", "tcp,self")
+STAGING_BYTES = WorkerConfig.embedding_buffer_bytes   # the PD worker's default staging region
 
 
 @dataclass(frozen=True)
@@ -67,14 +69,13 @@ class Config:
     warmup: int                            # untimed ones before them (the first READ connects)
     cache_samples: int                     # miss/hit pairs
     levels: tuple[tuple[int, int], ...]    # (concurrency, requests)
+    topology_rounds: int                   # passes over every (level, topology), fresh clusters
 
 
 # --------------------------------------------------------------------------- 1. bandwidth
 
 def _rate(nbytes: int, times: list[float], **extra: Any) -> dict[str, Any]:
     """Median and best GB/s (10^9 bytes) of one measurement's repetitions."""
-    if not times:
-        return {"median_gbps": float("nan"), "best_gbps": float("nan")}
     median_ms = percentile(times, 50)
     return {"median_gbps": nbytes / median_ms / 1e6, "best_gbps": nbytes / min(times) / 1e9,
             "median_ms": median_ms, "times_ms": [t * 1000 for t in times], **extra}
@@ -86,7 +87,8 @@ def _mode_rates(result: dict[str, Any], cases: tuple[Case, ...]) -> dict[str, An
                 "why": result.get("unavailable") or result.get("error")}
     rates = {}
     for case, got in zip(cases, result["cases"]):
-        rates[case.name] = _rate(case.nbytes, got["total_s"], read_median_ms=percentile(got["read_s"], 50))
+        rates[case.name] = _rate(case.nbytes, got["total_s"], read_median_ms=percentile(got["read_s"], 50),
+                                 held=got["held"])
     return {"status": "ok", "cases": rates}
 
 
@@ -95,7 +97,8 @@ def _merge(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     if failed := next((r for r in rounds if "cases" not in r), None):
         return failed
     return {"cases": [{"total_s": [t for c in per_round for t in c["total_s"]],
-                       "read_s": [t for c in per_round for t in c["read_s"]]}
+                       "read_s": [t for c in per_round for t in c["read_s"]],
+                       "held": sum(c["held"] for c in per_round)}
                       for per_round in zip(*(r["cases"] for r in rounds))]}
 
 
@@ -110,7 +113,8 @@ def run_bandwidth(cfg: Config) -> dict[str, Any]:
     """Round after round, each UCX setting in turn, every mode in a fresh pair of processes:
     the numbers compared with each other (handoff vs raw) are measured seconds apart, and the
     rounds spread each measurement over the run's minutes."""
-    spec = {"cases": [[list(s) for s in c.shapes] for c in cfg.cases], "reps": cfg.reps, "warmup": cfg.warmup}
+    spec = {"cases": [[list(s) for s in c.shapes] for c in cfg.cases], "reps": cfg.reps, "warmup": cfg.warmup,
+            "staging_bytes": STAGING_BYTES}
     runs: dict[tuple[str | None, str], list[dict[str, Any]]] = {(t, m): [] for t in cfg.ucx_settings for m in MODES}
     probes: dict[str | None, list[float]] = {t: [] for t in cfg.ucx_settings}
     for round_ in range(cfg.rounds):
@@ -124,7 +128,7 @@ def run_bandwidth(cfg: Config) -> dict[str, Any]:
                 for tls in cfg.ucx_settings]
     memcpy = {c.name: _rate(c.nbytes, memcpy_times([list(s) for s in c.shapes], cfg.reps * cfg.rounds, cfg.warmup))
               for c in cfg.cases}
-    return {"settings": settings, "memcpy": memcpy}
+    return {"staging_bytes": STAGING_BYTES, "settings": settings, "memcpy": memcpy}
 
 
 def _ratio(settings: dict[str, Any], case: str, other: str) -> float:
@@ -209,31 +213,59 @@ def run_cache(cfg: Config) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- 3. topologies
 
-def _topology_level(cfg: Config, topology: str, concurrency: int, requests: int) -> dict[str, Any]:
+@dataclass
+class LevelRun:
+    """One level of one topology on one fresh cluster."""
+
+    records: list[RequestRecord]
+    wall_s: float
+    probe_gflops: float
+    encoder: dict[str, int]   # the encode workers' counters after the level (E/PD)
+
+
+def _topology_level(cfg: Config, topology: str, concurrency: int, requests: int, round_: int) -> LevelRun:
     """One level on a fresh cluster of `topology`, after a two-request warm-up."""
-    items = build_workload(requests, cfg.seed, f"c{concurrency}")
+    items, warmup = build_workload(requests, cfg.seed, f"c{concurrency}"), build_workload(2, cfg.seed, "warmup")
     probe = gemm_probe_gflops()
     with http_cluster(cfg.model, TOPOLOGIES[topology], label=f"{topology} c={concurrency}") as cluster:
         if topology == "E/PD":
             wait_encoder(cluster)
-        asyncio.run(http_level(cluster.base_url, build_workload(2, cfg.seed, "warmup"), 2))
+        asyncio.run(http_level(cluster.base_url, warmup, 2))
         records, wall = asyncio.run(http_level(cluster.base_url, items, concurrency))
-        encoder_calls = _counters(cluster).get("encoder_calls") if topology == "E/PD" else None
-    level = level_result(concurrency, records, wall, {}, probe_gflops=probe, encoder_calls=encoder_calls,
-                         image_ttft_p50_ms=percentile([r.ttft_s for r in records if r.has_image], 50),
-                         text_ttft_p50_ms=percentile([r.ttft_s for r in records if not r.has_image], 50))
-    print(f"[{topology}] c={concurrency}: {level['output_tok_s']:.1f} tok/s, TTFT p50 {level['ttft_p50_ms']:.0f} ms "
-          f"(image {level['image_ttft_p50_ms']:.0f}), {wall:.1f} s", flush=True)
-    return level
+        encoder = _counters(cluster)
+    images = sum(it.image is not None for it in items + warmup)
+    if topology == "E/PD" and encoder.get("cache_hits", 0) + encoder.get("cache_misses", 0) < images:
+        print(f"[{topology}] warning: the encode worker saw fewer than the {images} images sent", flush=True)
+    for r in records:
+        r.rid = f"r{round_}/{r.rid}"   # requests pair up across topologies by round and rid
+    ttft = percentile([r.ttft_s for r in records], 50)
+    print(f"[{topology}] round {round_ + 1}, c={concurrency}: {sum(r.output_tokens for r in records) / wall:.1f} "
+          f"tok/s, TTFT p50 {ttft:.0f} ms, {wall:.1f} s", flush=True)
+    return LevelRun(records, wall, probe, encoder)
+
+
+def _pool(concurrency: int, runs: list[LevelRun]) -> dict[str, Any]:
+    """A level's rounds as one: every request of every round, over their summed wall time."""
+    records = [r for run in runs for r in run.records]
+    return level_result(
+        concurrency, records, sum(run.wall_s for run in runs), {},
+        probe_gflops=[run.probe_gflops for run in runs], encoder=[run.encoder for run in runs],
+        rounds=[{"wall_s": run.wall_s, "ttft_p50_ms": percentile([r.ttft_s for r in run.records], 50),
+                 "output_tok_s": sum(r.output_tokens for r in run.records) / run.wall_s} for run in runs],
+        image_ttft_p50_ms=percentile([r.ttft_s for r in records if r.has_image], 50),
+        text_ttft_p50_ms=percentile([r.ttft_s for r in records if not r.has_image], 50))
 
 
 def run_topologies(cfg: Config) -> dict[str, list[dict[str, Any]]]:
-    """Both topologies at one level, then the next level (a shared VM drifts over minutes)."""
-    results: dict[str, list[dict[str, Any]]] = {t: [] for t in TOPOLOGIES}
-    for concurrency, requests in cfg.levels:
-        for topology in TOPOLOGIES:
-            results[topology].append(_topology_level(cfg, topology, concurrency, requests))
-    return results
+    """Round after round; in each, both topologies at one level, then the next level (a shared
+    VM drifts over minutes). Each cluster picks its GEMM kernels by timing them at load, so
+    clusters differ a little by themselves: rounds average that out too."""
+    runs: dict[tuple[str, int], list[LevelRun]] = {(t, c): [] for t in TOPOLOGIES for c, _ in cfg.levels}
+    for round_ in range(cfg.topology_rounds):
+        for concurrency, requests in cfg.levels:
+            for topology in TOPOLOGIES:
+                runs[topology, concurrency].append(_topology_level(cfg, topology, concurrency, requests, round_))
+    return {t: [_pool(c, runs[t, c]) for c, _ in cfg.levels] for t in TOPOLOGIES}
 
 
 def paired_ttft_delta_ms(a: dict[str, Any], b: dict[str, Any]) -> float:
@@ -291,20 +323,32 @@ def _gbps(mode: dict[str, Any], case: str) -> str:
     return f"{r['median_gbps']:.2f} / {r['best_gbps']:.2f}"
 
 
+def _read_split(s: dict[str, Any], case: str) -> tuple[str, str]:
+    """("READ ms / whole ms" of the handoff, raw READ's median time over the handoff's READ)."""
+    handoff, raw = s["modes"]["handoff"], s["modes"]["raw"]
+    if handoff["status"] != "ok":
+        return "–", "–"
+    h = handoff["cases"][case]
+    ratio = f"{raw['cases'][case]['median_ms'] / h['read_median_ms']:.2f}" if raw["status"] == "ok" else "–"
+    kept = {0: "copied out", len(h["times_ms"]): "kept"}.get(h["held"], f"kept {h['held']}/{len(h['times_ms'])}")
+    return f"{h['read_median_ms']:.2f} / {h['median_ms']:.2f} ({kept})", ratio
+
+
 def _bandwidth_md(bw: dict[str, Any], cases: list[Case]) -> list[str]:
     rows = []
     for s in bw["settings"]:
         for case in cases:
-            handoff = s["modes"]["handoff"]
-            read = f"{handoff['cases'][case.name]['read_median_ms']:.2f} / {handoff['cases'][case.name]['median_ms']:.2f}" \
-                if handoff["status"] == "ok" else "–"
-            rows.append([s["ucx_tls"], f"{case.name} ({case.nbytes / 1e6:.1f} MB)", _gbps(handoff, case.name), read,
-                         _gbps(s["modes"]["raw"], case.name), _gbps(s["modes"]["raw-prog"], case.name),
-                         f"{_ratio(s, case.name, 'raw'):.2f}", f"{_ratio(s, case.name, 'raw-prog'):.2f}",
+            split, read_ratio = _read_split(s, case.name)
+            rows.append([s["ucx_tls"], f"{case.name} ({case.nbytes / 1e6:.1f} MB)", _gbps(s["modes"]["handoff"], case.name),
+                         split, _gbps(s["modes"]["raw"], case.name), _gbps(s["modes"]["raw-prog"], case.name),
+                         f"{_ratio(s, case.name, 'raw'):.2f}", read_ratio, f"{_ratio(s, case.name, 'raw-prog'):.2f}",
                          " / ".join(f"{p:.0f}" for p in s["probe_gflops"])])
     lines = ["## 1. Hand-off bandwidth (GB/s, median / best)", "",
+             f"The reader's staging region: {bw['staging_bytes'] >> 20} MiB (the PD worker's default "
+             "`--embedding-buffer-bytes`); embeddings are kept in it while it stays at most half full, "
+             "else copied out.", "",
              *_table(["UCX_TLS", "payload", "handoff", "READ / whole ms", "raw READ", "raw READ + prog thread",
-                      "handoff/raw", "handoff/raw-prog", "probe GFLOP/s"], rows)]
+                      "handoff/raw", "its READ alone/raw", "handoff/raw-prog", "probe GFLOP/s"], rows)]
     lines += _table(["payload", "memcpy (dst.copy_(src)) GB/s", "fastest UCX_TLS: handoff", "raw READ"],
                     [[c.name, f"{bw['memcpy'][c.name]['median_gbps']:.2f} / {bw['memcpy'][c.name]['best_gbps']:.2f}",
                       _winner(bw, c.name), _winner(bw, c.name, "raw")] for c in cases])
@@ -320,19 +364,24 @@ def _topologies_md(topo: dict[str, list[dict[str, Any]]]) -> list[str]:
              f"{epd[c]['image_ttft_p50_ms']:.0f}", f"{split[c]['image_ttft_p50_ms']:.0f}",
              f"{epd[c]['output_tok_s']:.1f}", f"{split[c]['output_tok_s']:.1f}",
              f"{split[c]['output_tok_s'] / epd[c]['output_tok_s']:.2f}x", str(epd[c]["requests"]),
-             f"{epd[c]['probe_gflops']:.0f} / {split[c]['probe_gflops']:.0f}"] for c in sorted(epd)]
-    return ["## 3. EPD vs E/PD (same workload, fresh cluster per level and topology)", "",
+             f"{min(epd[c]['probe_gflops'] + split[c]['probe_gflops']):.0f}-"
+             f"{max(epd[c]['probe_gflops'] + split[c]['probe_gflops']):.0f}"] for c in sorted(epd)]
+    rounds = len(next(iter(epd.values()))["rounds"])
+    return [f"## 3. EPD vs E/PD (same workload; {rounds} round(s), each level and topology on a fresh cluster)", "",
             *_table(["c", "EPD TTFT p50 ms", "E/PD TTFT p50 ms", "Δ ms", "paired Δ ms", "EPD image TTFT p50",
                      "E/PD image TTFT p50", "EPD tok/s", "E/PD tok/s", "E/PD/EPD", "requests",
-                     "probe GFLOP/s EPD / E/PD"], rows)]
+                     "probe GFLOP/s"], rows)]
 
 
 NOTES = """\
 - **handoff**: the holder keeps the tensors in an `EmbeddingCache` (its `TransferAgent`'s one
-  registered region) and awaits `expect(notif)`; the reader runs `MediaResolver._read`: staging
-  span, one `TransferAgent.read` of all the request's tensors, `.clone()` out of the region,
-  `free`. Timed from `_read`'s call to its return; "READ / whole ms" splits off the time spent
-  inside `TransferAgent.read` (the rest is mostly the clone).
+  registered region) and awaits `expect(notif)`; the reader enters `MediaResolver.resolve` of a
+  request carrying them, as the PD worker does: staging span, one `TransferAgent.read` of all
+  the request's tensors, then the tensors stay in the span for the request ("kept") or, when
+  that would leave the region over half full, are cloned out and the span freed ("copied
+  out"). Timed until `resolve` yields the engine inputs; "READ / whole ms" splits off the time
+  spent inside `TransferAgent.read`, and "its READ alone/raw" compares that part alone with
+  the raw READ (time ratio, raw over it).
 - **raw READ**: two bare `nixl_agent`s, one `initialize_xfer("READ")` + `transfer` + polled
   `check_xfer_state` into registered memory, handle released; no copy out. Without the
   progress thread both sides busy-poll (the holder `get_new_notifs`); with it both poll every
@@ -346,7 +395,10 @@ NOTES = """\
   encode. The encode workers' hit/miss counters are checked against the samples.
 - **EPD vs E/PD**: the workload of `build_workload` (half the requests with one image, 16..96
   output tokens, EOS ignored), closed loop at `c`; TTFT from the client. "paired Δ" is the
-  median over requests of (E/PD - EPD) TTFT of the same request.
+  median over requests of (E/PD - EPD) TTFT of the same request in the same round. Rounds are
+  pooled: percentiles over every request, tok/s over the summed wall time (each round's own
+  numbers are in the JSON). Each cluster times its GEMM candidates at load and keeps the
+  fastest, so two clusters of one topology differ a little by themselves.
 - probe GFLOP/s: a one-thread GEMM timed for 1 s before each measurement (the VM's speed drifts).
 """
 
@@ -399,10 +451,10 @@ def make_config(args: argparse.Namespace) -> Config:
     common = dict(model=str(model.resolve()), preset=None if args.model else preset, seed=args.seed)
     if args.quick:
         return Config(**common, cases=CASES[:2], ucx_settings=(None, "tcp,self"), rounds=1, reps=3,
-                      warmup=1, cache_samples=3, levels=((2, 6),))
+                      warmup=1, cache_samples=3, levels=((2, 6),), topology_rounds=1)
     return Config(**common, cases=CASES, ucx_settings=UCX_SETTINGS, rounds=2, reps=8, warmup=2,
                   cache_samples=8,
-                  levels=((1, 24), (16, 48), (32, 64)))
+                  levels=((1, 24), (16, 48), (32, 64)), topology_rounds=2)
 
 
 def main(argv: list[str] | None = None) -> None:

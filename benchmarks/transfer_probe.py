@@ -4,8 +4,10 @@
 `python transfer_probe.py ROLE MODE FD SPEC [RESULT_FD]`, with UCX_TLS in their environment
 before nixl loads. They talk over a multiprocessing Pipe. Modes:
   handoff  -- our path: the holder's `TransferAgent` keeps the tensors in its `EmbeddingCache`
-              and awaits `expect(notif)`; the reader runs `MediaResolver._read` (staging span,
-              `TransferAgent.read`, clone out of the region, free).
+              and awaits `expect(notif)`; the reader enters `MediaResolver.resolve` for a
+              request carrying them (a staging span of a `spec["staging_bytes"]` region, one
+              `TransferAgent.read`; the tensors stay in the span, or are cloned out and the
+              span freed when the region would be over half full).
   raw      -- two bare `nixl_agent`s without a progress thread (as `TransferAgent` runs):
               one initialize_xfer + transfer + busy-polled check_xfer_state; the holder
               busy-polls get_new_notifs (it progresses READs that need the target, e.g. TCP).
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 from typing import Any
@@ -123,16 +126,29 @@ async def holder(mode: str, spec: dict[str, Any], peer: Connection) -> None:
 
 # --------------------------------------------------------------------------- reader
 
+@dataclass(frozen=True)
+class Sample:
+    total_s: float     # until the reader has the tensors to use
+    read_s: float      # of which inside the READ
+    held: bool         # the tensors alias the reader's registered region (not copied out)
+    correct: bool      # every tensor read holds what the holder wrote
+
+
+def _correct(tensors: list[torch.Tensor]) -> bool:
+    return all(float(t.flatten()[-1]) == j + 1.0 for j, t in enumerate(tensors))
+
+
 class HandoffReader:
-    """The PD worker's side: `MediaResolver._read` as it runs for a request, with the time
-    inside `TransferAgent.read` recorded apart from the whole."""
+    """The PD worker's side: `MediaResolver.resolve` of a request whose media are embeddings
+    in the holder's cache, with the time inside `TransferAgent.read` recorded apart from the
+    whole."""
 
     def __init__(self, capacity: int):
         from epdserve.transfer.agent import TransferAgent
         from epdserve.worker.media_sources import MediaResolver
         self.agent = TransferAgent("reader", capacity, torch.device("cpu"))
         _check_ucx(self.agent._nixl)
-        self.resolver = MediaResolver(None, self.agent, None)   # _read uses only the agent
+        self.resolver = MediaResolver(None, self.agent, None)   # embedding items never reach the model
         self.read_s = 0.0
         read = self.agent.read
 
@@ -145,16 +161,17 @@ class HandoffReader:
 
         self.agent.read = timed_read
 
-    async def read(self, notif: bytes, handoff: bytes, remotes: list) -> tuple[float, float, list[torch.Tensor]]:
-        """(whole seconds, seconds inside the READ, the tensors read)."""
+    async def read(self, notif: bytes, handoff: bytes, remotes: list) -> Sample:
         from epdserve.protocol import epdserve_pb2 as pb
         req = pb.GenerateRequest(handoff=pb.EmbeddingHandoff.FromString(handoff))
         for r in remotes:
             t = pb.RemoteTensor.FromString(r)
             req.media.append(pb.MediaItem(modality="image", hash=str(t.addr), length=t.shape[0], embedding=t))
         start = time.perf_counter()
-        out = await self.resolver._read(req, list(req.media))
-        return time.perf_counter() - start, self.read_s, out
+        async with self.resolver.resolve(req) as inputs:   # as the PD worker starts a request
+            elapsed = time.perf_counter() - start
+            held = self.agent.allocator.allocated_bytes > 0
+            return Sample(elapsed, self.read_s, held, _correct([mm.embeddings for mm in inputs]))
 
 
 class RawReader:
@@ -165,7 +182,7 @@ class RawReader:
         self.nixl.register_memory(self.region)
         self.peer = self.nixl.add_remote_agent(peer_metadata)
 
-    async def read(self, notif: bytes, handoff: bytes, descs: list) -> tuple[float, float, list[torch.Tensor]]:
+    async def read(self, notif: bytes, handoff: bytes, descs: list) -> Sample:
         local, remote, views, cursor = [], [], [], 0
         for addr, nbytes in descs:   # back to back in the local region, as TransferAgent.read does
             local.append((self.region.data_ptr() + cursor * 4, nbytes, 0))
@@ -184,32 +201,33 @@ class RawReader:
         elapsed = time.perf_counter() - start
         if state == "ERR":
             raise RuntimeError("the READ failed")
-        return elapsed, elapsed, views
+        return Sample(elapsed, elapsed, True, _correct(views))
 
 
 async def reader(mode: str, spec: dict[str, Any], peer: Connection) -> dict[str, Any]:
     kind, info = peer.recv()
     if kind == "unavailable":
         return {"unavailable": f"holder: {info}"}
-    capacity = max(_nbytes(s) for s in spec["cases"]) + 4096
+    capacity = max(_nbytes(s) for s in spec["cases"])
     try:
-        rd = HandoffReader(capacity) if mode == "handoff" else RawReader(capacity, mode == "raw-prog", info)
+        rd = HandoffReader(max(capacity, spec["staging_bytes"])) if mode == "handoff" \
+            else RawReader(capacity, mode == "raw-prog", info)
     except Exception as exc:
         return {"unavailable": f"reader: {type(exc).__name__}: {exc}"}
     cases = []
     for i in range(len(spec["cases"])):
-        total, read = [], []
+        samples = []
         for rep in range(spec["warmup"] + spec["reps"]):
             notif = f"{i}/{rep}".encode()
             peer.send(("go", i, notif))
             _, handoff, remotes = peer.recv()
-            elapsed, read_s, out = await rd.read(notif, handoff, remotes)
-            if any(float(t.flatten()[-1]) != j + 1.0 for j, t in enumerate(out)):
+            sample = await rd.read(notif, handoff, remotes)
+            if not sample.correct:
                 raise RuntimeError("read back the wrong bytes")
             if rep >= spec["warmup"]:   # the first READs also connect the peers
-                total.append(elapsed)
-                read.append(read_s)
-        cases.append({"total_s": total, "read_s": read})
+                samples.append(sample)
+        cases.append({"total_s": [x.total_s for x in samples], "read_s": [x.read_s for x in samples],
+                      "held": sum(x.held for x in samples)})
     return {"cases": cases}
 
 
