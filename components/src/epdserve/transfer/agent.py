@@ -53,6 +53,8 @@ class TransferAgent:
     def __init__(self, name: str, capacity: int, device: torch.device):
         self.name = name
         self._nixl = nixl_agent(name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+        if "UCX" not in self._nixl.backends:   # nixl only warns when the plugin fails to load
+            raise OSError("NIXL could not create its UCX backend (is the UCX plugin installed?)")
         self.region = torch.empty(capacity, dtype=torch.uint8, device=device)
         self.mem_type = "VRAM" if self.region.is_cuda else "DRAM"
         self.device_id = self.region.device.index or 0

@@ -53,8 +53,9 @@ class MediaResolver:
             if remote:
                 tensors, held = await self._read(req, [req.media[i] for i in remote])
                 embeddings = dict(zip(remote, tensors))
-            # Decoding and resizing a photo takes tens of ms: keep it off the event loop.
-            yield await asyncio.to_thread(self._inputs, req, embeddings)
+            # Decoding and resizing a photo, or reading a file, takes ms: keep it off the event loop.
+            local = len(remote) < len(req.media)
+            yield await asyncio.to_thread(self._inputs, req, embeddings) if local else self._inputs(req, embeddings)
         finally:
             if held is not None:
                 self._release(held)
