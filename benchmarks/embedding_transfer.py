@@ -7,9 +7,12 @@
                  without and with NIXL's progress thread, and a plain in-process memcpy; under
                  several UCX_TLS settings.
 2. cache      -- TTFT of an image request on an encoder-cache miss vs a hit, on an E/PD
-                 cluster (launch/agg_multimodal_epd.sh).
+                 cluster (launch/agg_multimodal_epd.sh): encoder cache only (a unique system
+                 text first), and the same image with a new question (prefix cache too).
 3. topologies -- EPD (agg_multimodal.sh) vs E/PD on the same workload, level by level, each
                  (level, topology) on a fresh cluster.
+4. paired     -- EPD vs E/PD TTFT at c=1 on both clusters at once, each request sent to both
+                 back to back (cluster_ttft.py).
 Writes embedding_transfer.json (raw numbers) and embedding_transfer.md (tables) to --out.
 """
 
@@ -19,25 +22,20 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import time
-import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster import Cluster, client_for, data_url, http_cluster, http_level, timed_chat
+from cluster import http_cluster, http_level
+from cluster_ttft import TOPOLOGIES, cache_md, counters, paired_md, run_cache, run_paired, table, wait_encoder
 from common import (RequestRecord, build_workload, ensure_model, gemm_probe_gflops, level_result, machine_info,
                     percentile)
 from epdserve.config import WorkerConfig
-from epdserve.tools.images import synthetic_png
 from transfer_probe import MODES, measure_pair, memcpy_times
 
 ROOT = Path(__file__).resolve().parents[1]
-TOPOLOGIES = {"EPD": "agg_multimodal.sh", "E/PD": "agg_multimodal_epd.sh"}
-CACHE_IMAGE_SIZE = (640, 480)
-CACHE_MAX_TOKENS = 4        # TTFT is what is measured; a few tokens keep each sample short
-ENCODER_TIMEOUT_S = 120
 TARGETS = {"handoff_vs_raw": 0.8, "hit_vs_miss": 0.4, "epd_split_ttft_ms": 5.0, "epd_split_tok_s": 0.9}
 
 
@@ -67,7 +65,9 @@ class Config:
     rounds: int                            # passes over every (UCX setting, mode)
     reps: int                              # timed repetitions per measurement and round
     warmup: int                            # untimed ones before them (the first READ connects)
-    cache_samples: int                     # miss/hit pairs
+    cache_samples: int                     # miss/hit pairs per cache variant
+    paired_requests: int                   # per kind (image, text) of the interleaved c=1 run
+    paired_warmup: int                     # per kind, to both clusters, before it
     levels: tuple[tuple[int, int], ...]    # (concurrency, requests)
     topology_rounds: int                   # passes over every (level, topology), fresh clusters
 
@@ -143,74 +143,6 @@ def _winner(bandwidth: dict[str, Any], case: str, mode: str = "handoff") -> str:
     return max(ok, key=lambda s: s["modes"][mode]["cases"][case]["median_gbps"])["ucx_tls"] if ok else "–"
 
 
-# --------------------------------------------------------------------------- 2. cache
-
-def _counters(cluster: Cluster, component: str = "encoder") -> dict[str, int]:
-    """Summed counters of the cluster's `component` instances (encoder: the encode workers,
-    backend: the PD workers); empty when none is registered."""
-    totals: dict[str, int] = {}
-    for name, counters in cluster.stats().items():
-        if name.startswith(component + "/"):
-            for key, value in counters.items():
-                totals[key] = totals.get(key, 0) + value
-    return totals
-
-
-def wait_encoder(cluster: Cluster) -> None:
-    """The model is listed before the encode worker may have registered; without one the
-    processor sends images to the PD worker, which would measure EPD instead."""
-    deadline = time.monotonic() + ENCODER_TIMEOUT_S
-    while not _counters(cluster):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no encode worker registered in {ENCODER_TIMEOUT_S} s")
-        time.sleep(0.5)
-
-
-def _cache_messages(url: str) -> list[dict[str, Any]]:
-    """A unique system text first: the template puts it before the image, so the PD worker's
-    prefix cache cannot reuse the image's KV blocks and a hit saves only the encode."""
-    return [{"role": "system", "content": f"Session {uuid.uuid4().hex[:12]}."},
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": "What is in this image?"}]}]
-
-
-async def _cache_pairs(base_url: str, seeds: list[int]) -> dict[str, list[RequestRecord]]:
-    """For each seed: its image never seen (miss), then the same image again (hit)."""
-    out: dict[str, list[RequestRecord]] = {"miss": [], "hit": []}
-    async with client_for(base_url) as client:
-        for seed in seeds:
-            url = data_url(synthetic_png(seed, CACHE_IMAGE_SIZE))   # off the clock
-            for kind in ("miss", "hit"):
-                rec = RequestRecord(f"{kind}-{seed}", True, CACHE_MAX_TOKENS)
-                out[kind].append(await timed_chat(client, rec, _cache_messages(url)))
-    return out
-
-
-def run_cache(cfg: Config) -> dict[str, Any]:
-    rng = random.Random(f"{cfg.seed}/cache")
-    seeds = rng.sample(range(2**31), cfg.cache_samples + 1)
-    probe = gemm_probe_gflops()
-    with http_cluster(cfg.model, TOPOLOGIES["E/PD"], label="cache") as cluster:
-        wait_encoder(cluster)
-        asyncio.run(_cache_pairs(cluster.base_url, seeds[:1]))   # warm-up pair, not counted
-        before, pd_before = _counters(cluster), _counters(cluster, "backend")
-        samples = asyncio.run(_cache_pairs(cluster.base_url, seeds[1:]))
-        after, pd_after = _counters(cluster), _counters(cluster, "backend")
-    p50 = {kind: percentile([r.ttft_s for r in recs], 50) for kind, recs in samples.items()}
-    result = {"image_size": CACHE_IMAGE_SIZE, "samples": cfg.cache_samples, "probe_gflops": probe,
-              "miss_ttft_p50_ms": p50["miss"], "hit_ttft_p50_ms": p50["hit"],
-              "hit_vs_miss": p50["hit"] / p50["miss"],
-              "encoder_cache_hits": after.get("cache_hits", 0) - before.get("cache_hits", 0),
-              "encoder_cache_misses": after.get("cache_misses", 0) - before.get("cache_misses", 0),
-              "pd_prefix_cache_hits": pd_after.get("prefix_cache_hits", 0) - pd_before.get("prefix_cache_hits", 0),
-              "records": {kind: [asdict(r) for r in recs] for kind, recs in samples.items()}}
-    print(f"[cache] TTFT p50 miss {p50['miss']:.0f} ms, hit {p50['hit']:.0f} ms "
-          f"({result['hit_vs_miss']:.2f}x); encoder hits {result['encoder_cache_hits']}, "
-          f"misses {result['encoder_cache_misses']}; PD prefix-cache block hits {result['pd_prefix_cache_hits']}",
-          flush=True)
-    return result
-
-
 # --------------------------------------------------------------------------- 3. topologies
 
 @dataclass
@@ -232,7 +164,7 @@ def _topology_level(cfg: Config, topology: str, concurrency: int, requests: int,
             wait_encoder(cluster)
         asyncio.run(http_level(cluster.base_url, warmup, 2))
         records, wall = asyncio.run(http_level(cluster.base_url, items, concurrency))
-        encoder = _counters(cluster)
+        encoder = counters(cluster)
     images = sum(it.image is not None for it in items + warmup)
     if topology == "E/PD" and encoder.get("cache_hits", 0) + encoder.get("cache_misses", 0) < images:
         print(f"[{topology}] warning: the encode worker saw fewer than the {images} images sent", flush=True)
@@ -282,38 +214,38 @@ class Target:
     name: str
     goal: str
     measured: str
-    holds: bool
+    holds: bool | None   # None: informational, no goal
 
 
 def evaluate_targets(results: dict[str, Any]) -> list[Target]:
-    bw, cache, topo = results["bandwidth"], results["cache"], results["topologies"]
+    bw, topo, paired = results["bandwidth"], results["topologies"], results["paired"]
+    repeated, encoder_only = (results["cache"]["variants"][k] for k in ("repeated_image", "encoder_only"))
     default, first = bw["settings"][0], next(iter(bw["memcpy"]))
     ratio = _ratio(default, first, "raw")
     best = _winner(bw, first)
     best_ratio = _ratio(next(s for s in bw["settings"] if s["ucx_tls"] == best), first, "raw") if best != "–" \
         else float("nan")
     epd, split = ({lvl["concurrency"]: lvl for lvl in topo[t]} for t in TOPOLOGIES)
-    low, high = min(epd), (32 if 32 in epd else max(epd))
-    delta = split[low]["ttft_p50_ms"] - epd[low]["ttft_p50_ms"]
+    high = 32 if 32 in epd else max(epd)
+    image = paired["image"]
+    delta = image["paired_delta_p50_ms"]
     tok = split[high]["output_tok_s"] / epd[high]["output_tok_s"]
     return [
         Target(f"handoff / raw NIXL READ, {first}, UCX_TLS {default['ucx_tls']}", f">= {TARGETS['handoff_vs_raw']}",
                f"{ratio:.2f}", ratio >= TARGETS["handoff_vs_raw"]),
         Target(f"handoff / raw NIXL READ, {first}, fastest UCX_TLS ({best})", f">= {TARGETS['handoff_vs_raw']}",
                f"{best_ratio:.2f}", best_ratio >= TARGETS["handoff_vs_raw"]),
-        Target("TTFT p50 encoder-cache hit / miss (E/PD)", f"<= {TARGETS['hit_vs_miss']}",
-               f"{cache['hit_vs_miss']:.2f}", cache["hit_vs_miss"] <= TARGETS["hit_vs_miss"]),
-        Target(f"E/PD - EPD TTFT p50 at c={low}", f"<= {TARGETS['epd_split_ttft_ms']:.0f} ms",
-               f"{delta:+.1f} ms (paired median {paired_ttft_delta_ms(epd[low], split[low]):+.1f} ms)",
+        Target("TTFT p50 cache hit / miss, same image + new question (E/PD)", f"<= {TARGETS['hit_vs_miss']}",
+               f"{repeated['hit_vs_miss']:.2f}", repeated["hit_vs_miss"] <= TARGETS["hit_vs_miss"]),
+        Target("TTFT p50 cache hit / miss, encoder cache only (E/PD; informational)", "–",
+               f"{encoder_only['hit_vs_miss']:.2f}", None),
+        Target("E/PD - EPD TTFT at c=1, image requests (interleaved, paired median)",
+               f"<= {TARGETS['epd_split_ttft_ms']:.0f} ms",
+               f"{delta:+.1f} ms (p50 EPD {image['epd_ttft_p50_ms']:.0f} / E/PD {image['split_ttft_p50_ms']:.0f} ms)",
                delta <= TARGETS["epd_split_ttft_ms"]),
         Target(f"E/PD / EPD output tok/s at c={high}", f">= {TARGETS['epd_split_tok_s']}", f"{tok:.2f}x",
                tok >= TARGETS["epd_split_tok_s"]),
     ]
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(r) + " |" for r in rows), ""]
 
 
 def _gbps(mode: dict[str, Any], case: str) -> str:
@@ -347,11 +279,11 @@ def _bandwidth_md(bw: dict[str, Any], cases: list[Case]) -> list[str]:
              f"The reader's staging region: {bw['staging_bytes'] >> 20} MiB (the PD worker's default "
              "`--embedding-buffer-bytes`); embeddings are kept in it while it stays at most half full, "
              "else copied out.", "",
-             *_table(["UCX_TLS", "payload", "handoff", "READ / whole ms", "raw READ", "raw READ + prog thread",
-                      "handoff/raw", "its READ alone/raw", "handoff/raw-prog", "probe GFLOP/s"], rows)]
-    lines += _table(["payload", "memcpy (dst.copy_(src)) GB/s", "fastest UCX_TLS: handoff", "raw READ"],
-                    [[c.name, f"{bw['memcpy'][c.name]['median_gbps']:.2f} / {bw['memcpy'][c.name]['best_gbps']:.2f}",
-                      _winner(bw, c.name), _winner(bw, c.name, "raw")] for c in cases])
+             *table(["UCX_TLS", "payload", "handoff", "READ / whole ms", "raw READ", "raw READ + prog thread",
+                     "handoff/raw", "its READ alone/raw", "handoff/raw-prog", "probe GFLOP/s"], rows)]
+    lines += table(["payload", "memcpy (dst.copy_(src)) GB/s", "fastest UCX_TLS: handoff", "raw READ"],
+                   [[c.name, f"{bw['memcpy'][c.name]['median_gbps']:.2f} / {bw['memcpy'][c.name]['best_gbps']:.2f}",
+                     _winner(bw, c.name), _winner(bw, c.name, "raw")] for c in cases])
     why = [f"- UCX_TLS {s['ucx_tls']}, {m}: {r['status']}: {r['why']}" for s in bw["settings"]
            for m, r in s["modes"].items() if r["status"] != "ok"]
     return lines + (why + [""] if why else [])
@@ -368,9 +300,9 @@ def _topologies_md(topo: dict[str, list[dict[str, Any]]]) -> list[str]:
              f"{max(epd[c]['probe_gflops'] + split[c]['probe_gflops']):.0f}"] for c in sorted(epd)]
     rounds = len(next(iter(epd.values()))["rounds"])
     return [f"## 3. EPD vs E/PD (same workload; {rounds} round(s), each level and topology on a fresh cluster)", "",
-            *_table(["c", "EPD TTFT p50 ms", "E/PD TTFT p50 ms", "Δ ms", "paired Δ ms", "EPD image TTFT p50",
-                     "E/PD image TTFT p50", "EPD tok/s", "E/PD tok/s", "E/PD/EPD", "requests",
-                     "probe GFLOP/s"], rows)]
+            *table(["c", "EPD TTFT p50 ms", "E/PD TTFT p50 ms", "Δ ms", "paired Δ ms", "EPD image TTFT p50",
+                    "E/PD image TTFT p50", "EPD tok/s", "E/PD tok/s", "E/PD/EPD", "requests",
+                    "probe GFLOP/s"], rows)]
 
 
 NOTES = """\
@@ -390,15 +322,22 @@ NOTES = """\
 - Each measurement: warm-up repetitions (the first READ also connects the peers), then the
   timed ones; GB/s = 10^9 bytes per second of the median and of the fastest repetition.
 - **cache**: E/PD cluster; each sample is a never-seen 640x480 PNG (miss), then the same image
-  again (hit), one at a time, 4 output tokens. A unique system text comes before the image in
-  the prompt, so the PD worker's prefix cache cannot reuse the image's KV: a hit saves only the
-  encode. The encode workers' hit/miss counters are checked against the samples.
+  again (hit), one at a time, 4 output tokens. "encoder cache only": a unique system text comes
+  before the image, so the PD worker's prefix cache cannot reuse the image's KV and a hit saves
+  only the encode. "repeated image": no system text, a new question after the same image (the
+  template puts the image first), so a hit reuses the image's KV blocks too. Counters: the
+  encode workers' cache hits/misses and the PD worker's prefix-cache block hits/queries.
 - **EPD vs E/PD**: the workload of `build_workload` (half the requests with one image, 16..96
   output tokens, EOS ignored), closed loop at `c`; TTFT from the client. "paired Δ" is the
   median over requests of (E/PD - EPD) TTFT of the same request in the same round. Rounds are
   pooled: percentiles over every request, tok/s over the summed wall time (each round's own
   numbers are in the JSON). Each cluster times its GEMM candidates at load and keeps the
   fastest, so two clusters of one topology differ a little by themselves.
+- **interleaved**: EPD and E/PD clusters up at once; after warm-up requests, image and
+  text-only requests alternate, each sent to both clusters one after the other (EPD first for
+  requests 0, 1, E/PD first for 2, 3, ...: ABBA), one request in flight, 4 output tokens; every
+  image never seen and every text led by a number of its own (no cache hits). "paired Δ" is
+  the median over requests of (E/PD - EPD) TTFT; the VM's drift is the same for both halves.
 - probe GFLOP/s: a one-thread GEMM timed for 1 s before each measurement (the VM's speed drifts).
 """
 
@@ -406,7 +345,6 @@ NOTES = """\
 def render_markdown(report: dict[str, Any]) -> str:
     cfg, mach, res = report["config"], report["machine"], report["results"]
     cases = [Case(c["name"], tuple(map(tuple, c["shapes"]))) for c in cfg["cases"]]
-    cache = res["cache"]
     lines = [
         "# Embedding transfer", "",
         (f"Model `{cfg['model']}` (preset: {cfg['preset'] or 'given'}); bandwidth: {cfg['rounds']} round(s) of "
@@ -415,16 +353,13 @@ def render_markdown(report: dict[str, Any]) -> str:
          f"load average {mach['loadavg_at_start'][0]:.2f} at start, {mach['loadavg_at_end'][0]:.2f} at end; "
          f"total {report['total_wall_s']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in report["wall_s"].items())
          + ")."), "",
-        *_table(["target", "goal", "measured", "holds"],
-                [[t["name"], t["goal"], t["measured"], "yes" if t["holds"] else "**no**"] for t in report["targets"]]),
+        *table(["target", "goal", "measured", "holds"],
+               [[t["name"], t["goal"], t["measured"], {True: "yes", False: "**no**", None: "n/a"}[t["holds"]]]
+                for t in report["targets"]]),
         *_bandwidth_md(res["bandwidth"], cases),
-        f"## 2. Encoder cache (E/PD, {cache['samples']} samples each, one at a time)", "",
-        *_table(["miss TTFT p50 ms", "hit TTFT p50 ms", "hit/miss", "encoder hits / misses counted",
-                 "PD prefix-cache block hits", "probe GFLOP/s"],
-                [[f"{cache['miss_ttft_p50_ms']:.0f}", f"{cache['hit_ttft_p50_ms']:.0f}", f"{cache['hit_vs_miss']:.2f}",
-                  f"{cache['encoder_cache_hits']} / {cache['encoder_cache_misses']}", str(cache["pd_prefix_cache_hits"]),
-                  f"{cache['probe_gflops']:.0f}"]]),
+        *cache_md(res["cache"]),
         *_topologies_md(res["topologies"]),
+        *paired_md(res["paired"]),
         "## Definitions", "", NOTES]
     return "\n".join(lines)
 
@@ -439,7 +374,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int,
                    help="OMP_NUM_THREADS for every process, cluster and transfer probes (default: torch's default)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke test: tiny preset, 2 payloads, 2 UCX settings, one round, c = 2 only, 1 thread")
+                   help="smoke test: tiny preset, 2 payloads, 2 UCX settings, one round, c = 2 only, "
+                        "4 interleaved requests per kind, 1 thread")
     args = p.parse_args(argv)
     args.threads = args.threads or (1 if args.quick else None)
     return args
@@ -451,9 +387,10 @@ def make_config(args: argparse.Namespace) -> Config:
     common = dict(model=str(model.resolve()), preset=None if args.model else preset, seed=args.seed)
     if args.quick:
         return Config(**common, cases=CASES[:2], ucx_settings=(None, "tcp,self"), rounds=1, reps=3,
-                      warmup=1, cache_samples=3, levels=((2, 6),), topology_rounds=1)
+                      warmup=1, cache_samples=3, paired_requests=4, paired_warmup=1, levels=((2, 6),),
+                      topology_rounds=1)
     return Config(**common, cases=CASES, ucx_settings=UCX_SETTINGS, rounds=2, reps=8, warmup=2,
-                  cache_samples=8,
+                  cache_samples=8, paired_requests=40, paired_warmup=2,
                   levels=((1, 24), (16, 48), (32, 64)), topology_rounds=2)
 
 
@@ -467,7 +404,11 @@ def main(argv: list[str] | None = None) -> None:
     report: dict[str, Any] = {"config": {**asdict(cfg), "threads": args.threads}, "machine": machine_info()}
     start = time.perf_counter()
     report["results"], report["wall_s"] = {}, {}
-    for part, run in (("bandwidth", run_bandwidth), ("cache", run_cache), ("topologies", run_topologies)):
+    parts: dict[str, Callable[[Config], dict[str, Any]]] = {
+        "bandwidth": run_bandwidth, "cache": lambda c: run_cache(c.model, c.seed, c.cache_samples),
+        "topologies": run_topologies,
+        "paired": lambda c: run_paired(c.model, c.seed, c.paired_requests, c.paired_warmup)}
+    for part, run in parts.items():
         part_start = time.perf_counter()
         report["results"][part] = run(cfg)
         report["wall_s"][part] = time.perf_counter() - part_start

@@ -1,0 +1,241 @@
+"""TTFT on live clusters, one request at a time (embedding_transfer.py parts 2 and 4).
+
+- cache:  an image's TTFT on an encoder-cache miss vs a hit, E/PD cluster, two variants:
+          "encoder cache only" (a unique system text before the image: the PD prefix cache
+          cannot help, a hit saves the encode alone) and "repeated image" (the same image with
+          a new question: its KV blocks are a cached prefix too).
+- paired: EPD and E/PD clusters up at once, every request sent to both back to back (ABBA),
+          so the VM's drift between minutes and between clusters cancels out of the difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from cluster import Cluster, client_for, data_url, http_cluster, timed_chat
+from common import RequestRecord, WorkItem, gemm_probe_gflops, percentile
+from epdserve.tools.images import synthetic_png
+
+TOPOLOGIES = {"EPD": "agg_multimodal.sh", "E/PD": "agg_multimodal_epd.sh"}
+IMAGE_SIZE = (640, 480)
+MAX_TOKENS = 4        # TTFT is what is measured; a few tokens keep each sample short
+ENCODER_TIMEOUT_S = 120
+QUESTIONS = ("What is in this image?", "Describe the picture briefly.", "What colors do you see?",
+             "Is there anything unusual here?", "Summarize this in one sentence.", "Which color covers the most?",
+             "Is it a photo or a drawing?", "What is in the top left corner?")
+
+Messages = list[dict[str, Any]]
+
+
+def counters(cluster: Cluster, component: str = "encoder") -> dict[str, int]:
+    """Summed counters of the cluster's `component` instances (encoder: the encode workers,
+    backend: the PD workers); empty when none is registered."""
+    totals: dict[str, int] = {}
+    for name, values in cluster.stats().items():
+        if name.startswith(component + "/"):
+            for key, value in values.items():
+                totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+def _diff(before: dict[str, int], after: dict[str, int], key: str) -> int:
+    return after.get(key, 0) - before.get(key, 0)
+
+
+def wait_encoder(cluster: Cluster) -> None:
+    """The model is listed before the encode worker may have registered; without one the
+    processor sends images to the PD worker, which would measure EPD instead."""
+    deadline = time.monotonic() + ENCODER_TIMEOUT_S
+    while not counters(cluster):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no encode worker registered in {ENCODER_TIMEOUT_S} s")
+        time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------- cache
+
+def _image_turn(url: str, question: str) -> dict[str, Any]:
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                        {"type": "text", "text": question}]}
+
+
+def _encoder_only(url: str, n: int) -> Messages:
+    """A unique system text first: the template puts it before the image, so the PD worker's
+    prefix cache cannot reuse the image's KV blocks and a hit saves only the encode."""
+    return [{"role": "system", "content": f"Session {uuid.uuid4().hex[:12]}."}, _image_turn(url, QUESTIONS[0])]
+
+
+def _repeated_image(url: str, n: int) -> Messages:
+    """The image, then question `n`: the LLaVA template puts the image first, so on a hit its
+    KV blocks are a prefix the PD worker has cached (a new question about the same picture)."""
+    return [_image_turn(url, QUESTIONS[n % len(QUESTIONS)])]
+
+
+CACHE_VARIANTS: dict[str, tuple[str, Callable[[str, int], Messages]]] = {
+    "encoder_only": ("encoder cache only (unique system text first)", _encoder_only),
+    "repeated_image": ("repeated image, new question", _repeated_image),
+}
+
+
+async def _cache_pairs(base_url: str, seeds: list[int],
+                       messages: Callable[[str, int], Messages]) -> dict[str, list[RequestRecord]]:
+    """For each seed: its image never seen (miss), then the same image again (hit); the
+    question numbers differ between the two."""
+    out: dict[str, list[RequestRecord]] = {"miss": [], "hit": []}
+    async with client_for(base_url) as client:
+        for i, seed in enumerate(seeds):
+            url = data_url(synthetic_png(seed, IMAGE_SIZE))   # off the clock
+            for j, kind in enumerate(("miss", "hit")):
+                rec = RequestRecord(f"{kind}-{seed}", True, MAX_TOKENS)
+                out[kind].append(await timed_chat(client, rec, messages(url, 2 * i + j)))
+    return out
+
+
+def _cache_variant(cluster: Cluster, seeds: list[int], messages: Callable[[str, int], Messages]) -> dict[str, Any]:
+    enc, pd = counters(cluster), counters(cluster, "backend")
+    samples = asyncio.run(_cache_pairs(cluster.base_url, seeds, messages))
+    enc_after, pd_after = counters(cluster), counters(cluster, "backend")
+    p50 = {kind: percentile([r.ttft_s for r in recs], 50) for kind, recs in samples.items()}
+    return {"miss_ttft_p50_ms": p50["miss"], "hit_ttft_p50_ms": p50["hit"], "hit_vs_miss": p50["hit"] / p50["miss"],
+            "encoder_cache_hits": _diff(enc, enc_after, "cache_hits"),
+            "encoder_cache_misses": _diff(enc, enc_after, "cache_misses"),
+            "pd_prefix_cache_hits": _diff(pd, pd_after, "prefix_cache_hits"),
+            "pd_prefix_cache_queries": _diff(pd, pd_after, "prefix_cache_queries"),
+            "records": {kind: [asdict(r) for r in recs] for kind, recs in samples.items()}}
+
+
+def run_cache(model: str, seed: int, samples: int) -> dict[str, Any]:
+    """One E/PD cluster; a warm-up pair of each variant, then each variant's pairs in turn."""
+    rng = random.Random(f"{seed}/cache")
+    seeds = rng.sample(range(2**31), len(CACHE_VARIANTS) * (samples + 1))
+    per_variant = {key: seeds[i * (samples + 1):(i + 1) * (samples + 1)] for i, key in enumerate(CACHE_VARIANTS)}
+    probe = gemm_probe_gflops()
+    result: dict[str, Any] = {"image_size": IMAGE_SIZE, "samples": samples, "probe_gflops": probe, "variants": {}}
+    with http_cluster(model, TOPOLOGIES["E/PD"], label="cache") as cluster:
+        wait_encoder(cluster)
+        for key, (_, messages) in CACHE_VARIANTS.items():
+            asyncio.run(_cache_pairs(cluster.base_url, per_variant[key][:1], messages))   # warm-up, not counted
+        for key, (label, messages) in CACHE_VARIANTS.items():
+            v = result["variants"][key] = _cache_variant(cluster, per_variant[key][1:], messages)
+            print(f"[cache] {label}: TTFT p50 miss {v['miss_ttft_p50_ms']:.0f} ms, hit {v['hit_ttft_p50_ms']:.0f} ms "
+                  f"({v['hit_vs_miss']:.2f}x); encoder hits {v['encoder_cache_hits']}, misses "
+                  f"{v['encoder_cache_misses']}; PD prefix-cache block hits {v['pd_prefix_cache_hits']}/"
+                  f"{v['pd_prefix_cache_queries']}", flush=True)
+    return result
+
+
+def cache_md(cache: dict[str, Any]) -> list[str]:
+    rows = [[label, f"{v['miss_ttft_p50_ms']:.0f}", f"{v['hit_ttft_p50_ms']:.0f}", f"{v['hit_vs_miss']:.2f}",
+             f"{v['encoder_cache_hits']} / {v['encoder_cache_misses']}",
+             f"{v['pd_prefix_cache_hits']} / {v['pd_prefix_cache_queries']}"]
+            for key, (label, _) in CACHE_VARIANTS.items() if (v := cache["variants"].get(key))]
+    return [f"## 2. Encoder cache (E/PD, {cache['samples']} miss/hit pairs per variant, one request at a time; "
+            f"probe {cache['probe_gflops']:.0f} GFLOP/s)", "",
+            *table(["variant", "miss TTFT p50 ms", "hit TTFT p50 ms", "hit/miss", "encoder hits / misses",
+                    "PD prefix-cache block hits / queries"], rows)]
+
+
+# --------------------------------------------------------------------------- paired EPD vs E/PD
+
+def _paired_items(seed: int, tag: str, per_kind: int) -> list[WorkItem]:
+    """Image and text-only requests alternating; each image never seen (a seed of its own) and
+    each text led by a number of its own, so neither the encoder nor the prefix cache hits."""
+    rng = random.Random(f"{seed}/{tag}")
+    numbers = rng.sample(range(10**6, 10**7), 2 * per_kind)
+    items = []
+    for j, number in enumerate(numbers):
+        image = synthetic_png(rng.randrange(2**31), IMAGE_SIZE) if j % 2 == 0 else None
+        items.append(WorkItem(f"{tag}-{j}", f"Request {number}: {QUESTIONS[j % len(QUESTIONS)]}", image, MAX_TOKENS))
+    return items
+
+
+def _order(j: int) -> list[str]:
+    """ABBA over (image, text) pairs: items j = 0, 1 go EPD first, 2, 3 E/PD first, ...; each
+    kind goes first on each cluster equally often (N even)."""
+    names = list(TOPOLOGIES)
+    return names if (j // 2) % 2 == 0 else names[::-1]
+
+
+async def _paired_run(urls: dict[str, str], items: list[WorkItem]) -> dict[str, list[RequestRecord]]:
+    """Each item to both clusters, back to back in `_order`, one request in flight at a time."""
+    images = {it.rid: data_url(it.image) for it in items if it.image is not None}   # off the clock
+    out: dict[str, list[RequestRecord]] = {t: [] for t in urls}
+    async with contextlib.AsyncExitStack() as stack:
+        clients = {t: await stack.enter_async_context(client_for(url)) for t, url in urls.items()}
+        for j, item in enumerate(items):
+            for t in _order(j):
+                rec = RequestRecord(item.rid, item.image is not None, item.max_tokens)
+                out[t].append(await timed_chat(clients[t], rec, item.openai_messages(images.get(item.rid))))
+    return out
+
+
+def _paired_kind(records: dict[str, list[RequestRecord]], has_image: bool) -> dict[str, Any]:
+    epd, split = ({r.rid: r.ttft_s for r in records[t] if r.has_image == has_image} for t in TOPOLOGIES)
+    deltas = [split[rid] - epd[rid] for rid in epd]   # in send order: even ones went EPD first (`_order`)
+    return {"requests": len(deltas), "epd_ttft_p50_ms": percentile(list(epd.values()), 50),
+            "split_ttft_p50_ms": percentile(list(split.values()), 50),
+            "paired_delta_p50_ms": percentile(deltas, 50), "paired_delta_p25_ms": percentile(deltas, 25),
+            "paired_delta_p75_ms": percentile(deltas, 75),
+            "split_first_delta_p50_ms": percentile([d for j, d in enumerate(deltas) if j % 2], 50),
+            "epd_first_delta_p50_ms": percentile([d for j, d in enumerate(deltas) if not j % 2], 50)}
+
+
+def run_paired(model: str, seed: int, per_kind: int, warmup: int) -> dict[str, Any]:
+    """Both clusters up at once (an idle one takes ~0 CPU), `warmup` requests of each kind to
+    both, then `per_kind` image and `per_kind` text-only requests, each to both back to back."""
+    items, warm = _paired_items(seed, "paired", per_kind), _paired_items(seed, "paired-warmup", warmup)
+    probes = [gemm_probe_gflops()]
+    with contextlib.ExitStack() as stack:
+        # Entered one after the other: each cluster times its GEMM candidates at load while the other idles.
+        clusters = {t: stack.enter_context(http_cluster(model, script, label=f"paired {t}"))
+                    for t, script in TOPOLOGIES.items()}
+        wait_encoder(clusters["E/PD"])
+        urls = {t: c.base_url for t, c in clusters.items()}
+        asyncio.run(_paired_run(urls, warm))
+        before = {t: counters(c, "backend") for t, c in clusters.items()} | {"encoder": counters(clusters["E/PD"])}
+        records = asyncio.run(_paired_run(urls, items))
+        after = {t: counters(c, "backend") for t, c in clusters.items()} | {"encoder": counters(clusters["E/PD"])}
+    probes.append(gemm_probe_gflops())
+    result = {"image_size": IMAGE_SIZE, "max_tokens": MAX_TOKENS, "per_kind": per_kind, "warmup": warmup,
+              "probe_gflops": probes, "image": _paired_kind(records, True), "text": _paired_kind(records, False),
+              "encoder_cache_hits": _diff(before["encoder"], after["encoder"], "cache_hits"),
+              "encoder_cache_misses": _diff(before["encoder"], after["encoder"], "cache_misses"),
+              "pd_prefix_cache_hits": {t: _diff(before[t], after[t], "prefix_cache_hits") for t in TOPOLOGIES},
+              "records": {t: [asdict(r) for r in recs] for t, recs in records.items()}}
+    for kind in ("image", "text"):
+        k = result[kind]
+        print(f"[paired] {kind}: TTFT p50 EPD {k['epd_ttft_p50_ms']:.0f} ms, E/PD {k['split_ttft_p50_ms']:.0f} ms, "
+              f"paired Δ p50 {k['paired_delta_p50_ms']:+.1f} ms ({k['requests']} pairs)", flush=True)
+    if result["encoder_cache_misses"] != per_kind or result["encoder_cache_hits"]:
+        print(f"[paired] warning: the encode worker counted {result['encoder_cache_misses']} misses and "
+              f"{result['encoder_cache_hits']} hits for {per_kind} new images", flush=True)
+    return result
+
+
+def paired_md(paired: dict[str, Any]) -> list[str]:
+    rows = [[kind, str(k["requests"]), f"{k['epd_ttft_p50_ms']:.0f}", f"{k['split_ttft_p50_ms']:.0f}",
+             f"{k['split_ttft_p50_ms'] - k['epd_ttft_p50_ms']:+.1f}", f"{k['paired_delta_p50_ms']:+.1f}",
+             f"{k['paired_delta_p25_ms']:+.1f} .. {k['paired_delta_p75_ms']:+.1f}",
+             f"{k['epd_first_delta_p50_ms']:+.1f} / {k['split_first_delta_p50_ms']:+.1f}"]
+            for kind in ("image", "text") if (k := paired[kind])]
+    hits = paired["pd_prefix_cache_hits"]
+    return [f"## 4. EPD vs E/PD at c=1, interleaved (both clusters up, each request to both back to back, "
+            f"ABBA; {paired['max_tokens']} output tokens)", "",
+            *table(["requests", "pairs", "EPD TTFT p50 ms", "E/PD TTFT p50 ms", "Δ of p50s ms", "paired Δ p50 ms",
+                    "paired Δ p25 .. p75 ms", "paired Δ p50, EPD first / E/PD first"], rows),
+            f"Encoder hits / misses over the measured requests: {paired['encoder_cache_hits']} / "
+            f"{paired['encoder_cache_misses']}; PD prefix-cache block hits: "
+            + ", ".join(f"{t} {n}" for t, n in hits.items())
+            + "; probe GFLOP/s before / after: " + " / ".join(f"{p:.0f}" for p in paired["probe_gflops"]) + ".", ""]
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows), ""]
