@@ -7,6 +7,7 @@ with the same flags) sends exactly the same prompts, images and `max_tokens`.
 from __future__ import annotations
 
 import io
+import json
 import itertools
 import os
 import platform
@@ -237,6 +238,14 @@ def ensure_model(preset: str) -> Path:
 
 
 # --------------------------------------------------------------------------- report
+
+def write_report(out: Path, name: str, report: dict[str, Any], markdown: str) -> None:
+    """`<name>.json` (raw numbers) and `<name>.md` (tables) into `out`; prints the tables."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)
+
 
 HEADLINE_CONCURRENCY = 32
 _COLUMNS = (("output tok/s", "output_tok_s", "{:.1f}"), ("req/s", "req_s", "{:.2f}"),

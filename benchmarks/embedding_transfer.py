@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from typing import Any
 from cluster import http_cluster, http_level
 from cluster_ttft import TOPOLOGIES, cache_md, counters, paired_md, run_cache, run_paired, table, wait_encoder
 from common import (RequestRecord, build_workload, ensure_model, gemm_probe_gflops, level_result, machine_info,
-                    percentile)
+                    percentile, write_report)
 from epdserve.config import WorkerConfig
 from transfer_probe import MODES, measure_pair, memcpy_times
 
@@ -415,11 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     report["targets"] = [asdict(t) for t in evaluate_targets(report["results"])]
     report["machine"]["loadavg_at_end"] = os.getloadavg()
     report["total_wall_s"] = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "embedding_transfer.json").write_text(json.dumps(report, indent=1) + "\n")
-    markdown = render_markdown(report)
-    (args.out / "embedding_transfer.md").write_text(markdown)
-    print(markdown)
+    write_report(args.out, "embedding_transfer", report, render_markdown(report))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import multiprocessing
 import os
 import time
@@ -33,7 +32,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from cluster import closed_loop, http_cluster, http_level
 from common import (RequestRecord, WorkItem, build_workload, decode_png, ensure_model, gemm_probe_gflops,
-                    level_result, machine_info, peak_rss_mib, render_markdown, reset_peak_rss)
+                    level_result, machine_info, peak_rss_mib, render_markdown, reset_peak_rss, write_report)
 from epdserve.config import WorkerConfig, parse_worker_args
 from epdserve.engine.async_engine import AsyncEngine
 from epdserve.engine.base import Engine, EngineRequest, MultiModalInput, SamplingParams
@@ -291,11 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     report["results"] = run_levels(args.modes, cfg)
     report["machine"]["loadavg_at_end"] = os.getloadavg()
     report["total_wall_s"] = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "engine_throughput.json").write_text(json.dumps(report, indent=1) + "\n")
-    markdown = render_markdown(report)
-    (args.out / "engine_throughput.md").write_text(markdown)
-    print(markdown)
+    write_report(args.out, "engine_throughput", report, render_markdown(report))
 
 
 if __name__ == "__main__":
