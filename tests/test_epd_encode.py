@@ -31,9 +31,8 @@ TOPOLOGIES = {
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from epdserve.tools.tiny_model import build_tiny_model
-    return build_tiny_model("llava", tmp_path_factory.mktemp("llava") / "tiny")
+def model_dir(tiny_llava):
+    return tiny_llava
 
 
 @pytest.fixture(scope="module", params=list(TOPOLOGIES))

@@ -57,7 +57,7 @@ class ProcessorHandler:
         try:
             if gen.media:
                 await self._encode(encode, gen)
-            async for out in self._generate(req, gen, len(prompt.token_ids)):
+            async for out in self._generate(req, gen):
                 yield out
         finally:
             await encode.close()
@@ -74,13 +74,12 @@ class ProcessorHandler:
                 item.in_ec_storage = True
         gen.handoff.CopyFrom(result.handoff)
 
-    async def _generate(self, req: ChatCompletionRequest | CompletionRequest, gen: pb.GenerateRequest,
-                        prompt_len: int) -> AsyncIterator[bytes]:
+    async def _generate(self, req: ChatCompletionRequest | CompletionRequest, gen: pb.GenerateRequest
+                        ) -> AsyncIterator[bytes]:
         rid = gen.request_id
         backend = self.backends.pick()
-        log.info("[%s] %d prompt tokens, %d media item(s), n=%d -> %s", rid, prompt_len,
+        log.info("[%s] %d prompt tokens, %d media item(s), n=%d -> %s", rid, len(gen.token_ids),
                  len(gen.media), req.n, backend.instance_id)
-        prompt_token_ids = list(gen.token_ids)
         choices = [_Choice(IncrementalDetokenizer(self.tokenizer), StopStrings(req.stop_strings)) for _ in range(req.n)]
         completion_tokens, first, cut = 0, True, False
         stream = self.plane.stream(backend.subject, gen.SerializeToString(), rid)
@@ -100,11 +99,11 @@ class ProcessorHandler:
                 if req.return_token_ids:
                     out.token_ids.extend(delta.token_ids)
                     if first:
-                        out.prompt_token_ids.extend(prompt_token_ids)
+                        out.prompt_token_ids.extend(gen.token_ids)
                 first = False
                 if finish:
                     choice.done = True
-                    out.usage.CopyFrom(pb.Usage(prompt_tokens=prompt_len,
+                    out.usage.CopyFrom(pb.Usage(prompt_tokens=len(gen.token_ids),
                                                 completion_tokens=completion_tokens))
                 cut |= hit
                 yield out.SerializeToString()
