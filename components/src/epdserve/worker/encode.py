@@ -57,12 +57,20 @@ class MediaEmbedder:
         if item.WhichOneof("source") != "data" or not item.data:
             raise EpdError.bad_request(f"media item {item.hash[:16]} came without its data")
         self.encoded_items += 1
-        features = await asyncio.to_thread(media_features, self.encoder, item.modality, item.data)
-        embedding = await self.batcher.encode(item.modality, features)
+        features, embedding = await asyncio.to_thread(self._preprocess_and_maybe_encode, item)
+        if embedding is None:
+            embedding = await self.batcher.encode(item.modality, features)
         if embedding.shape[0] != item.length:
             raise EpdError(500, f"media item {item.hash[:16]} gave {embedding.shape[0]} embeddings "
                                 f"for {item.length} placeholders")
         return embedding
+
+    def _preprocess_and_maybe_encode(self, item: pb.MediaItem
+                                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """In a worker thread: the item's encoder inputs, and its embedding when the encoder
+        was idle (one thread hop instead of three)."""
+        features = media_features(self.encoder, item.modality, item.data)
+        return features, self.batcher.encode_if_idle(item.modality, features)
 
 
 def _result_item(item: pb.MediaItem) -> pb.MediaItem:
