@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
+
 from cluster import Cluster, client_for, data_url, http_cluster, timed_chat
 from common import RequestRecord, WorkItem, gemm_probe_gflops, percentile
 from epdserve.tools.images import synthetic_png
@@ -27,6 +29,7 @@ TOPOLOGIES = {"EPD": "agg_multimodal.sh", "E/PD": "agg_multimodal_epd.sh"}
 IMAGE_SIZE = (640, 480)
 MAX_TOKENS = 4        # TTFT is what is measured; a few tokens keep each sample short
 ENCODER_TIMEOUT_S = 120
+BOOTSTRAP_SAMPLES = 4000
 QUESTIONS = ("What is in this image?", "Describe the picture briefly.", "What colors do you see?",
              "Is there anything unusual here?", "Summarize this in one sentence.", "Which color covers the most?",
              "Is it a photo or a drawing?", "What is in the top left corner?")
@@ -176,13 +179,23 @@ async def _paired_run(urls: dict[str, str], items: list[WorkItem]) -> dict[str, 
     return out
 
 
+def median_ci_ms(values_s: list[float], seed: int = 0, level: float = 0.9) -> tuple[float, float]:
+    """A bootstrap `level` confidence interval of the median of `values_s` (s), in ms: one
+    request's TTFT varies by tens of ms on this VM, so a median of a few ms needs it."""
+    rng = np.random.default_rng(seed)
+    draws = rng.choice(np.asarray(values_s), size=(BOOTSTRAP_SAMPLES, len(values_s)))
+    medians = np.median(draws, axis=1) * 1000
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(medians, tail)), float(np.percentile(medians, 100 - tail))
+
+
 def _paired_kind(records: dict[str, list[RequestRecord]], has_image: bool) -> dict[str, Any]:
     epd, split = ({r.rid: r.ttft_s for r in records[t] if r.has_image == has_image} for t in TOPOLOGIES)
     deltas = [split[rid] - epd[rid] for rid in epd]   # in send order: even ones went EPD first (`_order`)
     return {"requests": len(deltas), "epd_ttft_p50_ms": percentile(list(epd.values()), 50),
             "split_ttft_p50_ms": percentile(list(split.values()), 50),
             "paired_delta_p50_ms": percentile(deltas, 50), "paired_delta_p25_ms": percentile(deltas, 25),
-            "paired_delta_p75_ms": percentile(deltas, 75),
+            "paired_delta_p75_ms": percentile(deltas, 75), "paired_delta_p50_ci90_ms": median_ci_ms(deltas),
             "split_first_delta_p50_ms": percentile([d for j, d in enumerate(deltas) if j % 2], 50),
             "epd_first_delta_p50_ms": percentile([d for j, d in enumerate(deltas) if not j % 2], 50)}
 
@@ -222,6 +235,7 @@ def run_paired(model: str, seed: int, per_kind: int, warmup: int) -> dict[str, A
 def paired_md(paired: dict[str, Any]) -> list[str]:
     rows = [[kind, str(k["requests"]), f"{k['epd_ttft_p50_ms']:.0f}", f"{k['split_ttft_p50_ms']:.0f}",
              f"{k['split_ttft_p50_ms'] - k['epd_ttft_p50_ms']:+.1f}", f"{k['paired_delta_p50_ms']:+.1f}",
+             "{:+.1f} .. {:+.1f}".format(*k["paired_delta_p50_ci90_ms"]),
              f"{k['paired_delta_p25_ms']:+.1f} .. {k['paired_delta_p75_ms']:+.1f}",
              f"{k['epd_first_delta_p50_ms']:+.1f} / {k['split_first_delta_p50_ms']:+.1f}"]
             for kind in ("image", "text") if (k := paired[kind])]
@@ -229,7 +243,7 @@ def paired_md(paired: dict[str, Any]) -> list[str]:
     return [f"## 4. EPD vs E/PD at c=1, interleaved (both clusters up, each request to both back to back, "
             f"ABBA; {paired['max_tokens']} output tokens)", "",
             *table(["requests", "pairs", "EPD TTFT p50 ms", "E/PD TTFT p50 ms", "Δ of p50s ms", "paired Δ p50 ms",
-                    "paired Δ p25 .. p75 ms", "paired Δ p50, EPD first / E/PD first"], rows),
+                    "its 90% CI (bootstrap) ms", "paired Δ p25 .. p75 ms", "paired Δ p50, EPD first / E/PD first"], rows),
             f"Encoder hits / misses over the measured requests: {paired['encoder_cache_hits']} / "
             f"{paired['encoder_cache_misses']}; PD prefix-cache block hits: "
             + ", ".join(f"{t} {n}" for t, n in hits.items())
