@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +77,22 @@ def test_chooser_takes_the_fastest_per_kind_of_call_once_per_shape() -> None:
     assert chooser.linear(torch.nn.Linear(3, 7).to(torch.bfloat16)).__class__ is torch.nn.Linear  # float32 only
 
 
+def test_chooser_picks_persist_across_processes(tmp_path: Path) -> None:
+    timed: list[int] = []
+    factories = {"few_fast": lambda m: _sleepy(False, timed), "many_fast": lambda m: _sleepy(True, timed)}
+    picks = tmp_path / "picks.json"
+    module = torch.nn.Linear(3, 7)
+    module.forward = lambda x: time.sleep(0.004) or torch.zeros(x.shape[0], 7)
+    linear.LinearChooser(factories, picks_file=picks).linear(module)
+    assert timed and picks.exists()
+    timed.clear()
+    fresh = linear.LinearChooser(factories, picks_file=picks).linear(torch.nn.Linear(3, 7))   # "another process"
+    assert not timed and isinstance(fresh, linear.FastLinear)
+    picks.write_text("not json")   # unreadable: timed again, not an error
+    linear.LinearChooser(factories, picks_file=picks).linear(module)
+    assert timed
+
+
 def test_fast_linear_leaves_other_inputs_to_torch(kernels: CpuKernels) -> None:
     module = torch.nn.Linear(32, 48)
     fast = linear.FastLinear(module, kernels.panel_gemm(module), kernels.panel_gemm(module))
@@ -85,10 +103,13 @@ def test_fast_linear_leaves_other_inputs_to_torch(kernels: CpuKernels) -> None:
         assert torch.equal(fast(strided), module(strided))
 
 
-def test_replace_linears_in_a_module_tree(kernels: CpuKernels, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_replace_linears_in_a_module_tree(kernels: CpuKernels, monkeypatch: pytest.MonkeyPatch,
+                                         tmp_path: Path) -> None:
     """Every float32 nn.Linear of a tree runs through the kernels; [..., K] inputs work."""
     monkeypatch.setattr(linear, "fastest", lambda gemms, rows, k, evict: ("panels", {}))
-    kernels = CpuKernels(kernels.lib._name)   # a fresh chooser: no choices timed before
+    lib = tmp_path / Path(kernels.lib._name).name
+    shutil.copy(kernels.lib._name, lib)
+    kernels = CpuKernels(lib)   # a fresh chooser and picks file: no choices timed before
     torch.manual_seed(0)
     tree = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Sequential(torch.nn.Linear(128, 64)))
     x = torch.randn(2, 70, 64)

@@ -41,7 +41,9 @@ class CpuKernels:
     """
 
     def __init__(self, path: Path):
-        self.chooser = LinearChooser({"panels": self.panel_gemm, "onednn": onednn_gemm})
+        # The picks depend on the machine and on this kernel's build, which names the library.
+        self.chooser = LinearChooser({"panels": self.panel_gemm, "onednn": onednn_gemm},
+                                     picks_file=path.with_name(f"{path.stem}-linear-picks.json"))
         self.lib = ctypes.CDLL(str(path))
         self.lib.pack_weight.argtypes = [_P, _P, _I, _I]
         self.lib.pack_weight.restype = None

@@ -9,14 +9,23 @@ AMD EPYC (Zen 4) at one thread: on the bench model's prompt-chunk shapes MKL run
 GFLOP/s, oneDNN at 86-107; on few rows with the weights in memory the panel kernel, which
 prefetches them, is 1.5-3x faster than both. The candidates sum in different orders, so
 outputs differ by float rounding only.
+
+The picks persist in a JSON file of the kernel cache: timed once per machine, they are the
+same in every process. Timed afresh per process, two workers loading at once on a small
+machine picked differently (some GEMMs ~20% slower for that process's whole life), so two
+clusters of one model differed by themselves.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -101,12 +110,14 @@ class LinearChooser:
 
     `factories` build each candidate GEMM for a float32 CPU module (a copy of its weight in
     the candidate's layout), or give None where the candidate cannot run; the module's own
-    forward ("torch") is always a candidate. Only the chosen candidates are kept.
+    forward ("torch") is always a candidate. Only the chosen candidates are kept. With
+    `picks_file`, picks are read from it and new ones added to it.
     """
 
-    def __init__(self, factories: dict[str, Callable[[nn.Linear], Gemm | None]]):
+    def __init__(self, factories: dict[str, Callable[[nn.Linear], Gemm | None]], picks_file: Path | None = None):
         self.factories = {"torch": lambda module: module, **factories}
-        self._choices: dict[tuple, tuple[str, str]] = {}
+        self.picks_file = picks_file
+        self._choices: dict[tuple, tuple[str, str]] = self._read_picks()
 
     def linear(self, module: nn.Linear) -> FastLinear | nn.Linear:
         """`module` as a `FastLinear`, or itself when its weight is not float32 on the CPU
@@ -115,15 +126,44 @@ class LinearChooser:
         if not float32_cpu(weight):
             return module
         key = (*weight.shape, module.bias is not None, torch.get_num_threads())
-        if key in self._choices:
-            few, many = self._choices[key]
-            gemms = self._build(module, {name: self.factories[name] for name in {few, many}})
-        else:   # the first module of its shape: time every candidate, keep the winners built
+        picks = self._choices.get(key)
+        if picks is not None:
+            gemms = self._build(module, {name: self.factories[name] for name in set(picks)})
+            if not set(picks) <= gemms.keys():   # read from a file written where it could run
+                picks = None
+        if picks is None:   # the first module of its shape: time every candidate, keep the winners built
             gemms = self._build(module, self.factories)
-            few, many = self._choices[key] = self._time(gemms, weight.shape[1], weight.shape[0])
+            picks = self._choices[key] = self._time(gemms, weight.shape[1], weight.shape[0])
+            self._write_picks()
+        few, many = picks
         if few == many == "torch":
             return module
         return FastLinear(module, gemms[few], gemms[many])
+
+    def _read_picks(self) -> dict[tuple, tuple[str, str]]:
+        """The file's picks whose candidates exist here; none when it is absent or unreadable."""
+        if self.picks_file is None:
+            return {}
+        try:
+            stored = json.loads(self.picks_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {tuple(json.loads(key)): (few, many) for key, (few, many) in stored.items()
+                if few in self.factories and many in self.factories}
+
+    def _write_picks(self) -> None:
+        """Merge ours into the file (another process may have added its own), atomically."""
+        if self.picks_file is None:
+            return
+        picks = self._read_picks() | self._choices
+        try:
+            self.picks_file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".json", dir=self.picks_file.parent)
+            with os.fdopen(fd, "w") as out:
+                json.dump({json.dumps(list(key)): list(pick) for key, pick in picks.items()}, out)
+            os.replace(tmp, self.picks_file)
+        except OSError as exc:
+            log.warning("could not save the linear picks to %s: %s", self.picks_file, exc)
 
     @staticmethod
     def _build(module: nn.Linear, factories: dict[str, Callable[[nn.Linear], Gemm | None]]) -> dict[str, Gemm]:
