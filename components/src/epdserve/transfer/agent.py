@@ -28,6 +28,7 @@ from epdserve.transfer.region import RegionAllocator, Span
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class PollPolicy:
     """How a waiter polls: without sleeping (yielding to the loop) for `spin_s`, then sleeping
