@@ -11,17 +11,16 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
-import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
 from epdserve.kernels.linear import FastLinear, Gemm, LinearChooser, float32_cpu, onednn_gemm
 from epdserve.models.paged import DecodeBatch
+from epdserve.tools.files import atomic_target
 
 log = logging.getLogger(__name__)
 
@@ -149,16 +148,12 @@ def _build(cache_dir: Path) -> Path:
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
-    os.close(fd)
-    try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
-        os.replace(tmp, target)   # atomic: a concurrent builder never loads a half-written file
+    try:   # atomic: a concurrent builder never loads a half-written file
+        with atomic_target(target, suffix=".so") as tmp:
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], check=True,
+                           capture_output=True, text=True)
     except subprocess.CalledProcessError as exc:
         raise RuntimeError(f"compiling {SOURCE.name} failed: {exc.stderr.strip()[-2000:]}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 

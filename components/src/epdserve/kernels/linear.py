@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +27,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from epdserve.tools.files import atomic_target
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +158,8 @@ class LinearChooser:
         picks = self._read_picks() | self._choices
         try:
             self.picks_file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".json", dir=self.picks_file.parent)
-            with os.fdopen(fd, "w") as out:
-                json.dump({json.dumps(list(key)): list(pick) for key, pick in picks.items()}, out)
-            os.replace(tmp, self.picks_file)
+            with atomic_target(self.picks_file, suffix=".json") as tmp:
+                tmp.write_text(json.dumps({json.dumps(list(key)): list(pick) for key, pick in picks.items()}))
         except OSError as exc:
             log.warning("could not save the linear picks to %s: %s", self.picks_file, exc)
 

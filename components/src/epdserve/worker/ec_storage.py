@@ -7,14 +7,14 @@ directory, then `os.replace`), so a reader sees a whole file or none.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from epdserve.tools.files import atomic_target
 
 _KEY = "embedding"
 _PLAIN = re.compile(r"[0-9a-f]{64}")   # content hashes name their file as they are
@@ -44,11 +44,5 @@ class EmbeddingStorage:
         return self.path(key).is_file()
 
     def save(self, key: str, embedding: torch.Tensor) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file({_KEY: embedding.detach().to("cpu").contiguous()}, tmp)
-            os.replace(tmp, self.path(key))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_target(self.path(key), suffix=".safetensors") as tmp:
+            save_file({_KEY: embedding.detach().to("cpu").contiguous()}, str(tmp))
