@@ -13,6 +13,7 @@ from epdserve.config import FrontendConfig, parse_frontend_args
 from epdserve.frontend.app import create_app
 from epdserve.frontend.models import ModelDirectory
 from epdserve.runtime.component import Runtime
+from epdserve.tools.memory import keep_freed_memory
 
 log = logging.getLogger("epdserve.frontend")
 
@@ -33,6 +34,7 @@ async def run(config: FrontendConfig) -> None:
 def main() -> None:
     config = parse_frontend_args(sys.argv[1:], os.environ)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()
     uvloop.run(run(config))
 
 

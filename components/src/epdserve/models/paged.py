@@ -202,10 +202,11 @@ class KVCache:
                  head_dim: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
         """One tensor holding everything; the per-layer tensors are views of it.
 
-        Left uninitialized: attention reads only positions already written, and on CPU the
-        pool's pages then become resident as blocks are first used instead of all at once
-        (a 2 GiB pool no longer costs 2 GiB of RSS at start)."""
-        data = torch.empty(2, num_layers, num_blocks, block_size, num_kv_heads, head_dim,
+        Zero-filled, so that every page is resident from the start (as vLLM allocates its
+        pool): the prefix cache keeps used blocks, so new prompts get never-used blocks until
+        the whole pool has been used once, and a first write into a page costs ~1.6 ms per MB
+        here (see tools/memory.py): 15-30 ms of a bench prompt's prefill."""
+        data = torch.zeros(2, num_layers, num_blocks, block_size, num_kv_heads, head_dim,
                            dtype=dtype, device=device)
         return cls(key=list(data[0]), value=list(data[1]))
 

@@ -13,6 +13,7 @@ import uvloop
 from epdserve.config import Role, WorkerConfig, parse_worker_args
 from epdserve.models.registry import load_family
 from epdserve.runtime.component import Runtime
+from epdserve.tools.memory import keep_freed_memory
 from epdserve.worker.services import EncodeService, PDService, ProcessorService, Service
 
 log = logging.getLogger("epdserve.worker")
@@ -51,6 +52,7 @@ async def run(config: WorkerConfig) -> None:
 def main() -> None:
     config = parse_worker_args(sys.argv[1:], os.environ)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()
     if config.role not in SERVICES:
         sys.exit(f"epdserve.worker: the {config.role.value} role is not available yet")
     try:
