@@ -1,25 +1,30 @@
 """A NIXL agent with one registered memory region, driven from an asyncio event loop.
 
-NIXL's progress thread busy-polls about 0.6 of a core even when idle (DESIGN.md, Transfer), so
-the agent runs without it: whoever waits polls, and only while something is outstanding. A
-reader polls its transfer's state until it completes; the holder of the memory polls for
-notifications while it expects one. Idle, the agent costs no CPU.
+A peer's READ of our memory completes only once our UCX worker has progressed (it answers
+over the TCP lane), so something must progress it promptly. NIXL's progress thread does, but
+its Python wrapper gives the thread's poll() a timeout of 0, and the thread then spins (0.6
+of a core idle, DESIGN.md, Transfer). We give it PROGRESS_POLL_TIMEOUT_US instead: the thread
+sleeps until the worker has traffic. Measured: a 0.5 MB READ took 1-2 ms when the holder
+polled from Python every few ms, 0.6-0.8 ms with the thread; idle, the thread costs ~0.3% of
+a core.
 
-A reader sends its notification after the READ, not with it: a READ that carries one
-completes only when the holder's agent next progresses (the holder polls every few ms, which
-made a 0.5 MB READ take 1-3 ms), a bare one completes one-sided (0.06 ms).
+A reader sends its notification after the READ rather than with it, so that the READ's
+completion does not wait for the notification's delivery. The holder collects notifications
+(`get_new_notifs`, which the thread has already received) only while it expects one.
 
-Every NIXL call happens on the event loop's thread.
+Every NIXL call of ours happens on the event loop's thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
 import torch
+from nixl import _api as nixl_api
 from nixl._api import nixl_agent, nixl_agent_config
 
 from epdserve.protocol import epdserve_pb2 as pb
@@ -43,6 +48,31 @@ class PollPolicy:
 READ_POLL = PollPolicy(spin_s=0.003, max_sleep_s=0.001)
 # The holder's wait for the READ notification frees memory, nothing waits on it: poll lightly.
 NOTIF_POLL = PollPolicy(spin_s=0.0002, max_sleep_s=0.002)
+
+# The progress thread's poll() timeout: it wakes on its worker's traffic, else this often (us).
+PROGRESS_POLL_TIMEOUT_US = 100_000
+_WrapperConfig = nixl_api.nixlBind.nixlAgentConfig
+
+
+class _EventDrivenConfig(_WrapperConfig):
+    """The agent config `nixl_agent` builds, except that its `pthrDelay = 0` (a spinning
+    progress thread) becomes PROGRESS_POLL_TIMEOUT_US."""
+
+    pthrDelay = property(lambda self: _WrapperConfig.pthrDelay.__get__(self),
+                         lambda self, _: _WrapperConfig.pthrDelay.__set__(self, PROGRESS_POLL_TIMEOUT_US))
+
+
+_config_swap = threading.Lock()
+
+
+def _ucx_agent(name: str) -> nixl_agent:
+    """A UCX-only agent whose progress thread sleeps in poll() while its worker is idle."""
+    with _config_swap:   # `nixl_agent` builds its config from the module attribute
+        nixl_api.nixlBind.nixlAgentConfig = _EventDrivenConfig
+        try:
+            return nixl_agent(name, nixl_agent_config(enable_prog_thread=True, backends=["UCX"]))
+        finally:
+            nixl_api.nixlBind.nixlAgentConfig = _WrapperConfig
 
 
 class _Backoff:
@@ -69,7 +99,7 @@ class TransferAgent:
 
     def __init__(self, name: str, capacity: int, device: torch.device):
         self.name = name
-        self._nixl = nixl_agent(name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+        self._nixl = _ucx_agent(name)
         if "UCX" not in self._nixl.backends:   # nixl only warns when the plugin fails to load
             raise OSError("NIXL could not create its UCX backend (is the UCX plugin installed?)")
         self.region = torch.empty(capacity, dtype=torch.uint8, device=device)
@@ -128,9 +158,9 @@ class TransferAgent:
             cursor += t.nbytes
         if cursor > into.offset + into.nbytes:
             raise ValueError(f"{cursor - into.offset} bytes do not fit a span of {into.nbytes}")
-        peer = self._connect(handoff)
-        handle = None
+        peer, handle = handoff.agent, None
         try:
+            self._connect(handoff)
             handle = self._nixl.initialize_xfer(
                 "READ", self._nixl.get_xfer_descs(local, self.mem_type),
                 self._nixl.get_xfer_descs(remote, handoff.mem_type or "DRAM"), peer)
@@ -155,21 +185,20 @@ class TransferAgent:
             if handle is not None:
                 self._nixl.release_xfer_handle(handle)
                 self._live_transfers -= 1
-        try:   # queued: the peer takes it when it next polls
+        try:
             self._nixl.send_notif(peer, handoff.notif)
         except Exception:   # the data is here; the peer frees its copy on its own timeout
             log.warning("notifying %s of a finished READ failed", peer, exc_info=True)
             self._forget_remote(peer)
         return offsets
 
-    def _connect(self, handoff: pb.EmbeddingHandoff) -> str:
+    def _connect(self, handoff: pb.EmbeddingHandoff) -> None:
         if handoff.agent not in self._remotes:
             name = self._nixl.add_remote_agent(handoff.agent_metadata)
             name = name.decode() if isinstance(name, bytes) else name
             if name != handoff.agent:
                 raise EpdError(500, f"agent metadata names {name!r}, the handoff {handoff.agent!r}")
             self._remotes.add(name)
-        return handoff.agent
 
     def _forget_remote(self, peer: str) -> None:
         """Drop a peer after a failure: if it restarted, its next handoff brings new metadata."""
@@ -195,8 +224,7 @@ class TransferAgent:
         self._expected.pop(notif, None)
 
     async def _poll_notifs(self) -> None:
-        """Poll while any notification is expected; polling also progresses peers' READs of
-        our memory over transports that need the target's help (TCP)."""
+        """Collect, while any notification is expected, those the progress thread received."""
         backoff = _Backoff(NOTIF_POLL)
         while self._expected:
             got = False
@@ -221,6 +249,10 @@ class TransferAgent:
                 "region_allocations": self.allocator.allocations}
 
     def close(self) -> None:
+        """Deregister the region and drop the agent: its progress thread stops and peers see
+        its connections close. Idempotent; the agent is unusable after it."""
+        if not hasattr(self, "_nixl"):
+            return
         if self._notif_poller is not None:
             self._notif_poller.cancel()
         for peer in list(self._remotes):
@@ -228,6 +260,7 @@ class TransferAgent:
         if self._registration is not None:
             self._nixl.deregister_memory(self._registration)
             self._registration = None
+        del self._nixl   # the last reference: the C++ agent is destroyed here
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
