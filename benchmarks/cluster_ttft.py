@@ -200,35 +200,66 @@ def _paired_kind(records: dict[str, list[RequestRecord]], has_image: bool) -> di
             "epd_first_delta_p50_ms": percentile([d for j, d in enumerate(deltas) if not j % 2], 50)}
 
 
-def run_paired(model: str, seed: int, per_kind: int, warmup: int) -> dict[str, Any]:
-    """Both clusters up at once (an idle one takes ~0 CPU), `warmup` requests of each kind to
-    both, then `per_kind` image and `per_kind` text-only requests, each to both back to back."""
-    items, warm = _paired_items(seed, "paired", per_kind), _paired_items(seed, "paired-warmup", warmup)
-    probes = [gemm_probe_gflops()]
+def _paired_round(model: str, seed: int, round_: int, per_kind: int, warmup: int
+                  ) -> tuple[dict[str, list[RequestRecord]], dict[str, dict[str, int]]]:
+    """One pair of fresh clusters: `warmup` requests of each kind to both, then `per_kind`
+    image and `per_kind` text-only requests, each to both back to back; (records, counters
+    over the measured requests)."""
+    items = _paired_items(seed, f"paired-r{round_}", per_kind)
+    warm = _paired_items(seed, f"paired-warmup-r{round_}", warmup)
+    order = list(TOPOLOGIES) if round_ % 2 == 0 else list(TOPOLOGIES)[::-1]
     with contextlib.ExitStack() as stack:
-        # Entered one after the other: each cluster times its GEMM candidates at load while the other idles.
-        clusters = {t: stack.enter_context(http_cluster(model, script, label=f"paired {t}"))
-                    for t, script in TOPOLOGIES.items()}
+        # Entered one after the other, the first-started topology alternating by round.
+        clusters = {t: stack.enter_context(http_cluster(model, TOPOLOGIES[t], label=f"paired r{round_} {t}"))
+                    for t in order}
         wait_encoder(clusters["E/PD"])
-        urls = {t: c.base_url for t, c in clusters.items()}
+        urls = {t: clusters[t].base_url for t in TOPOLOGIES}
         asyncio.run(_paired_run(urls, warm))
         before = {t: counters(c, "backend") for t, c in clusters.items()} | {"encoder": counters(clusters["E/PD"])}
         records = asyncio.run(_paired_run(urls, items))
         after = {t: counters(c, "backend") for t, c in clusters.items()} | {"encoder": counters(clusters["E/PD"])}
+    diffs = {t: {"prefix_cache_hits": _diff(before[t], after[t], "prefix_cache_hits")} for t in TOPOLOGIES}
+    diffs["encoder"] = {k: _diff(before["encoder"], after["encoder"], k) for k in ("cache_hits", "cache_misses")}
+    return records, diffs
+
+
+def run_paired(model: str, seed: int, per_kind: int, warmup: int, rounds: int) -> dict[str, Any]:
+    """`rounds` pairs of fresh EPD and E/PD clusters, `per_kind // rounds` requests of each
+    kind per round: two processes of one model differ in speed by a few percent for their
+    whole life (a per-cluster offset of ~10 ms in an image request's prefill here), which one
+    pair of clusters cannot average out however many requests it serves."""
+    probes = [gemm_probe_gflops()]
+    records: dict[str, list[RequestRecord]] = {t: [] for t in TOPOLOGIES}
+    totals: dict[str, dict[str, int]] = {}
+    per_round = []
+    for round_ in range(rounds):
+        recs, diffs = _paired_round(model, seed, round_, per_kind // rounds, warmup)
+        for t in TOPOLOGIES:
+            records[t] += recs[t]
+        for t, d in diffs.items():
+            for k, v in d.items():
+                totals.setdefault(t, {})[k] = totals.get(t, {}).get(k, 0) + v
+        image = _paired_kind(recs, True)
+        per_round.append({"image_paired_delta_p50_ms": image["paired_delta_p50_ms"],
+                          "image_epd_ttft_p50_ms": image["epd_ttft_p50_ms"],
+                          "image_split_ttft_p50_ms": image["split_ttft_p50_ms"]})
+        print(f"[paired] round {round_ + 1}: image paired Δ p50 {image['paired_delta_p50_ms']:+.1f} ms", flush=True)
     probes.append(gemm_probe_gflops())
-    result = {"image_size": IMAGE_SIZE, "max_tokens": MAX_TOKENS, "per_kind": per_kind, "warmup": warmup,
-              "probe_gflops": probes, "image": _paired_kind(records, True), "text": _paired_kind(records, False),
-              "encoder_cache_hits": _diff(before["encoder"], after["encoder"], "cache_hits"),
-              "encoder_cache_misses": _diff(before["encoder"], after["encoder"], "cache_misses"),
-              "pd_prefix_cache_hits": {t: _diff(before[t], after[t], "prefix_cache_hits") for t in TOPOLOGIES},
+    measured = rounds * (per_kind // rounds)
+    result = {"image_size": IMAGE_SIZE, "max_tokens": MAX_TOKENS, "per_kind": measured, "warmup": warmup,
+              "rounds": per_round, "probe_gflops": probes,
+              "image": _paired_kind(records, True), "text": _paired_kind(records, False),
+              "encoder_cache_hits": totals["encoder"]["cache_hits"],
+              "encoder_cache_misses": totals["encoder"]["cache_misses"],
+              "pd_prefix_cache_hits": {t: totals[t]["prefix_cache_hits"] for t in TOPOLOGIES},
               "records": {t: [asdict(r) for r in recs] for t, recs in records.items()}}
     for kind in ("image", "text"):
         k = result[kind]
         print(f"[paired] {kind}: TTFT p50 EPD {k['epd_ttft_p50_ms']:.0f} ms, E/PD {k['split_ttft_p50_ms']:.0f} ms, "
               f"paired Δ p50 {k['paired_delta_p50_ms']:+.1f} ms ({k['requests']} pairs)", flush=True)
-    if result["encoder_cache_misses"] != per_kind or result["encoder_cache_hits"]:
-        print(f"[paired] warning: the encode worker counted {result['encoder_cache_misses']} misses and "
-              f"{result['encoder_cache_hits']} hits for {per_kind} new images", flush=True)
+    if result["encoder_cache_misses"] != measured or result["encoder_cache_hits"]:
+        print(f"[paired] warning: the encode workers counted {result['encoder_cache_misses']} misses and "
+              f"{result['encoder_cache_hits']} hits for {measured} new images", flush=True)
     return result
 
 
@@ -240,14 +271,16 @@ def paired_md(paired: dict[str, Any]) -> list[str]:
              f"{k['epd_first_delta_p50_ms']:+.1f} / {k['split_first_delta_p50_ms']:+.1f}"]
             for kind in ("image", "text") if (k := paired[kind])]
     hits = paired["pd_prefix_cache_hits"]
-    return [f"## 4. EPD vs E/PD at c=1, interleaved (both clusters up, each request to both back to back, "
-            f"ABBA; {paired['max_tokens']} output tokens)", "",
+    rounds = ", ".join(f"{r['image_paired_delta_p50_ms']:+.1f}" for r in paired["rounds"])
+    return [f"## 4. EPD vs E/PD at c=1, interleaved ({len(paired['rounds'])} round(s), each on a fresh pair of "
+            f"clusters, both up, each request to both back to back, ABBA; {paired['max_tokens']} output tokens)", "",
             *table(["requests", "pairs", "EPD TTFT p50 ms", "E/PD TTFT p50 ms", "Δ of p50s ms", "paired Δ p50 ms",
                     "its 90% CI (bootstrap) ms", "paired Δ p25 .. p75 ms", "paired Δ p50, EPD first / E/PD first"], rows),
             f"Encoder hits / misses over the measured requests: {paired['encoder_cache_hits']} / "
             f"{paired['encoder_cache_misses']}; PD prefix-cache block hits: "
             + ", ".join(f"{t} {n}" for t, n in hits.items())
-            + "; probe GFLOP/s before / after: " + " / ".join(f"{p:.0f}" for p in paired["probe_gflops"]) + ".", ""]
+            + "; probe GFLOP/s before / after: " + " / ".join(f"{p:.0f}" for p in paired["probe_gflops"]) + ".", "",
+            f"Image paired Δ p50 per round (ms): {rounds}.", ""]
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:

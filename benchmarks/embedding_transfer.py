@@ -12,7 +12,7 @@
 3. topologies -- EPD (agg_multimodal.sh) vs E/PD on the same workload, level by level, each
                  (level, topology) on a fresh cluster.
 4. paired     -- EPD vs E/PD TTFT at c=1 on both clusters at once, each request sent to both
-                 back to back (cluster_ttft.py).
+                 back to back, over rounds of fresh cluster pairs (cluster_ttft.py).
 Writes embedding_transfer.json (raw numbers) and embedding_transfer.md (tables) to --out.
 """
 
@@ -66,7 +66,8 @@ class Config:
     warmup: int                            # untimed ones before them (the first READ connects)
     cache_samples: int                     # miss/hit pairs per cache variant
     paired_requests: int                   # per kind (image, text) of the interleaved c=1 run
-    paired_warmup: int                     # per kind, to both clusters, before it
+    paired_warmup: int                     # per kind, to both clusters of a round, before it
+    paired_rounds: int                     # fresh cluster pairs the paired requests are split over
     levels: tuple[tuple[int, int], ...]    # (concurrency, requests)
     topology_rounds: int                   # passes over every (level, topology), fresh clusters
 
@@ -333,7 +334,10 @@ NOTES = """\
   pooled: percentiles over every request, tok/s over the summed wall time (each round's own
   numbers are in the JSON). Each cluster times its GEMM candidates at load and keeps the
   fastest, so two clusters of one topology differ a little by themselves.
-- **interleaved**: EPD and E/PD clusters up at once; after warm-up requests, image and
+- **interleaved**: in each round a fresh EPD and a fresh E/PD cluster, both up at once (two
+  processes of one model differ in speed by a few percent for life, ~10 ms of an image
+  request's prefill, so one pair of clusters carries an offset that more requests do not
+  average out; rounds do, pooled); after warm-up requests, image and
   text-only requests alternate, each sent to both clusters one after the other (EPD first for
   requests 0, 1, E/PD first for 2, 3, ...: ABBA), one request in flight, 4 output tokens; every
   image never seen and every text led by a number of its own (no cache hits). "paired Δ" is
@@ -389,10 +393,10 @@ def make_config(args: argparse.Namespace) -> Config:
     common = dict(model=str(model.resolve()), preset=None if args.model else preset, seed=args.seed)
     if args.quick:
         return Config(**common, cases=CASES[:2], ucx_settings=(None, "tcp,self"), rounds=1, reps=3,
-                      warmup=1, cache_samples=3, paired_requests=4, paired_warmup=1, levels=((2, 6),),
+                      warmup=1, cache_samples=3, paired_requests=4, paired_warmup=1, paired_rounds=1, levels=((2, 6),),
                       topology_rounds=1)
     return Config(**common, cases=CASES, ucx_settings=UCX_SETTINGS, rounds=2, reps=8, warmup=2,
-                  cache_samples=8, paired_requests=160, paired_warmup=2,
+                  cache_samples=8, paired_requests=160, paired_warmup=2, paired_rounds=4,
                   levels=((1, 24), (16, 48), (32, 64)), topology_rounds=2)
 
 
@@ -409,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     parts: dict[str, Callable[[Config], dict[str, Any]]] = {
         "bandwidth": run_bandwidth, "cache": lambda c: run_cache(c.model, c.seed, c.cache_samples),
         "topologies": run_topologies,
-        "paired": lambda c: run_paired(c.model, c.seed, c.paired_requests, c.paired_warmup)}
+        "paired": lambda c: run_paired(c.model, c.seed, c.paired_requests, c.paired_warmup, c.paired_rounds)}
     for part, run in parts.items():
         part_start = time.perf_counter()
         report["results"][part] = run(cfg)
