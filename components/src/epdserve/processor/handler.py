@@ -65,14 +65,8 @@ class ProcessorHandler:
     async def _encode(self, encode: EncodeSession, gen: pb.GenerateRequest) -> None:
         """Swap the media bytes for the embeddings an encode worker made, when one is alive."""
         result = await encode.start(list(gen.media))
-        if result is None:
-            return
-        for item, encoded in zip(gen.media, result.media):
-            if encoded.WhichOneof("source") == "embedding":
-                item.embedding.CopyFrom(encoded.embedding)
-            else:
-                item.in_ec_storage = True
-        gen.handoff.CopyFrom(result.handoff)
+        if result is not None:
+            apply_encode_result(gen, result)
 
     async def _generate(self, req: ChatCompletionRequest | CompletionRequest, gen: pb.GenerateRequest
                         ) -> AsyncIterator[bytes]:
@@ -148,3 +142,16 @@ class ProcessorHandler:
         if req.seed is not None:
             params.seed = req.seed & (2**64 - 1)
         return params
+
+
+def apply_encode_result(gen: pb.GenerateRequest, result: pb.EncodeResult) -> None:
+    """Point `gen`'s media items at where the encoder put their embeddings (its NIXL memory or
+    the embedding storage), dropping their bytes."""
+    if len(result.media) != len(gen.media):
+        raise EpdError(500, f"the encode worker answered {len(result.media)} media item(s) for {len(gen.media)}")
+    for item, encoded in zip(gen.media, result.media):
+        if encoded.WhichOneof("source") == "embedding":
+            item.embedding.CopyFrom(encoded.embedding)
+        else:
+            item.in_ec_storage = True
+    gen.handoff.CopyFrom(result.handoff)
