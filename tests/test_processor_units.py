@@ -7,8 +7,6 @@ from transformers import AutoTokenizer
 
 from epdserve.processor.chat import convert_messages, template_takes_parts
 from epdserve.processor.detokenizer import IncrementalDetokenizer, StopStrings
-from epdserve.processor.handler import apply_encode_result
-from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
 from epdserve.protocol.openai import ChatMessage
 
@@ -56,13 +54,3 @@ def test_convert_messages_collects_media_in_order():
         convert_messages([ChatMessage(role="user", content=[{"type": "hologram"}])], takes_parts=True)
     with pytest.raises(EpdError):
         convert_messages(msgs, takes_parts=False)
-
-
-
-def test_an_encode_result_with_a_wrong_item_count_is_an_error():
-    gen = pb.GenerateRequest(media=[pb.MediaItem(modality="image", hash="a", data=b"x"),
-                                    pb.MediaItem(modality="image", hash="b", data=b"y")])
-    short = pb.EncodeResult(media=[pb.MediaItem(modality="image", hash="a", in_ec_storage=True)])
-    with pytest.raises(EpdError) as err:
-        apply_encode_result(gen, short)
-    assert err.value.code == 500 and gen.media[1].data == b"y"

@@ -154,12 +154,16 @@ class _StubEmbedder:
         return {}
 
 
+async def _no_post(subject: str, payload: bytes, request_id: str) -> None:
+    raise AssertionError("the request names nobody to post to")
+
+
 @pytest.mark.parametrize("how", ["cancelled", "timed out", "read"])
 async def test_encode_handler_unpins_on_every_ending(how):
     from epdserve.worker.encode import NixlEncodeHandler
     agent = TransferAgent(f"test-encode-{how.replace(' ', '-')}", 1 << 16, CPU)
     reader = TransferAgent(f"test-pd-{how.replace(' ', '-')}", 1 << 16, CPU)
-    handler = NixlEncodeHandler(_StubEmbedder(), EmbeddingCache(agent), agent, handoff_timeout=0.2)
+    handler = NixlEncodeHandler(_StubEmbedder(), EmbeddingCache(agent), agent, _no_post, handoff_timeout=0.2)
     req = pb.EncodeRequest(request_id="r", media=[pb.MediaItem(modality="image", hash=h, length=4, data=b"x")
                                                    for h in ("a", "b", "a")])
     try:

@@ -49,6 +49,10 @@ class EncoderRouter:
                 return card
         return next(iter(live.values()))
 
+    @property
+    def any_alive(self) -> bool:
+        return bool(self.pool.cards())
+
     def record(self, instance_id: str, hashes: list[str]) -> None:
         for h in hashes:
             self._holder[h] = instance_id
@@ -58,52 +62,57 @@ class EncoderRouter:
 
 
 class EncodeSession:
-    """One request's encode: `start` returns the `EncodeResult`; the encoder's stream stays
-    open in a task until the worker has read the embeddings. `close` (always call it) cancels
-    the stream if it is still open, which frees the embeddings at the encoder."""
+    """One request's encode. `start` sends the media to an encode worker, which posts the
+    `EncodeResult` to `deliver_to` (the mailbox of the worker that prefills the request) and
+    answers here too; `answered` resolves then, or fails when no encoder answers (one retry
+    on another encoder if the first dies before it answers). The encoder's stream stays open
+    until the worker has read the embeddings. `close` (always call it) cancels whatever still
+    runs, which frees the embeddings at the encoder."""
 
     def __init__(self, plane: RequestPlane, router: EncoderRouter, request_id: str):
         self.plane = plane
         self.router = router
         self.request_id = request_id
+        self.answered: asyncio.Future[None] | None = None
         self._holder: asyncio.Task | None = None
 
-    async def start(self, media: list[pb.MediaItem]) -> pb.EncodeResult | None:
-        """The result from a live encoder, trying a second one if the first dies before it
-        answers; None when no encoder is alive (the PD worker encodes itself)."""
-        hashes = [m.hash for m in media]
+    def start(self, media: list[pb.MediaItem], deliver_to: str) -> None:
+        """Begin encoding; `media` may change once this returns (it is serialized here)."""
+        payload = pb.EncodeRequest(request_id=self.request_id, media=media, deliver_to=deliver_to).SerializeToString()
+        self.answered = asyncio.ensure_future(self._encode([m.hash for m in media], payload))
+
+    async def _encode(self, hashes: list[str], payload: bytes) -> None:
         tried: set[str] = set()
-        payload = pb.EncodeRequest(request_id=self.request_id, media=media).SerializeToString()
         while (card := self.router.pick(hashes, frozenset(tried))) is not None:
             tried.add(card.instance_id)
-            first: asyncio.Future[pb.EncodeResult] = asyncio.get_running_loop().create_future()
+            first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._holder = asyncio.create_task(self._hold(card.subject, payload, first),
                                                name=f"encode {self.request_id}")
             await asyncio.wait([first, self._holder], return_when=asyncio.FIRST_COMPLETED)
             if first.done():
                 self.router.record(card.instance_id, hashes)
-                return first.result()
+                return
             error = self._holder.exception() or EpdError(500, f"encoder {card.instance_id} ended without a result")
             if not isinstance(error, EpdError) or error.code != 503 or len(tried) > 1:
                 raise error
             log.warning("[%s] encoder %s failed (%s); trying another", self.request_id, card.instance_id, error.message)
-        if tried:
-            raise EpdError(503, "no live encode worker answered")
-        return None
+        raise EpdError(503, "no live encode worker answered")
 
     async def _hold(self, subject: str, payload: bytes, first: asyncio.Future) -> None:
         stream: AsyncIterator[bytes] = self.plane.stream(subject, payload, self.request_id,
                                                          idle_timeout=ENCODE_IDLE_TIMEOUT)
         async with contextlib.aclosing(stream):
-            async for data in stream:
+            async for _ in stream:
                 if not first.done():
-                    first.set_result(pb.EncodeResult.FromString(data))
+                    first.set_result(None)
 
     async def close(self) -> None:
-        if self._holder is None:
-            return
-        self._holder.cancel()
-        try:
-            await self._holder
-        except (asyncio.CancelledError, EpdError):
-            pass   # the worker read the embeddings, or they are freed at the encoder now
+        for task in (self.answered, self._holder):
+            if task is None:
+                continue
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass   # the worker read the embeddings, or they are freed at the encoder now; a
+                       # failure was the request's error already, through `answered`

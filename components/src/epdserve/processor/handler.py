@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from epdserve.processor.prompt import PromptBuilder
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
 from epdserve.protocol.openai import ChatCompletionRequest, CompletionRequest, parse_request
+from epdserve.runtime.mailbox import mailbox_subject
 from epdserve.runtime.pool import InstancePool
 from epdserve.runtime.request_plane import RequestPlane
 
@@ -53,30 +55,29 @@ class ProcessorHandler:
         prompt = await self.prompts.build(req)
         sampling = self._sampling(req, len(prompt.token_ids))
         gen = pb.GenerateRequest(request_id=rid, token_ids=prompt.token_ids, sampling=sampling, media=prompt.media)
+        backend = self.backends.pick()
         encode = EncodeSession(self.plane, self.encoders, rid)
         try:
-            if gen.media:
-                await self._encode(encode, gen)
-            async for out in self._generate(req, gen):
+            if gen.media and self.encoders.any_alive:
+                # The encoder posts the items' sources to the backend, which gets the request
+                # meanwhile; with no encoder alive, the backend encodes the bytes itself.
+                encode.start(gen.media, mailbox_subject(backend.subject))
+                for item in gen.media:
+                    item.ClearField("data")
+                gen.media_from_encoder = True
+            async for out in self._generate(req, gen, backend, encode.answered):
                 yield out
         finally:
             await encode.close()
 
-    async def _encode(self, encode: EncodeSession, gen: pb.GenerateRequest) -> None:
-        """Swap the media bytes for the embeddings an encode worker made, when one is alive."""
-        result = await encode.start(list(gen.media))
-        if result is not None:
-            apply_encode_result(gen, result)
-
-    async def _generate(self, req: ChatCompletionRequest | CompletionRequest, gen: pb.GenerateRequest
-                        ) -> AsyncIterator[bytes]:
+    async def _generate(self, req: ChatCompletionRequest | CompletionRequest, gen: pb.GenerateRequest,
+                        backend: pb.ModelCard, encoded: asyncio.Future[None] | None) -> AsyncIterator[bytes]:
         rid = gen.request_id
-        backend = self.backends.pick()
         log.info("[%s] %d prompt tokens, %d media item(s), n=%d -> %s", rid, len(gen.token_ids),
                  len(gen.media), req.n, backend.instance_id)
         choices = [_Choice(IncrementalDetokenizer(self.tokenizer), StopStrings(req.stop_strings)) for _ in range(req.n)]
         completion_tokens, first, cut = 0, True, False
-        stream = self.plane.stream(backend.subject, gen.SerializeToString(), rid)
+        stream = _failing_with(self.plane.stream(backend.subject, gen.SerializeToString(), rid), encoded)
         async with contextlib.aclosing(stream):  # leaving early cancels the backend request
             async for data in stream:
                 delta = pb.TokenDelta.FromString(data)
@@ -144,14 +145,23 @@ class ProcessorHandler:
         return params
 
 
-def apply_encode_result(gen: pb.GenerateRequest, result: pb.EncodeResult) -> None:
-    """Point `gen`'s media items at where the encoder put their embeddings (its NIXL memory or
-    the embedding storage), dropping their bytes."""
-    if len(result.media) != len(gen.media):
-        raise EpdError(500, f"the encode worker answered {len(result.media)} media item(s) for {len(gen.media)}")
-    for item, encoded in zip(gen.media, result.media):
-        if encoded.WhichOneof("source") == "embedding":
-            item.embedding.CopyFrom(encoded.embedding)
-        else:
-            item.in_ec_storage = True
-    gen.handoff.CopyFrom(result.handoff)
+async def _failing_with(stream: AsyncIterator[bytes], guard: asyncio.Future[None] | None) -> AsyncIterator[bytes]:
+    """`stream`'s items; its request is sent at once, but while its first item is awaited a
+    failure of `guard` ends it (cancelling the request) with `guard`'s error."""
+    async with contextlib.aclosing(stream):
+        if guard is not None:
+            first = asyncio.ensure_future(anext(stream))
+            try:
+                await asyncio.wait([first, guard], return_when=asyncio.FIRST_COMPLETED)
+                if not first.done() and guard.exception() is not None:
+                    raise guard.exception()
+                try:
+                    yield await first
+                except StopAsyncIteration:
+                    return
+            finally:
+                if not first.done():   # it must be off `stream` before that closes
+                    first.cancel()
+                    await asyncio.wait([first])
+        async for item in stream:
+            yield item

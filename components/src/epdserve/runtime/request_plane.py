@@ -11,6 +11,9 @@ connection's max_payload into chunks carrying `Epd-Chunk`/`Epd-Chunks` headers):
 - A client that stops early publishes its inbox to `<subject>.cancel`; the server cancels
   that handler's task.
 
+`post` sends a one-way message (request id header, chunked the same way) that `listen`
+hands to a callback: no ack, no reply.
+
 One server per subject: subjects are instance-specific (see discovery), since chunks and
 cancels of a request must reach the instance that serves it.
 """
@@ -161,6 +164,33 @@ class RequestPlane:
         await round_trip(self._nc)  # the server knows our subscriptions before callers publish
         if self._heartbeat is None:
             self._heartbeat = asyncio.create_task(self._heartbeats(), name="request-heartbeats")
+
+    async def listen(self, subject: str, on_message: Callable[[str, bytes], None]) -> None:
+        """Call `on_message(request_id, payload)` for each message `post`ed to `subject`."""
+        parts = _Assembler()
+
+        async def on_post(msg: Msg) -> None:
+            request_id = (msg.headers or {}).get(REQUEST_ID, "")
+            parts.expire()
+            try:
+                payload = parts.add(request_id, msg)
+            except ValueError as e:
+                log.warning("dropping a message on %s for request %s: %s", subject, request_id, e)
+                return
+            if payload is not None:
+                on_message(request_id, payload)
+
+        # Like cancels, these keep flowing while close() drains: in-flight requests wait for them.
+        await self._nc.subscribe(subject, cb=on_post)
+        await round_trip(self._nc)
+
+    async def post(self, subject: str, payload: bytes, request_id: str) -> None:
+        """Send `payload` about `request_id` to whoever `listen`s on `subject` (at most once;
+        nobody may be listening). Raises EpdError(503) when NATS fails."""
+        try:
+            await _publish(self._nc, subject, payload, request_id)
+        except nats.errors.Error as e:
+            raise EpdError(503, f"request plane failed on {subject}: {e!r}") from e
 
     async def _send(self, inbox: str, request_id: str, frame: pb.Frame) -> None:
         await _publish(self._nc, inbox, frame.SerializeToString(), request_id)

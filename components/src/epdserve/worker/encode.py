@@ -3,7 +3,8 @@
 `NixlEncodeHandler` (`--multimodal-encode-worker`) keeps embeddings in its NIXL-registered
 cache and answers with where they are; the prefill side READs them and the READ's
 notification unpins them. `StorageEncodeHandler` (`--native-encoder-worker`) writes them to
-the embedding cache on disk instead. Both answer an `EncodeRequest` with one `EncodeResult`.
+the embedding cache on disk instead. Both answer an `EncodeRequest` with one `EncodeResult`,
+posted first to the mailbox of the worker that prefills the request when it names one.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import torch
 
@@ -25,6 +26,8 @@ from epdserve.worker.encode_batcher import EncodeBatcher
 from epdserve.worker.media_inputs import media_features
 
 log = logging.getLogger(__name__)
+
+Post = Callable[[str, bytes, str], Awaitable[None]]   # (subject, payload, request id), as RequestPlane.post
 
 
 class MediaEmbedder:
@@ -77,6 +80,15 @@ def _result_item(item: pb.MediaItem) -> pb.MediaItem:
     return pb.MediaItem(modality=item.modality, hash=item.hash, offset=item.offset, length=item.length)
 
 
+async def _answer(post: Post, req: pb.EncodeRequest, result: pb.EncodeResult) -> bytes:
+    """`result` serialized, once posted to `req.deliver_to` (when set): the worker waiting there
+    gets it a hop sooner than through the processor."""
+    data = result.SerializeToString()
+    if req.deliver_to:
+        await post(req.deliver_to, data, req.request_id)
+    return data
+
+
 class NixlEncodeHandler:
     """Serves `EncodeRequest` -> `EncodeResult` naming each embedding in the NIXL cache.
 
@@ -84,11 +96,12 @@ class NixlEncodeHandler:
     cancelled, or `handoff_timeout` seconds pass; then the stream ends.
     """
 
-    def __init__(self, embedder: MediaEmbedder, cache: EmbeddingCache, agent: TransferAgent,
+    def __init__(self, embedder: MediaEmbedder, cache: EmbeddingCache, agent: TransferAgent, post: Post,
                  handoff_timeout: float = 30.0):
         self.embedder = embedder
         self.cache = cache
         self.agent = agent
+        self.post = post
         self.handoff_timeout = handoff_timeout
 
     async def encode(self, payload: bytes) -> AsyncIterator[bytes]:
@@ -102,7 +115,7 @@ class NixlEncodeHandler:
                 out = _result_item(item)
                 out.embedding.CopyFrom(self.cache.remote(entry))
                 result.media.append(out)
-            yield result.SerializeToString()
+            yield await _answer(self.post, req, result)
             try:
                 await asyncio.wait_for(read, self.handoff_timeout)
             except TimeoutError:
@@ -135,9 +148,10 @@ class NixlEncodeHandler:
 class StorageEncodeHandler:
     """Serves `EncodeRequest` -> `EncodeResult` once every embedding is in the storage."""
 
-    def __init__(self, embedder: MediaEmbedder, storage: EmbeddingStorage):
+    def __init__(self, embedder: MediaEmbedder, storage: EmbeddingStorage, post: Post):
         self.embedder = embedder
         self.storage = storage
+        self.post = post
         self.hits = 0
         self.misses = 0
 
@@ -149,7 +163,7 @@ class StorageEncodeHandler:
             out = _result_item(item)
             out.in_ec_storage = True
             result.media.append(out)
-        yield result.SerializeToString()
+        yield await _answer(self.post, req, result)
 
     async def _store(self, item: pb.MediaItem) -> None:
         if self.storage.contains(item.hash):

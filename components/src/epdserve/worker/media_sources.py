@@ -3,6 +3,8 @@
 An item arrives as its encoded bytes (EPD: this worker encodes it), as embeddings in an
 encode worker's NIXL memory (E/PD: one READ per request into this worker's registered
 staging region), or as embeddings in the embedding cache on disk (the EC-connector topology).
+In the last two cases the request comes without the items' sources, which the encode worker
+posts to this worker's mailbox once it has encoded them.
 
 READ embeddings stay where they landed, in the staging region, for the request's lifetime:
 copying them out into fresh memory costs about 1 ms per MB in page faults, several times the
@@ -23,29 +25,49 @@ from epdserve.engine.base import MultiModalInput
 from epdserve.models.base import MediaEncoder
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
+from epdserve.runtime.mailbox import Mailbox
 from epdserve.transfer.agent import TransferAgent, torch_dtype
 from epdserve.transfer.region import Span
 from epdserve.worker.ec_storage import EmbeddingStorage
 from epdserve.worker.media_inputs import media_features
 
 
+def apply_encode_result(req: pb.GenerateRequest, result: pb.EncodeResult) -> None:
+    """Point `req`'s media items at where the encoder put their embeddings (its NIXL memory or
+    the embedding storage)."""
+    if len(result.media) != len(req.media):
+        raise EpdError(500, f"the encode worker answered {len(result.media)} media item(s) for {len(req.media)}")
+    for item, encoded in zip(req.media, result.media):
+        if encoded.WhichOneof("source") == "embedding":
+            item.embedding.CopyFrom(encoded.embedding)
+        else:
+            item.in_ec_storage = True
+    req.handoff.CopyFrom(result.handoff)
+
+
 class MediaResolver:
     """`agent` is None on workers that cannot receive embeddings over NIXL, `storage` None
-    without `--ec-storage-path`; `read_timeout` bounds the wait for staging room plus the READ
-    (seconds)."""
+    without `--ec-storage-path`, `mailbox` None on workers that take no media from encode
+    workers. Timeouts in seconds: `read_timeout` bounds the wait for staging room plus the
+    READ; `encoder_timeout` the wait for an encoder's result, a backstop: the processor cancels
+    the request when its encode fails."""
 
     def __init__(self, model: MediaEncoder, agent: TransferAgent | None, storage: EmbeddingStorage | None,
-                 read_timeout: float = 10.0):
+                 mailbox: Mailbox | None = None, read_timeout: float = 10.0, encoder_timeout: float = 60.0):
         self.model = model
         self.agent = agent
         self.storage = storage
+        self.mailbox = mailbox
         self.read_timeout = read_timeout
+        self.encoder_timeout = encoder_timeout
         self._freed = asyncio.Event()
 
     @contextlib.asynccontextmanager
     async def resolve(self, req: pb.GenerateRequest) -> AsyncIterator[list[MultiModalInput]]:
         """The request's engine inputs, valid until the context exits (the engine must be
         done with them by then)."""
+        if req.media_from_encoder:
+            await self._await_encoder(req)
         remote = [i for i, item in enumerate(req.media) if item.WhichOneof("source") == "embedding"]
         held: Span | None = None
         try:
@@ -59,6 +81,16 @@ class MediaResolver:
         finally:
             if held is not None:
                 self._release(held)
+
+    async def _await_encoder(self, req: pb.GenerateRequest) -> None:
+        if self.mailbox is None:
+            raise EpdError(503, "this worker takes no media from encode workers")
+        try:
+            result = await self.mailbox.take(req.request_id, self.encoder_timeout)
+        except TimeoutError:
+            raise EpdError(503, f"no encode worker delivered the media of request {req.request_id} "
+                                f"in {self.encoder_timeout:.0f} s") from None
+        apply_encode_result(req, pb.EncodeResult.FromString(result))
 
     def _inputs(self, req: pb.GenerateRequest, embeddings: dict[int, torch.Tensor]) -> list[MultiModalInput]:
         inputs = []

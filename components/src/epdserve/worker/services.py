@@ -24,6 +24,7 @@ from epdserve.processor.handler import ProcessorHandler
 from epdserve.processor.prompt import PromptBuilder
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.runtime.component import Runtime
+from epdserve.runtime.mailbox import Mailbox, mailbox_subject
 from epdserve.runtime.pool import InstancePool
 from epdserve.transfer.agent import TransferAgent
 from epdserve.worker.ec_storage import EmbeddingStorage
@@ -136,14 +137,18 @@ class PDService(Service):
         self.agent = TransferAgent(f"{BACKEND}-{self.runtime.instance_id}", c.embedding_buffer_bytes,
                                    model.device) if c.enable_multimodal else None
         storage = EmbeddingStorage(c.ec_storage_path) if c.ec_storage_path else None
-        handler = PDHandler(self.engine, MediaResolver(model, self.agent, storage))
+        self.mailbox = Mailbox() if c.enable_multimodal else None   # encode workers post results here
+        handler = PDHandler(self.engine, MediaResolver(model, self.agent, storage, self.mailbox))
         subject = await self.runtime.serve(BACKEND, "generate", handler.generate)
+        if self.mailbox is not None:
+            await self.runtime.plane.listen(mailbox_subject(subject), self.mailbox.put)
         await self.serve_stats(BACKEND, self._counters)
         await self.runtime.publish_card(self.card("tokens", BACKEND, subject))
 
     def _counters(self) -> dict[str, int]:
         engine = dataclasses.asdict(self.engine.engine.stats())
-        return engine | (self.agent.stats() if self.agent is not None else {})
+        mailbox = {"mailbox_unclaimed": self.mailbox.unclaimed} if self.mailbox is not None else {}
+        return engine | mailbox | (self.agent.stats() if self.agent is not None else {})
 
     async def stop(self) -> None:
         await self.engine.stop()
@@ -162,11 +167,11 @@ class EncodeService(Service):
         embedder = MediaEmbedder(encoder, self.batcher)
         self.agent = None
         if c.role is Role.NATIVE_ENCODER:
-            handler = StorageEncodeHandler(embedder, EmbeddingStorage(c.ec_storage_path))
+            handler = StorageEncodeHandler(embedder, EmbeddingStorage(c.ec_storage_path), self.runtime.plane.post)
         else:
             self.agent = TransferAgent(f"{ENCODER}-{self.runtime.instance_id}", c.encoder_cache_bytes,
                                        encoder.device)
-            handler = NixlEncodeHandler(embedder, EmbeddingCache(self.agent), self.agent)
+            handler = NixlEncodeHandler(embedder, EmbeddingCache(self.agent), self.agent, self.runtime.plane.post)
         subject = await self.runtime.serve(ENCODER, "encode", handler.encode)
         await self.serve_stats(ENCODER, handler.stats)
         await self.runtime.publish_card(self.card("media", ENCODER, subject))
