@@ -53,8 +53,8 @@ def test_chat_matches_transformers(cluster, model_dir, num_images, stream):
 
 
 def test_32_concurrent_requests_leave_nothing_behind(cluster, infra, model_dir):
-    """Distinct and repeated images, over both encoders; then every pin, transfer, staging span
-    and KV block is back, and each agent registered its memory exactly once."""
+    """Distinct and repeated images, over both encoders; then every pin, transfer, staging span,
+    mailbox entry and KV block is back, and each agent registered its memory exactly once."""
     cases = [chat_messages([make_image(200 + i % 12)] * (1 + i % 2), f"Request number {i}.") for i in range(32)]
 
     async def all_at_once():
@@ -73,6 +73,7 @@ def test_32_concurrent_requests_leave_nothing_behind(cluster, infra, model_dir):
         assert s["kv_blocks_free"] == s["kv_blocks_total"], name
         assert s["running"] == s["waiting"] == 0, name
         assert (s["nixl_registrations"], s["nixl_live_transfers"], s["region_allocations"]) == (1, 0, 0), name
+        assert s["mailbox_unclaimed"] == 0, name   # every posted EncodeResult met its request
     for name, s in encoders.items():
         assert s.get("cache_pinned", 0) == 0 and s.get("nixl_expected_notifs", 0) == 0, name
         assert s.get("nixl_registrations", 1) == 1 and s.get("nixl_live_transfers", 0) == 0, name
