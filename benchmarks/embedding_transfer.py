@@ -337,13 +337,14 @@ NOTES = """\
 - **interleaved**: in each round a fresh EPD and a fresh E/PD cluster, both up at once (two
   processes of one model differ in speed by a few percent for life, ~10 ms of an image
   request's prefill, so one pair of clusters carries an offset that more requests do not
-  average out; rounds do, pooled); after warm-up requests, image and
+  average out; many short rounds do, pooled: 12 of 20 pairs per kind); after warm-up requests, image and
   text-only requests alternate, each sent to both clusters one after the other (EPD first for
   requests 0, 1, E/PD first for 2, 3, ...: ABBA), one request in flight, 4 output tokens; every
   image never seen and every text led by a number of its own (no cache hits). "paired Δ" is
   the median over requests of (E/PD - EPD) TTFT; the VM's drift is the same for both halves.
-  One request's TTFT varies by ±30 ms here, so 160 pairs per kind, and the median comes with
-  a 90% bootstrap confidence interval.
+  One request's TTFT varies by ±30 ms here, so 240 pairs per kind, and the median comes with
+  a 90% bootstrap confidence interval (over requests: it does not cover the per-cluster
+  offsets, which the spread of the per-round medians shows).
 - probe GFLOP/s: a one-thread GEMM timed for 1 s before each measurement (the VM's speed drifts).
 """
 
@@ -396,7 +397,7 @@ def make_config(args: argparse.Namespace) -> Config:
                       warmup=1, cache_samples=3, paired_requests=4, paired_warmup=1, paired_rounds=1, levels=((2, 6),),
                       topology_rounds=1)
     return Config(**common, cases=CASES, ucx_settings=UCX_SETTINGS, rounds=2, reps=8, warmup=2,
-                  cache_samples=8, paired_requests=160, paired_warmup=2, paired_rounds=4,
+                  cache_samples=8, paired_requests=240, paired_warmup=2, paired_rounds=12,
                   levels=((1, 24), (16, 48), (32, 64)), topology_rounds=2)
 
 
