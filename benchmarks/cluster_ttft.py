@@ -24,6 +24,7 @@ import numpy as np
 from cluster import Cluster, client_for, data_url, http_cluster, timed_chat
 from common import RequestRecord, WorkItem, gemm_probe_gflops, percentile
 from epdserve.tools.images import synthetic_png
+from epdserve.tools.stats import StatsReader
 
 TOPOLOGIES = {"EPD": "agg_multimodal.sh", "E/PD": "agg_multimodal_epd.sh"}
 IMAGE_SIZE = (640, 480)
@@ -166,16 +167,29 @@ def _order(j: int) -> list[str]:
     return names if (j // 2) % 2 == 0 else names[::-1]
 
 
-async def _paired_run(urls: dict[str, str], items: list[WorkItem]) -> dict[str, list[RequestRecord]]:
-    """Each item to both clusters, back to back in `_order`, one request in flight at a time."""
+def compute_us(stats: dict[str, dict[str, int]]) -> int:
+    """Model compute a cluster's workers spent so far (us, cumulative): the PD workers' engine
+    steps that ran a prompt chunk (EPD: the image's encode is inside them) and the encode
+    workers' encoder calls."""
+    return sum(v.get("prompt_step_us", 0) + v.get("encode_us", 0) for v in stats.values())
+
+
+async def _paired_run(clusters: dict[str, Cluster], items: list[WorkItem]) -> dict[str, list[RequestRecord]]:
+    """Each item to both clusters, back to back in `_order`, one request in flight at a time;
+    each record gets the model compute its cluster counted meanwhile (read between requests)."""
     images = {it.rid: data_url(it.image) for it in items if it.image is not None}   # off the clock
-    out: dict[str, list[RequestRecord]] = {t: [] for t in urls}
+    out: dict[str, list[RequestRecord]] = {t: [] for t in clusters}
     async with contextlib.AsyncExitStack() as stack:
-        clients = {t: await stack.enter_async_context(client_for(url)) for t, url in urls.items()}
+        clients = {t: await stack.enter_async_context(client_for(c.base_url)) for t, c in clusters.items()}
+        readers = {t: await stack.enter_async_context(await StatsReader.connect(c.runtime))
+                   for t, c in clusters.items()}
+        spent = {t: compute_us(await r.read()) for t, r in readers.items()}
         for j, item in enumerate(items):
             for t in _order(j):
                 rec = RequestRecord(item.rid, item.image is not None, item.max_tokens)
                 out[t].append(await timed_chat(clients[t], rec, item.openai_messages(images.get(item.rid))))
+                before, spent[t] = spent[t], compute_us(await readers[t].read())
+                rec.compute_s = (spent[t] - before) / 1e6
     return out
 
 
@@ -190,14 +204,21 @@ def median_ci_ms(values_s: list[float], seed: int = 0, level: float = 0.9) -> tu
 
 
 def _paired_kind(records: dict[str, list[RequestRecord]], has_image: bool) -> dict[str, Any]:
-    epd, split = ({r.rid: r.ttft_s for r in records[t] if r.has_image == has_image} for t in TOPOLOGIES)
-    deltas = [split[rid] - epd[rid] for rid in epd]   # in send order: even ones went EPD first (`_order`)
-    return {"requests": len(deltas), "epd_ttft_p50_ms": percentile(list(epd.values()), 50),
-            "split_ttft_p50_ms": percentile(list(split.values()), 50),
+    epd, split = ({r.rid: r for r in records[t] if r.has_image == has_image} for t in TOPOLOGIES)
+    # In send order: even ones went EPD first (`_order`).
+    deltas = [split[rid].ttft_s - epd[rid].ttft_s for rid in epd]
+    compute = [split[rid].compute_s - epd[rid].compute_s for rid in epd]
+    added = [d - c for d, c in zip(deltas, compute)]   # what E/PD adds besides the model's own compute
+    return {"requests": len(deltas), "epd_ttft_p50_ms": percentile([r.ttft_s for r in epd.values()], 50),
+            "split_ttft_p50_ms": percentile([r.ttft_s for r in split.values()], 50),
             "paired_delta_p50_ms": percentile(deltas, 50), "paired_delta_p25_ms": percentile(deltas, 25),
             "paired_delta_p75_ms": percentile(deltas, 75), "paired_delta_p50_ci90_ms": median_ci_ms(deltas),
             "split_first_delta_p50_ms": percentile([d for j, d in enumerate(deltas) if j % 2], 50),
-            "epd_first_delta_p50_ms": percentile([d for j, d in enumerate(deltas) if not j % 2], 50)}
+            "epd_first_delta_p50_ms": percentile([d for j, d in enumerate(deltas) if not j % 2], 50),
+            "epd_compute_p50_ms": percentile([r.compute_s for r in epd.values()], 50),
+            "compute_delta_p50_ms": percentile(compute, 50), "compute_delta_p50_ci90_ms": median_ci_ms(compute),
+            "added_delta_p50_ms": percentile(added, 50), "added_delta_p25_ms": percentile(added, 25),
+            "added_delta_p75_ms": percentile(added, 75), "added_delta_p50_ci90_ms": median_ci_ms(added)}
 
 
 def _paired_round(model: str, seed: int, round_: int, per_kind: int, warmup: int
@@ -213,10 +234,10 @@ def _paired_round(model: str, seed: int, round_: int, per_kind: int, warmup: int
         clusters = {t: stack.enter_context(http_cluster(model, TOPOLOGIES[t], label=f"paired r{round_} {t}"))
                     for t in order}
         wait_encoder(clusters["E/PD"])
-        urls = {t: clusters[t].base_url for t in TOPOLOGIES}
-        asyncio.run(_paired_run(urls, warm))
+        ordered = {t: clusters[t] for t in TOPOLOGIES}
+        asyncio.run(_paired_run(ordered, warm))
         before = {t: counters(c, "backend") for t, c in clusters.items()} | {"encoder": counters(clusters["E/PD"])}
-        records = asyncio.run(_paired_run(urls, items))
+        records = asyncio.run(_paired_run(ordered, items))
         after = {t: counters(c, "backend") for t, c in clusters.items()} | {"encoder": counters(clusters["E/PD"])}
     diffs = {t: {"prefix_cache_hits": _diff(before[t], after[t], "prefix_cache_hits")} for t in TOPOLOGIES}
     diffs["encoder"] = {k: _diff(before["encoder"], after["encoder"], k) for k in ("cache_hits", "cache_misses")}
@@ -241,9 +262,11 @@ def run_paired(model: str, seed: int, per_kind: int, warmup: int, rounds: int) -
                 totals.setdefault(t, {})[k] = totals.get(t, {}).get(k, 0) + v
         image = _paired_kind(recs, True)
         per_round.append({"image_paired_delta_p50_ms": image["paired_delta_p50_ms"],
+                          "image_added_delta_p50_ms": image["added_delta_p50_ms"],
                           "image_epd_ttft_p50_ms": image["epd_ttft_p50_ms"],
                           "image_split_ttft_p50_ms": image["split_ttft_p50_ms"]})
-        print(f"[paired] round {round_ + 1}: image paired Δ p50 {image['paired_delta_p50_ms']:+.1f} ms", flush=True)
+        print(f"[paired] round {round_ + 1}: image paired Δ p50 {image['paired_delta_p50_ms']:+.1f} ms, "
+              f"besides compute {image['added_delta_p50_ms']:+.1f} ms", flush=True)
     probes.append(gemm_probe_gflops())
     measured = rounds * (per_kind // rounds)
     result = {"image_size": IMAGE_SIZE, "max_tokens": MAX_TOKENS, "per_kind": measured, "warmup": warmup,
@@ -256,31 +279,46 @@ def run_paired(model: str, seed: int, per_kind: int, warmup: int, rounds: int) -
     for kind in ("image", "text"):
         k = result[kind]
         print(f"[paired] {kind}: TTFT p50 EPD {k['epd_ttft_p50_ms']:.0f} ms, E/PD {k['split_ttft_p50_ms']:.0f} ms, "
-              f"paired Δ p50 {k['paired_delta_p50_ms']:+.1f} ms ({k['requests']} pairs)", flush=True)
+              f"paired Δ p50 {k['paired_delta_p50_ms']:+.1f} ms, besides compute {k['added_delta_p50_ms']:+.1f} ms "
+              f"({k['requests']} pairs)", flush=True)
     if result["encoder_cache_misses"] != measured or result["encoder_cache_hits"]:
         print(f"[paired] warning: the encode workers counted {result['encoder_cache_misses']} misses and "
               f"{result['encoder_cache_hits']} hits for {measured} new images", flush=True)
     return result
 
 
+def ci_text(pair: tuple[float, float]) -> str:
+    """A confidence interval in ms, as "+a .. +b"."""
+    return "{:+.1f} .. {:+.1f}".format(*pair)
+
+
 def paired_md(paired: dict[str, Any]) -> list[str]:
+    kinds = [(kind, k) for kind in ("image", "text") if (k := paired[kind])]
     rows = [[kind, str(k["requests"]), f"{k['epd_ttft_p50_ms']:.0f}", f"{k['split_ttft_p50_ms']:.0f}",
              f"{k['split_ttft_p50_ms'] - k['epd_ttft_p50_ms']:+.1f}", f"{k['paired_delta_p50_ms']:+.1f}",
-             "{:+.1f} .. {:+.1f}".format(*k["paired_delta_p50_ci90_ms"]),
+             ci_text(k["paired_delta_p50_ci90_ms"]),
              f"{k['paired_delta_p25_ms']:+.1f} .. {k['paired_delta_p75_ms']:+.1f}",
-             f"{k['epd_first_delta_p50_ms']:+.1f} / {k['split_first_delta_p50_ms']:+.1f}"]
-            for kind in ("image", "text") if (k := paired[kind])]
+             f"{k['epd_first_delta_p50_ms']:+.1f} / {k['split_first_delta_p50_ms']:+.1f}"] for kind, k in kinds]
+    added = [[kind, f"{k['epd_compute_p50_ms']:.0f}", f"{k['compute_delta_p50_ms']:+.1f}",
+              ci_text(k["compute_delta_p50_ci90_ms"]), f"{k['added_delta_p50_ms']:+.1f}",
+              ci_text(k["added_delta_p50_ci90_ms"]),
+              f"{k['added_delta_p25_ms']:+.1f} .. {k['added_delta_p75_ms']:+.1f}"] for kind, k in kinds]
     hits = paired["pd_prefix_cache_hits"]
     rounds = ", ".join(f"{r['image_paired_delta_p50_ms']:+.1f}" for r in paired["rounds"])
+    rounds_added = ", ".join(f"{r['image_added_delta_p50_ms']:+.1f}" for r in paired["rounds"])
     return [f"## 4. EPD vs E/PD at c=1, interleaved ({len(paired['rounds'])} round(s), each on a fresh pair of "
             f"clusters, both up, each request to both back to back, ABBA; {paired['max_tokens']} output tokens)", "",
             *table(["requests", "pairs", "EPD TTFT p50 ms", "E/PD TTFT p50 ms", "Δ of p50s ms", "paired Δ p50 ms",
                     "its 90% CI (bootstrap) ms", "paired Δ p25 .. p75 ms", "paired Δ p50, EPD first / E/PD first"], rows),
+            "The same pairs split into the model's compute (the workers' own counters) and the rest, what "
+            "E/PD adds:", "",
+            *table(["requests", "EPD compute p50 ms", "compute paired Δ p50 ms", "its 90% CI ms",
+                    "TTFT - compute paired Δ p50 ms", "its 90% CI ms", "its p25 .. p75 ms"], added),
             f"Encoder hits / misses over the measured requests: {paired['encoder_cache_hits']} / "
             f"{paired['encoder_cache_misses']}; PD prefix-cache block hits: "
             + ", ".join(f"{t} {n}" for t, n in hits.items())
             + "; probe GFLOP/s before / after: " + " / ".join(f"{p:.0f}" for p in paired["probe_gflops"]) + ".", "",
-            f"Image paired Δ p50 per round (ms): {rounds}.", ""]
+            f"Image paired Δ p50 per round (ms): {rounds}; besides compute: {rounds_added}.", ""]
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -73,6 +73,7 @@ class RequestRecord:
     itl_s: list[float] = field(default_factory=list)
     e2e_s: float = float("nan")
     prompt_tokens: int = 0
+    compute_s: float = float("nan")   # model compute the cluster's workers spent on it, where measured
 
     def finish(self, issued: float, token_times: list[float]) -> None:
         """Fill TTFT, ITL and end-to-end latency from the arrival times of output tokens."""

@@ -81,7 +81,7 @@ def test_32_concurrent_requests_leave_nothing_behind(cluster, infra, model_dir):
     # flight), and with two encoders both took load.
     occurrences = sum(len(m[0]["content"]) - 1 for m in cases)
     assert sum(s["encoded_items"] for s in encoders.values()) < occurrences
-    assert all(s["encoder_calls"] > 0 for s in encoders.values())
+    assert all(s["encoder_calls"] > 0 and s["encode_us"] > 0 for s in encoders.values())
 
 
 def _cpu_seconds(pid: int) -> float:

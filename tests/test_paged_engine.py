@@ -149,3 +149,14 @@ def test_n_choices_with_the_largest_seed(tiny_llava, tiny_runner):
         outputs += engine.step()
     assert all(o.error is None for o in outputs) and sum(o.finish_reason is not None for o in outputs) == 3
     assert_no_leak(engine)
+
+
+def test_prompt_step_time_counts_steps_with_a_prompt_chunk_only(tiny_llava, tiny_runner):
+    engine = PagedEngine(tiny_runner, EngineConfig(block_size=16))
+    engine.add_request(engine_request(tiny_llava, tiny_runner, "r", "word " * 20, [make_image(7)], 5))
+    assert engine.stats().prompt_step_us == 0
+    engine.step()   # the whole prompt, and the first token
+    after_prompt = engine.stats().prompt_step_us
+    assert after_prompt > 0
+    drive(engine)   # decode steps only
+    assert engine.stats().prompt_step_us == after_prompt

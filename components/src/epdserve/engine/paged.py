@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -48,6 +49,7 @@ class EngineStats:
     prefix_cache_hits: int
     tokens_computed: int          # positions run through the model: prefill, recompute, decode
     generated_tokens: int
+    prompt_step_us: int           # wall time of the steps that ran a prompt chunk (media encode included)
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -64,6 +66,7 @@ class PagedEngine(Engine):
         self._rejected: list[EngineOutput] = []
         self._tokens_computed = 0
         self._generated_tokens = 0
+        self._prompt_step_s = 0.0
         self._origin: dict[str, tuple[str, int]] = {}        # sequence id -> (request id, choice index)
         self._choice_ids: dict[str, list[str]] = {}          # request id -> its sequence ids (n > 1)
         self._forks: dict[str, list[tuple[int, EngineRequest]]] = {}   # choice 0 -> (index, choice) waiting
@@ -110,7 +113,7 @@ class PagedEngine(Engine):
         b = self.blocks
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), b.num_blocks,
                            b.num_free_blocks, b.prefix_queries, b.prefix_hits,
-                           self._tokens_computed, self._generated_tokens)
+                           self._tokens_computed, self._generated_tokens, round(self._prompt_step_s * 1e6))
 
     @torch.inference_mode()
     def step(self) -> list[EngineOutput]:
@@ -118,7 +121,10 @@ class PagedEngine(Engine):
         chunks = self.scheduler.schedule()
         if not chunks:
             return outputs
+        start = time.perf_counter()
         result = self.runner.run(chunks)
+        if any(c.start < c.seq.num_prompt_tokens for c in chunks):
+            self._prompt_step_s += time.perf_counter() - start
         for sid, message in result.failed.items():
             self.scheduler.abort(sid)
             origin, index = self._origin.pop(sid)

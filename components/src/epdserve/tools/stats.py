@@ -17,22 +17,45 @@ from epdserve.runtime.discovery import Discovery
 from epdserve.runtime.request_plane import RequestPlane
 
 
-async def worker_stats(config: RuntimeConfig) -> dict[str, dict[str, int]]:
-    """"<component>/<instance id>" -> counters, for every live instance serving `stats`."""
-    discovery = await Discovery.connect(config.etcd_endpoints, config.namespace, config.lease_ttl)
-    plane = await RequestPlane.connect(config.nats_server)
-    try:
-        watch = await discovery.watch(discovery.key("instances", ""))
+class StatsReader:
+    """Reads every worker's counters over connections it keeps open (`async with`)."""
+
+    def __init__(self, discovery: Discovery, plane: RequestPlane):
+        self.discovery = discovery
+        self.plane = plane
+
+    @classmethod
+    async def connect(cls, config: RuntimeConfig) -> "StatsReader":
+        discovery = await Discovery.connect(config.etcd_endpoints, config.namespace, config.lease_ttl)
+        try:
+            return cls(discovery, await RequestPlane.connect(config.nats_server))
+        except BaseException:
+            await discovery.close()
+            raise
+
+    async def __aenter__(self) -> "StatsReader":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.plane.close()
+        await self.discovery.close()
+
+    async def read(self) -> dict[str, dict[str, int]]:
+        """"<component>/<instance id>" -> counters, for every live instance serving `stats`."""
+        watch = await self.discovery.watch(self.discovery.key("instances", ""))
         infos = [pb.InstanceInfo.FromString(v) for v in watch.items().values()]
         await watch.close()
         out = {}
         for info in sorted((i for i in infos if i.endpoint == "stats"), key=lambda i: i.subject):
-            async for data in plane.stream(info.subject, b"", f"stats-{info.instance_id}"):
+            async for data in self.plane.stream(info.subject, b"", f"stats-{info.instance_id}"):
                 out[f"{info.component}/{info.instance_id}"] = dict(pb.WorkerStats.FromString(data).counters)
         return out
-    finally:
-        await plane.close()
-        await discovery.close()
+
+
+async def worker_stats(config: RuntimeConfig) -> dict[str, dict[str, int]]:
+    """`StatsReader.read` over connections of its own."""
+    async with await StatsReader.connect(config) as reader:
+        return await reader.read()
 
 
 def main() -> None:

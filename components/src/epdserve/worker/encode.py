@@ -49,7 +49,8 @@ class MediaEmbedder:
         return await asyncio.shield(future)
 
     def stats(self) -> dict[str, int]:
-        return {"encoded_items": self.encoded_items, "encoder_calls": self.batcher.calls}
+        return {"encoded_items": self.encoded_items, "encoder_calls": self.batcher.calls,
+                "encode_us": round(self.batcher.busy_s * 1e6)}
 
     def _drop(self, key: str, future: asyncio.Future) -> None:
         self._in_flight.pop(key, None)

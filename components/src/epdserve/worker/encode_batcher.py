@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,7 @@ class EncodeBatcher:
         self._task: asyncio.Task | None = None
         self._encoder_busy = threading.Lock()   # held by whichever thread runs the encoder
         self.calls = 0
+        self.busy_s = 0.0   # wall time inside the encoder, cumulative
 
     async def encode(self, modality: str, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """The item's `[length, H]` embedding on the encoder's device."""
@@ -89,10 +91,15 @@ class EncodeBatcher:
             return self._call_encoder(modality, [j.features for j in jobs])
 
     def _call_encoder(self, modality: str, items: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Under `_encoder_busy`, whichever thread calls it."""
         batch = {k: torch.cat([f[k] for f in items]) for k in items[0]}
         self.calls += 1
-        with torch.inference_mode():
-            return self.encoder.encode(modality, batch)
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                return self.encoder.encode(modality, batch)
+        finally:
+            self.busy_s += time.perf_counter() - start
 
     async def close(self) -> None:
         if self._task is not None:
