@@ -26,6 +26,21 @@ def test_streamed_text_equals_full_decode(tokenizer):
     assert all("\ufffd" not in p for p in pieces)
 
 
+def test_byte_fallback_run_is_released_once_it_cannot_change(tmp_path_factory):
+    """A run of SentencePiece byte tokens that is not valid UTF-8 decodes to one U+FFFD per
+    byte, so a later byte (0xEC) turns an earlier valid one ("#") into U+FFFD: the streamed
+    text must not have emitted the "#"."""
+    from llava_hf_style import build_llava_hf_style
+    tokenizer = AutoTokenizer.from_pretrained(build_llava_hf_style(tmp_path_factory.mktemp("hf") / "m", "float32"))
+    byte = tokenizer.convert_tokens_to_ids
+    ids = [tokenizer("Venor", add_special_tokens=False)["input_ids"][-1], byte("<0x23>"), byte("<0xEC>"),
+           byte("<0x23>"), tokenizer(" 71", add_special_tokens=False)["input_ids"][-1], byte("<0x23>"), byte("<0xEC>")]
+    for tail in (ids, ids[:-1]):   # ending in an invalid run, and in a valid byte
+        detok = IncrementalDetokenizer(tokenizer)
+        streamed = "".join(detok.add([t]) for t in tail) + detok.flush()
+        assert streamed == tokenizer.decode(tail, skip_special_tokens=True).rstrip("\ufffd")
+
+
 def test_stop_strings_hold_back_and_cut():
     stops = StopStrings(["STOP", "xy"])
     out, hit = stops.feed("abcST")

@@ -85,7 +85,10 @@ class ProcessorHandler:
                 if choice.done:
                     continue   # cut by a stop string while the backend went on, or the end frame follows
                 completion_tokens += len(delta.token_ids)
-                text, hit = choice.stops.feed(choice.detok.add(list(delta.token_ids)))
+                piece = choice.detok.add(list(delta.token_ids))
+                if delta.finish_reason:
+                    piece += choice.detok.flush()
+                text, hit = choice.stops.feed(piece)
                 finish = "stop" if hit else delta.finish_reason
                 if finish and not hit:
                     text += choice.stops.flush()
