@@ -37,8 +37,10 @@ class StatsReader:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.plane.close()
-        await self.discovery.close()
+        try:
+            await self.plane.close()
+        finally:
+            await self.discovery.close()
 
     async def read(self) -> dict[str, dict[str, int]]:
         """"<component>/<instance id>" -> counters, for every live instance serving `stats`."""
