@@ -58,6 +58,24 @@ def test_async_engine_streams_and_cancels(tiny_llava, tiny_runner):
     asyncio.run(main())
 
 
+def test_async_engine_release_frees_held_kv(tiny_llava, tiny_runner):
+    async def main():
+        engine = AsyncEngine(PagedEngine(tiny_runner, EngineConfig()))
+        engine.start()
+        try:
+            req = engine_request(tiny_llava, tiny_runner, "p", "prefill me", [make_image(2)], 1)
+            req.hold_kv = True
+            outs = [o async for o in engine.generate(req)]
+            assert outs[-1].kv_blocks and engine.engine.stats().held_requests == 1
+            engine.release("p")
+            await engine.settled()
+            stats = engine.engine.stats()
+            assert stats.held_requests == 0 and stats.kv_blocks_free == stats.kv_blocks_total
+        finally:
+            await engine.stop()
+    asyncio.run(main())
+
+
 def test_sampling_is_seeded_and_respects_top_k():
     logits = torch.randn(100)
     params = SamplingParams(temperature=1.0, top_k=3, seed=11)

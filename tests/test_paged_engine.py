@@ -3,7 +3,10 @@ mixed batches, shared prefixes, aborts, chunked prefill, preemption, prefix cach
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
+import torch
 
 from engine_requests import engine_request
 from epdserve.engine.paged import EngineConfig, PagedEngine
@@ -160,3 +163,39 @@ def test_prompt_step_time_counts_steps_with_a_prompt_chunk_only(tiny_llava, tiny
     assert after_prompt > 0
     drive(engine)   # decode steps only
     assert engine.stats().prompt_step_us == after_prompt
+
+
+def test_hold_kv_keeps_the_prompt_blocks_until_aborted(tiny_llava, tiny_runner):
+    """A prefill worker's request: its prompt's KV blocks outlive its finish, untouched by
+    later requests, and `abort` frees them."""
+    engine = PagedEngine(tiny_runner, EngineConfig(block_size=4, num_kv_blocks=64))
+    held = engine_request(tiny_llava, tiny_runner, "held", "word " * 9, [make_image(8)], 1)
+    held.hold_kv = True
+    engine.add_request(held)
+    outs = [o for _ in range(3) for o in engine.step()]
+    assert [o.finish_reason for o in outs] == ["length"]
+    blocks = outs[0].kv_blocks
+    assert len(blocks) == -(-len(held.prompt_token_ids) // 4)
+    kv = engine.runner.kv
+    snapshot = [(k[blocks].clone(), v[blocks].clone()) for k, v in zip(kv.key, kv.value)]
+    assert engine.stats().held_requests == 1 and not engine.has_unfinished()
+
+    engine.add_request(engine_request(tiny_llava, tiny_runner, "other", "other words " * 5, [], 8))
+    got, _ = drive(engine)
+    assert got["other"] == oracle(tiny_llava, "other words " * 5, [], 8)
+    for (k, v), (k0, v0) in zip(zip(kv.key, kv.value), snapshot):
+        assert torch.equal(k[blocks], k0) and torch.equal(v[blocks], v0)
+
+    engine.abort("held")
+    assert engine.stats().held_requests == 0
+    assert_no_leak(engine)
+
+
+def test_hold_kv_rejects_several_choices(tiny_llava, tiny_runner):
+    engine = PagedEngine(tiny_runner, EngineConfig(block_size=16))
+    req = engine_request(tiny_llava, tiny_runner, "n2", "word", [], 1)
+    req.hold_kv, req.sampling = True, replace(req.sampling, n=2)
+    engine.add_request(req)
+    (out,) = engine.step()
+    assert out.error and "n=1" in out.error
+    assert_no_leak(engine)

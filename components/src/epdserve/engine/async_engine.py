@@ -74,6 +74,12 @@ class AsyncEngine:
                     self._aborts.append(rid)
                     self._cond.notify()
 
+    def release(self, request_id: str) -> None:
+        """Free the blocks a finished `hold_kv` request keeps (before the engine's next step)."""
+        with self._cond:
+            self._aborts.append(request_id)
+            self._cond.notify()
+
     async def settled(self) -> None:
         """Return once every request and abort sent before the call is applied: no engine step
         that may still read an aborted request's inputs is running. Callers release memory

@@ -59,6 +59,9 @@ class EngineRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     mm_inputs: list[MultiModalInput] = field(default_factory=list)
+    # Keep the prompt's KV blocks once the request finishes, until `abort` drops it: a
+    # prefill worker's blocks wait there for a decode worker to read them.
+    hold_kv: bool = False
 
 
 @dataclass
@@ -71,6 +74,8 @@ class EngineOutput:
     index: int = 0                     # the choice, when the request samples n > 1
     error: str | None = None           # set when the request failed inside the engine
     logprobs: list[TokenLogprob] | None = None   # one per new token, when requested
+    # On the finish of a `hold_kv` request: the blocks holding its prompt's KV, in order.
+    kv_blocks: list[int] | None = None
 
 
 class Engine(ABC):
@@ -82,7 +87,8 @@ class Engine(ABC):
 
     @abstractmethod
     def abort(self, request_id: str) -> None:
-        """Drop a request and free everything it holds at once; unknown ids are ignored."""
+        """Drop a request and free everything it holds at once, the blocks a finished
+        `hold_kv` request keeps included; unknown ids are ignored."""
 
     @abstractmethod
     def step(self) -> list[EngineOutput]:

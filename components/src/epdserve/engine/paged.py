@@ -50,6 +50,7 @@ class EngineStats:
     tokens_computed: int          # positions run through the model: prefill, recompute, decode
     generated_tokens: int
     prompt_step_us: int           # wall time of the steps that ran a prompt chunk (media encode included)
+    held_requests: int            # finished `hold_kv` requests whose blocks are kept
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -70,12 +71,17 @@ class PagedEngine(Engine):
         self._origin: dict[str, tuple[str, int]] = {}        # sequence id -> (request id, choice index)
         self._choice_ids: dict[str, list[str]] = {}          # request id -> its sequence ids (n > 1)
         self._forks: dict[str, list[tuple[int, EngineRequest]]] = {}   # choice 0 -> (index, choice) waiting
+        self._held: dict[str, Sequence] = {}                 # finished hold_kv request id -> its sequence
         log.info("KV cache: %d blocks of %d tokens", num_blocks, config.block_size)
 
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request. With n > 1, choice 0 is prefilled first and the other choices
         join once its prompt blocks are committed, so they hit them in the prefix cache."""
         n = request.sampling.n
+        if n > 1 and request.hold_kv:
+            self._rejected.append(EngineOutput(request.request_id, [], "error",
+                                               error="a request that keeps its KV samples one choice (n=1)"))
+            return
         if n == 1:
             self._admit(request, request.request_id, 0)
             return
@@ -102,6 +108,8 @@ class PagedEngine(Engine):
 
     def abort(self, request_id: str) -> None:
         for sid in self._choice_ids.pop(request_id, [request_id]):
+            if (held := self._held.pop(sid, None)) is not None:
+                self.blocks.free(held)
             self._forks.pop(sid, None)
             self._origin.pop(sid, None)
             self.scheduler.abort(sid)
@@ -113,7 +121,16 @@ class PagedEngine(Engine):
         b = self.blocks
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), b.num_blocks,
                            b.num_free_blocks, b.prefix_queries, b.prefix_hits,
-                           self._tokens_computed, self._generated_tokens, round(self._prompt_step_s * 1e6))
+                           self._tokens_computed, self._generated_tokens, round(self._prompt_step_s * 1e6),
+                           len(self._held))
+
+    def _hold(self, seq: Sequence) -> list[int] | None:
+        """For a finished `hold_kv` sequence: keep it (its blocks stay referenced until `abort`)
+        and return the blocks holding its computed KV, the prompt's."""
+        if not seq.request.hold_kv:
+            return None
+        self._held[seq.request_id] = seq
+        return seq.block_table[: self.blocks.num_blocks_for(seq.num_computed_tokens)]
 
     @torch.inference_mode()
     def step(self) -> list[EngineOutput]:
@@ -147,5 +164,6 @@ class PagedEngine(Engine):
                     del self._choice_ids[origin]
             logprob = result.logprobs.get(sid)
             outputs.append(EngineOutput(origin, [token], finished.get(sid), index=index,
-                                        logprobs=[logprob] if logprob else None))
+                                        logprobs=[logprob] if logprob else None,
+                                        kv_blocks=self._hold(chunk.seq) if sid in finished else None))
         return outputs

@@ -156,7 +156,8 @@ class Scheduler:
 
         `sampled` maps the request id of every chunk with `samples` to its new token. Returns
         the sequences that finished, with "stop" (a stop token) or "length" (max_tokens or
-        max_model_len reached); their blocks are already freed.
+        max_model_len reached); their blocks are already freed, except those of `hold_kv`
+        sequences, which the caller frees (`BlockManager.free`) when it is done with them.
         """
         finished: list[tuple[Sequence, str]] = []
         for chunk in chunks:
@@ -170,7 +171,8 @@ class Scheduler:
             reason = self._finish_reason(seq, token)
             if reason is not None:
                 self._running.remove(seq)
-                self.blocks.free(seq)
+                if not seq.request.hold_kv:
+                    self.blocks.free(seq)
                 seq.status = SequenceStatus.FINISHED
                 finished.append((seq, reason))
         return finished
