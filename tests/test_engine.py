@@ -76,6 +76,38 @@ def test_async_engine_release_frees_held_kv(tiny_llava, tiny_runner):
     asyncio.run(main())
 
 
+def test_async_engine_prefilled_request_streams_after_kv_loaded(tiny_llava, tiny_runner):
+    async def main():
+        prefill, decode = (AsyncEngine(PagedEngine(tiny_runner, EngineConfig(block_size=8))) for _ in range(2))
+        prefill.start()
+        decode.start()
+        try:
+            req = engine_request(tiny_llava, tiny_runner, "r", "split me", [make_image(3)], 1)
+            req.hold_kv = True
+            (done,) = [o async for o in prefill.generate(req)]
+            follow = engine_request(tiny_llava, tiny_runner, "r", "split me", [make_image(3)], 6)
+            follow.prefilled_token = done.new_token_ids[0]
+            stream = decode.generate(follow)
+            admitted = await anext(stream)
+            src, dst = prefill.engine.runner.kv, decode.engine.runner.kv
+            for d, s in zip(dst.key + dst.value, src.key + src.value):
+                d[admitted.kv_blocks] = s[done.kv_blocks]
+            decode.kv_loaded("r")
+            prefill.release("r")
+            tokens = done.new_token_ids + [t async for o in stream for t in o.new_token_ids]
+            messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}},
+                                                     {"type": "text", "text": "split me"}]}]
+            assert tokens == hf_greedy(tiny_llava, messages, images=[make_image(3)], max_tokens=6)
+            await prefill.settled()
+            for engine in (prefill, decode):
+                stats = engine.engine.stats()
+                assert stats.held_requests == 0 and stats.kv_blocks_free == stats.kv_blocks_total
+        finally:
+            await prefill.stop()
+            await decode.stop()
+    asyncio.run(main())
+
+
 def test_sampling_is_seeded_and_respects_top_k():
     logits = torch.randn(100)
     params = SamplingParams(temperature=1.0, top_k=3, seed=11)

@@ -199,3 +199,57 @@ def test_hold_kv_rejects_several_choices(tiny_llava, tiny_runner):
     (out,) = engine.step()
     assert out.error and "n=1" in out.error
     assert_no_leak(engine)
+
+
+def _load_kv(dst: PagedEngine, dst_blocks: list[int], src: PagedEngine, src_blocks: list[int]) -> None:
+    """What a decode worker's READ does: the prefill side's blocks into ours, layer by layer."""
+    for d, s in ((dst.runner.kv.key, src.runner.kv.key), (dst.runner.kv.value, src.runner.kv.value)):
+        for dl, sl in zip(d, s):
+            dl[dst_blocks] = sl[src_blocks]
+
+
+def test_prefilled_request_decodes_from_kv_loaded_into_its_blocks(tiny_llava, tiny_runner):
+    """Prefill on one engine (hold_kv), decode on another from the copied KV blocks: the
+    output is generate()'s; the second request with the same prompt loads only what the
+    decode engine's prefix cache lacks."""
+    text, images, n = "Tell me about it " * 3, [make_image(21)], 9
+    prefill = PagedEngine(tiny_runner, EngineConfig(block_size=4))
+    decode = PagedEngine(tiny_runner, EngineConfig(block_size=4))
+    want = oracle(tiny_llava, text, images, n)
+    for rid in ("first", "again"):
+        req = engine_request(tiny_llava, tiny_runner, rid, text, images, 1)
+        req.hold_kv = True
+        prefill.add_request(req)
+        (done,) = [o for o in prefill.step()]
+        first = done.new_token_ids[0]
+
+        follow = engine_request(tiny_llava, tiny_runner, rid, text, images, n)
+        follow.prefilled_token = first
+        follow.mm_inputs = [replace(m, features=None) for m in follow.mm_inputs]   # the decode side has no media
+        decode.add_request(follow)
+        (admitted,) = decode.step()
+        assert admitted.new_token_ids == [] and admitted.kv_blocks is not None
+        assert len(admitted.kv_blocks) == len(done.kv_blocks)
+        cached = admitted.kv_cached_blocks
+        assert cached == (0 if rid == "first" else len(req.prompt_token_ids) // 4)
+        assert not decode.has_unfinished()   # loading waits for kv_loaded, not for steps
+        _load_kv(decode, admitted.kv_blocks[cached:], prefill, done.kv_blocks[cached:])
+        decode.kv_loaded(rid)
+        prefill.abort(rid)   # the decode side confirmed: the prefill side frees its blocks
+        got, finish = drive(decode)
+        assert [first] + got[rid] == want and finish[rid] == "length", rid
+    assert_no_leak(prefill)
+    assert_no_leak(decode)
+
+
+def test_prefilled_request_aborted_while_loading_frees_its_blocks(tiny_llava, tiny_runner):
+    decode = PagedEngine(tiny_runner, EngineConfig(block_size=4))
+    req = engine_request(tiny_llava, tiny_runner, "gone", "word " * 6, [], 5)
+    req.prefilled_token = 7
+    decode.add_request(req)
+    (admitted,) = decode.step()
+    assert admitted.kv_blocks
+    decode.abort("gone")
+    decode.kv_loaded("gone")   # a READ finishing after the abort is ignored
+    assert not decode.has_unfinished()
+    assert_no_leak(decode)

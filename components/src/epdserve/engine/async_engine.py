@@ -25,6 +25,7 @@ class AsyncEngine:
         self._cond = threading.Condition()
         self._adds: list[EngineRequest] = []
         self._aborts: list[str] = []
+        self._loaded: list[str] = []     # requests whose prefilled KV is in their blocks now
         self._queues: dict[str, asyncio.Queue[EngineOutput]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
@@ -80,6 +81,12 @@ class AsyncEngine:
             self._aborts.append(request_id)
             self._cond.notify()
 
+    def kv_loaded(self, request_id: str) -> None:
+        """The prompt's KV of a `prefilled_token` request is in the blocks it was given."""
+        with self._cond:
+            self._loaded.append(request_id)
+            self._cond.notify()
+
     async def settled(self) -> None:
         """Return once every request and abort sent before the call is applied: no engine step
         that may still read an aborted request's inputs is running. Callers release memory
@@ -122,18 +129,21 @@ class AsyncEngine:
         live: dict[str, int] = {}   # request id -> unfinished choices inside the engine; this thread's
         while True:
             with self._cond:
-                while not (self._stopped or self._adds or self._aborts or self._settle_waiters
+                while not (self._stopped or self._adds or self._aborts or self._loaded or self._settle_waiters
                            or self.engine.has_unfinished()):
                     self._cond.wait()
                 if self._stopped:
                     return
                 adds, self._adds = self._adds, []
                 aborts, self._aborts = self._aborts, []
+                loaded, self._loaded = self._loaded, []
                 self._inbox_rounds += 1
                 round_ = self._inbox_rounds
             for req in adds:
                 self.engine.add_request(req)
                 live[req.request_id] = req.sampling.n
+            for rid in loaded:
+                self.engine.kv_loaded(rid)
             for rid in aborts:  # after adds: a request may be cancelled in the same batch
                 self.engine.abort(rid)
                 live.pop(rid, None)

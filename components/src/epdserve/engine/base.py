@@ -62,6 +62,10 @@ class EngineRequest:
     # Keep the prompt's KV blocks once the request finishes, until `abort` drops it: a
     # prefill worker's blocks wait there for a decode worker to read them.
     hold_kv: bool = False
+    # The decode side: the first output token, sampled by a prefill worker. The engine names
+    # the blocks for the prompt's KV (an EngineOutput with `kv_blocks`), the caller loads it
+    # there and calls `kv_loaded`; decoding goes on from this token.
+    prefilled_token: int | None = None
 
 
 @dataclass
@@ -74,8 +78,11 @@ class EngineOutput:
     index: int = 0                     # the choice, when the request samples n > 1
     error: str | None = None           # set when the request failed inside the engine
     logprobs: list[TokenLogprob] | None = None   # one per new token, when requested
-    # On the finish of a `hold_kv` request: the blocks holding its prompt's KV, in order.
+    # The blocks of the prompt's KV, in order: on the finish of a `hold_kv` request, those
+    # holding it; on the admission of a `prefilled_token` request, those to load it into,
+    # of which the first `kv_cached_blocks` already hold it (prefix cache).
     kv_blocks: list[int] | None = None
+    kv_cached_blocks: int = 0
 
 
 class Engine(ABC):
@@ -89,6 +96,10 @@ class Engine(ABC):
     def abort(self, request_id: str) -> None:
         """Drop a request and free everything it holds at once, the blocks a finished
         `hold_kv` request keeps included; unknown ids are ignored."""
+
+    @abstractmethod
+    def kv_loaded(self, request_id: str) -> None:
+        """The prompt's KV of a `prefilled_token` request is in its blocks: decode it."""
 
     @abstractmethod
     def step(self) -> list[EngineOutput]:

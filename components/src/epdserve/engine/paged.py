@@ -78,9 +78,9 @@ class PagedEngine(Engine):
         """Queue a request. With n > 1, choice 0 is prefilled first and the other choices
         join once its prompt blocks are committed, so they hit them in the prefix cache."""
         n = request.sampling.n
-        if n > 1 and request.hold_kv:
+        if n > 1 and (request.hold_kv or request.prefilled_token is not None):
             self._rejected.append(EngineOutput(request.request_id, [], "error",
-                                               error="a request that keeps its KV samples one choice (n=1)"))
+                                               error="a request prefilled apart samples one choice (n=1)"))
             return
         if n == 1:
             self._admit(request, request.request_id, 0)
@@ -100,6 +100,9 @@ class PagedEngine(Engine):
         self._origin[request.request_id] = (origin, index)
         seq = Sequence(request, list(request.prompt_token_ids), len(request.prompt_token_ids),
                        generator=make_generator(request.sampling))
+        if request.prefilled_token is not None:
+            seq.token_ids.append(request.prefilled_token)
+            seq.awaiting_kv = True
         try:
             self.scheduler.add(seq)
         except ValueError as exc:   # can never fit: answer at the next step
@@ -113,6 +116,11 @@ class PagedEngine(Engine):
             self._forks.pop(sid, None)
             self._origin.pop(sid, None)
             self.scheduler.abort(sid)
+
+    def kv_loaded(self, request_id: str) -> None:
+        seq = next((s for s in self.scheduler.loading if s.request_id == request_id), None)
+        if seq is not None:   # else aborted meanwhile
+            self.scheduler.kv_loaded(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self._rejected) or self.scheduler.has_unfinished()
@@ -136,6 +144,11 @@ class PagedEngine(Engine):
     def step(self) -> list[EngineOutput]:
         outputs, self._rejected = self._rejected, []
         chunks = self.scheduler.schedule()
+        for seq in self.scheduler.take_admitted_for_kv():
+            origin, index = self._origin[seq.request_id]
+            outputs.append(EngineOutput(origin, [], index=index,
+                                        kv_blocks=seq.block_table[: self.blocks.num_blocks_for(seq.num_prompt_tokens)],
+                                        kv_cached_blocks=seq.num_cached_tokens // self.blocks.block_size))
         if not chunks:
             return outputs
         start = time.perf_counter()

@@ -65,6 +65,8 @@ class Scheduler:
         self.blocks = blocks
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []    # in admission order: the last is preempted first
+        self._loading: list[Sequence] = []    # admitted, their prompt's KV being loaded
+        self._admitted_for_kv: list[Sequence] = []   # loading since the last `take_admitted_for_kv`
 
     @property
     def waiting(self) -> tuple[Sequence, ...]:
@@ -73,6 +75,24 @@ class Scheduler:
     @property
     def running(self) -> tuple[Sequence, ...]:
         return tuple(self._running)
+
+    @property
+    def loading(self) -> tuple[Sequence, ...]:
+        return tuple(self._loading)
+
+    def take_admitted_for_kv(self) -> list[Sequence]:
+        """Sequences admitted to LOADING since the last call: their KV is to be loaded."""
+        taken, self._admitted_for_kv = self._admitted_for_kv, []
+        return taken
+
+    def kv_loaded(self, seq: Sequence) -> None:
+        """`seq`'s prompt KV is in its blocks: it decodes from its last (prefilled) token."""
+        self._loading.remove(seq)
+        seq.awaiting_kv = False
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.blocks.commit(seq)
+        seq.status = SequenceStatus.RUNNING
+        self._running.append(seq)
 
     def add(self, seq: Sequence) -> None:
         """Queue `seq` (FCFS). Raises ValueError for an empty prompt, a prompt longer than
@@ -95,16 +115,19 @@ class Scheduler:
 
     def abort(self, request_id: str) -> bool:
         """Drop the request from either queue and free its blocks now; True if it was found."""
-        for queue in (self._waiting, self._running):
+        for queue in (self._waiting, self._running, self._loading):
             for seq in queue:
                 if seq.request_id == request_id:
                     queue.remove(seq)
+                    if seq in self._admitted_for_kv:
+                        self._admitted_for_kv.remove(seq)
                     self.blocks.free(seq)
                     seq.status = SequenceStatus.FINISHED
                     return True
         return False
 
     def has_unfinished(self) -> bool:
+        """Whether a step has work: loading sequences wait for `kv_loaded`, not for steps."""
         return bool(self._waiting or self._running)
 
     def schedule(self) -> list[ScheduledChunk]:
@@ -139,10 +162,15 @@ class Scheduler:
 
         # After a preemption the pool is short: admitting would only throw work out again.
         while (not preempted and budget > 0 and self._waiting
-               and len(self._running) < self.config.max_num_seqs
+               and len(self._running) + len(self._loading) < self.config.max_num_seqs
                and self.blocks.can_allocate(self._waiting[0], self._reserve(self._waiting[0]))):
             seq = self._waiting.popleft()
             self.blocks.allocate(seq, self._reserve(seq))
+            if seq.awaiting_kv:   # no compute: its KV is loaded, then it decodes
+                seq.status = SequenceStatus.LOADING
+                self._loading.append(seq)
+                self._admitted_for_kv.append(seq)
+                continue
             seq.status = SequenceStatus.RUNNING
             self._running.append(seq)
             chunks.append(self._chunk(seq, budget))

@@ -12,6 +12,7 @@ from epdserve.engine.base import EngineRequest, MultiModalInput
 
 class SequenceStatus(Enum):
     WAITING = "waiting"      # not admitted, or preempted (its KV must be recomputed)
+    LOADING = "loading"      # holds blocks; its prompt's KV comes from a prefill worker
     RUNNING = "running"      # holds blocks; prefilling (chunk by chunk) or decoding
     FINISHED = "finished"
 
@@ -37,6 +38,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     block_hashes: list[bytes] = field(default_factory=list)   # of its full blocks, in order
+    awaiting_kv: bool = False        # admission loads the prompt's KV instead of computing it
     # Encoder outputs of the media items, kept while positions still need them.
     mm_embeddings: list[torch.Tensor | None] = field(default_factory=list)
 
