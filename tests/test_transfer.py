@@ -11,9 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from epdserve.models.paged import KVCache
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
 from epdserve.transfer.agent import TransferAgent, torch_dtype
+from epdserve.transfer.kv_layout import KVLayout, paired_ranges
 from epdserve.transfer.region import ALIGNMENT, RegionAllocator, Span
 from epdserve.worker.ec_storage import EmbeddingStorage
 from epdserve.worker.embedding_cache import EmbeddingCache
@@ -185,3 +187,40 @@ async def test_encode_handler_unpins_on_every_ending(how):
     finally:
         reader.close()
         agent.close()
+
+
+def test_kv_ranges_merge_blocks_consecutive_on_both_sides():
+    local, remote = KVLayout(1000, 2, 8, 10), KVLayout(5000, 2, 16, 10)
+    mine, theirs = paired_ranges(local, [2, 3, 4, 7], remote, [9, 10, 12, 13])
+    # runs (2->9, 2 blocks), (4->12, 1), (7->13, 1); for K and V of both layers
+    assert len(mine) == len(theirs) == 2 * 2 * 3
+    assert mine[:3] == [(1000 + 20, 20), (1000 + 40, 10), (1000 + 70, 10)]
+    assert theirs[:3] == [(5000 + 90, 20), (5000 + 120, 10), (5000 + 130, 10)]
+    assert mine[-1] == (local.addr(1, 1, 7), 10) and theirs[-1] == (remote.addr(1, 1, 13), 10)
+    with pytest.raises(ValueError):
+        paired_ranges(local, [1], KVLayout(0, 3, 8, 10), [1])
+
+
+async def test_read_of_kv_blocks_between_registered_pools():
+    """A decode worker's READ: chosen blocks of the prefill side's KV pool into other blocks
+    of its own, every layer's K and V, one transfer and its notification."""
+    prefill_kv = KVCache.allocate(3, 12, 4, 2, 8, torch.float32, CPU)
+    decode_kv = KVCache.allocate(3, 10, 4, 2, 8, torch.float32, CPU)
+    prefill_kv.pool.copy_(torch.randn_like(prefill_kv.pool))
+    holder, reader = TransferAgent("test-kv-prefill", 0, CPU), TransferAgent("test-kv-decode", 0, CPU)
+    try:
+        holder.register(prefill_kv.pool)
+        reader.register(decode_kv.pool)
+        src, dst = [5, 6, 7, 2], [0, 1, 2, 8]
+        mine, theirs = paired_ranges(KVLayout.of(decode_kv), dst, KVLayout.of(prefill_kv), src)
+        done = holder.expect(b"kv-1")
+        await reader.read_ranges(holder.handoff(b"kv-1"), mine, theirs, timeout=10)
+        await asyncio.wait_for(done, 10)
+        for d, s in zip(decode_kv.key + decode_kv.value, prefill_kv.key + prefill_kv.value):
+            assert torch.equal(d[dst], s[src])
+        assert torch.count_nonzero(decode_kv.key[0][[3, 4, 5, 6, 7, 9]]) == 0   # nothing else written
+        assert reader.stats()["nixl_registrations"] == 1 and reader.stats()["nixl_live_transfers"] == 0
+        holder.forget(b"kv-1")
+    finally:
+        reader.close()
+        holder.close()

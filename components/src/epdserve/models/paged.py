@@ -184,10 +184,13 @@ def _causal_mask(length: int, context: int, device: torch.device | str) -> torch
 
 @dataclass
 class KVCache:
-    """Per-layer key and value tensors, each [num_blocks, block_size, num_kv_heads, head_dim]."""
+    """Per-layer key and value tensors, each [num_blocks, block_size, num_kv_heads, head_dim],
+    views of `pool` [2 (K, V), num_layers, num_blocks, ...]: one tensor to register for
+    transfers."""
 
     key: list[torch.Tensor]
     value: list[torch.Tensor]
+    pool: torch.Tensor
 
     @property
     def block_size(self) -> int:
@@ -208,7 +211,7 @@ class KVCache:
         here (see tools/memory.py): 15-30 ms of a bench prompt's prefill."""
         data = torch.zeros(2, num_layers, num_blocks, block_size, num_kv_heads, head_dim,
                            dtype=dtype, device=device)
-        return cls(key=list(data[0]), value=list(data[1]))
+        return cls(key=list(data[0]), value=list(data[1]), pool=data)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,

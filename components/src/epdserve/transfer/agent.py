@@ -93,8 +93,10 @@ class TransferAgent:
     """One NIXL agent (UCX backend) owning `capacity` registered bytes on `device`.
 
     Memory is registered once, here; callers carve it with `alloc`/`free` and address it with
-    `view`. `read` pulls tensors from a peer's region into a local span with one READ;
-    `expect` waits for the notification a peer's READ of our memory sends when it completes.
+    `view`. `register` adds memory allocated elsewhere (a KV pool), once, at start-up. `read`
+    pulls tensors from a peer's region into a local span with one READ, `read_ranges` any
+    (address, bytes) ranges of registered memory; `expect` waits for the notification a
+    peer's READ of our memory sends when it completes.
     """
 
     def __init__(self, name: str, capacity: int, device: torch.device):
@@ -109,7 +111,7 @@ class TransferAgent:
             self.region.zero_()
         self.mem_type = "VRAM" if self.region.is_cuda else "DRAM"
         self.device_id = self.region.device.index or 0
-        self._registration = self._nixl.register_memory(self.region) if capacity else None
+        self._registrations = [self._nixl.register_memory(self.region)] if capacity else []
         self.allocator = RegionAllocator(capacity)
         self.metadata = self._nixl.get_agent_metadata()
         self._remotes: set[str] = set()
@@ -139,6 +141,13 @@ class TransferAgent:
         return pb.EmbeddingHandoff(agent=self.name, agent_metadata=self.metadata, notif=notif,
                                    mem_type=self.mem_type, device_id=self.device_id)
 
+    def register(self, tensor: torch.Tensor) -> None:
+        """Register `tensor` (contiguous, on this agent's device) for transfers until `close`."""
+        if not tensor.is_contiguous() or tensor.device != self.region.device:
+            raise ValueError("a registered tensor must be contiguous and on the agent's device")
+        self._registrations.append(self._nixl.register_memory(tensor))
+        self.metadata = self._nixl.get_agent_metadata()   # peers need the new memory's keys
+
     # ------------------------------------------------------------------ transfers
 
     async def read(self, handoff: pb.EmbeddingHandoff, tensors: list[pb.RemoteTensor], into: Span,
@@ -153,34 +162,45 @@ class TransferAgent:
         cursor = into.offset
         for t in tensors:
             offsets.append(cursor - into.offset)
-            local.append((self.region.data_ptr() + cursor, t.nbytes, self.device_id))
-            remote.append((t.addr, t.nbytes, handoff.device_id))
+            local.append((self.region.data_ptr() + cursor, t.nbytes))
+            remote.append((t.addr, t.nbytes))
             cursor += t.nbytes
         if cursor > into.offset + into.nbytes:
             raise ValueError(f"{cursor - into.offset} bytes do not fit a span of {into.nbytes}")
+        await self.read_ranges(handoff, local, remote, timeout)
+        return offsets
+
+    async def read_ranges(self, handoff: pb.EmbeddingHandoff, local: list[tuple[int, int]],
+                          remote: list[tuple[int, int]], timeout: float) -> None:
+        """READ each `remote[i]` (address, bytes) of the peer named in `handoff` into `local[i]`
+        of our registered memory, as one transfer, then send the peer `handoff.notif`. Errors
+        and cancelling as `read`."""
+        if [n for _, n in local] != [n for _, n in remote]:
+            raise ValueError("local and remote ranges differ in size")
         peer, handle = handoff.agent, None
         try:
             self._connect(handoff)
             handle = self._nixl.initialize_xfer(
-                "READ", self._nixl.get_xfer_descs(local, self.mem_type),
-                self._nixl.get_xfer_descs(remote, handoff.mem_type or "DRAM"), peer)
+                "READ", self._nixl.get_xfer_descs([(a, n, self.device_id) for a, n in local], self.mem_type),
+                self._nixl.get_xfer_descs([(a, n, handoff.device_id) for a, n in remote],
+                                          handoff.mem_type or "DRAM"), peer)
             self._live_transfers += 1
             state = self._nixl.transfer(handle)
             deadline = time.monotonic() + timeout
             backoff = _Backoff(READ_POLL)
             while state not in ("DONE", "ERR"):
                 if time.monotonic() > deadline:
-                    raise EpdError(503, f"reading embeddings from {peer} timed out after {timeout}s")
+                    raise EpdError(503, f"reading from {peer} timed out after {timeout}s")
                 await backoff.wait()
                 state = self._nixl.check_xfer_state(handle)
             if state == "ERR":
-                raise EpdError(503, f"reading embeddings from {peer} failed")
+                raise EpdError(503, f"reading from {peer} failed")
         except EpdError:
             self._forget_remote(peer)
             raise
         except Exception as exc:   # nixlRemoteDisconnectError and friends: the peer died
             self._forget_remote(peer)
-            raise EpdError(503, f"reading embeddings from {peer} failed: {type(exc).__name__}: {exc}") from exc
+            raise EpdError(503, f"reading from {peer} failed: {type(exc).__name__}: {exc}") from exc
         finally:
             if handle is not None:
                 self._nixl.release_xfer_handle(handle)
@@ -190,7 +210,6 @@ class TransferAgent:
         except Exception:   # the data is here; the peer frees its copy on its own timeout
             log.warning("notifying %s of a finished READ failed", peer, exc_info=True)
             self._forget_remote(peer)
-        return offsets
 
     def _connect(self, handoff: pb.EmbeddingHandoff) -> None:
         if handoff.agent not in self._remotes:
@@ -240,7 +259,7 @@ class TransferAgent:
     # ------------------------------------------------------------------ lifecycle
 
     def stats(self) -> dict[str, int]:
-        return {"nixl_registrations": int(self._registration is not None),
+        return {"nixl_registrations": len(self._registrations),
                 "nixl_live_transfers": self._live_transfers,
                 "nixl_remote_agents": len(self._remotes),
                 "nixl_expected_notifs": len(self._expected),
@@ -257,9 +276,9 @@ class TransferAgent:
             self._notif_poller.cancel()
         for peer in list(self._remotes):
             self._forget_remote(peer)
-        if self._registration is not None:
-            self._nixl.deregister_memory(self._registration)
-            self._registration = None
+        for registration in self._registrations:
+            self._nixl.deregister_memory(registration)
+        self._registrations = []
         del self._nixl   # the last reference: the C++ agent is destroyed here
 
 
