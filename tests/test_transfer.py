@@ -212,7 +212,8 @@ async def test_read_of_kv_blocks_between_registered_pools():
         holder.register(prefill_kv.pool)
         reader.register(decode_kv.pool)
         src, dst = [5, 6, 7, 2], [0, 1, 2, 8]
-        mine, theirs = paired_ranges(KVLayout.of(decode_kv), dst, KVLayout.of(prefill_kv), src)
+        sent = pb.KVLayout.FromString(KVLayout.of(prefill_kv).to_proto().SerializeToString())   # as it travels
+        mine, theirs = paired_ranges(KVLayout.of(decode_kv), dst, KVLayout.from_proto(sent), src)
         done = holder.expect(b"kv-1")
         await reader.read_ranges(holder.handoff(b"kv-1"), mine, theirs, timeout=10)
         await asyncio.wait_for(done, 10)

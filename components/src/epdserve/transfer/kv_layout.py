@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from epdserve.models.paged import KVCache
+from epdserve.protocol import epdserve_pb2 as pb
 
 Range = tuple[int, int]   # (address, bytes)
 
@@ -26,6 +27,14 @@ class KVLayout:
         if not pool.is_contiguous():
             raise ValueError("the KV pool must be contiguous")
         return cls(pool.data_ptr(), pool.shape[1], pool.shape[2], pool[0, 0, 0].nbytes)
+
+    @classmethod
+    def from_proto(cls, msg: pb.KVLayout) -> KVLayout:
+        return cls(msg.base, msg.num_layers, msg.num_blocks, msg.block_bytes)
+
+    def to_proto(self) -> pb.KVLayout:
+        return pb.KVLayout(base=self.base, num_layers=self.num_layers, num_blocks=self.num_blocks,
+                           block_bytes=self.block_bytes)
 
     def addr(self, kv: int, layer: int, block: int) -> int:
         return self.base + ((kv * self.num_layers + layer) * self.num_blocks + block) * self.block_bytes
