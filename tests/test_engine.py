@@ -11,7 +11,7 @@ from epdserve.engine.base import EngineRequest, SamplingParams
 from epdserve.engine.sampling import make_generator, sample
 from epdserve.engine.paged import EngineConfig, PagedEngine
 from epdserve.engine.scheduler import SchedulerConfig
-from engine_requests import engine_request
+from engine_requests import engine_request, load_kv
 from oracle import hf_greedy, make_image
 
 
@@ -89,9 +89,7 @@ def test_async_engine_prefilled_request_streams_after_kv_loaded(tiny_llava, tiny
             follow.prefilled_token = done.new_token_ids[0]
             stream = decode.generate(follow)
             admitted = await anext(stream)
-            src, dst = prefill.engine.runner.kv, decode.engine.runner.kv
-            for d, s in zip(dst.key + dst.value, src.key + src.value):
-                d[admitted.kv_blocks] = s[done.kv_blocks]
+            load_kv(decode.engine, admitted.kv_blocks, prefill.engine, done.kv_blocks)
             decode.kv_loaded("r")
             prefill.release("r")
             tokens = done.new_token_ids + [t async for o in stream for t in o.new_token_ids]

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from engine_requests import engine_request
+from engine_requests import engine_request, load_kv
 from epdserve.engine.paged import EngineConfig, PagedEngine
 from epdserve.engine.scheduler import SchedulerConfig
 from oracle import hf_greedy, make_image
@@ -201,13 +201,6 @@ def test_hold_kv_rejects_several_choices(tiny_llava, tiny_runner):
     assert_no_leak(engine)
 
 
-def _load_kv(dst: PagedEngine, dst_blocks: list[int], src: PagedEngine, src_blocks: list[int]) -> None:
-    """What a decode worker's READ does: the prefill side's blocks into ours, layer by layer."""
-    for d, s in ((dst.runner.kv.key, src.runner.kv.key), (dst.runner.kv.value, src.runner.kv.value)):
-        for dl, sl in zip(d, s):
-            dl[dst_blocks] = sl[src_blocks]
-
-
 def test_prefilled_request_decodes_from_kv_loaded_into_its_blocks(tiny_llava, tiny_runner):
     """Prefill on one engine (hold_kv), decode on another from the copied KV blocks: the
     output is generate()'s; the second request with the same prompt loads only what the
@@ -233,7 +226,7 @@ def test_prefilled_request_decodes_from_kv_loaded_into_its_blocks(tiny_llava, ti
         cached = admitted.kv_cached_blocks
         assert cached == (0 if rid == "first" else len(req.prompt_token_ids) // 4)
         assert not decode.has_unfinished()   # loading waits for kv_loaded, not for steps
-        _load_kv(decode, admitted.kv_blocks[cached:], prefill, done.kv_blocks[cached:])
+        load_kv(decode, admitted.kv_blocks[cached:], prefill, done.kv_blocks[cached:])
         decode.kv_loaded(rid)
         prefill.abort(rid)   # the decode side confirmed: the prefill side frees its blocks
         got, finish = drive(decode)

@@ -71,20 +71,20 @@ class AsyncEngine:
         finally:
             del self._queues[rid]
             if unfinished:
-                with self._cond:
-                    self._aborts.append(rid)
-                    self._cond.notify()
+                self._send(self._aborts, rid)
 
     def release(self, request_id: str) -> None:
         """Free the blocks a finished `hold_kv` request keeps (before the engine's next step)."""
-        with self._cond:
-            self._aborts.append(request_id)
-            self._cond.notify()
+        self._send(self._aborts, request_id)
 
     def kv_loaded(self, request_id: str) -> None:
         """The prompt's KV of a `prefilled_token` request is in the blocks it was given."""
+        self._send(self._loaded, request_id)
+
+    def _send(self, inbox: list[str], request_id: str) -> None:
+        """Put `request_id` into one of the engine thread's inboxes and wake it."""
         with self._cond:
-            self._loaded.append(request_id)
+            inbox.append(request_id)
             self._cond.notify()
 
     async def settled(self) -> None:

@@ -134,11 +134,14 @@ class PagedEngine(Engine):
 
     def _hold(self, seq: Sequence) -> list[int] | None:
         """For a finished `hold_kv` sequence: keep it (its blocks stay referenced until `abort`)
-        and return the blocks holding its computed KV, the prompt's."""
+        and return the blocks holding its prompt's KV."""
         if not seq.request.hold_kv:
             return None
         self._held[seq.request_id] = seq
-        return seq.block_table[: self.blocks.num_blocks_for(seq.num_computed_tokens)]
+        return self._prompt_blocks(seq)
+
+    def _prompt_blocks(self, seq: Sequence) -> list[int]:
+        return seq.block_table[: self.blocks.num_blocks_for(seq.num_prompt_tokens)]
 
     @torch.inference_mode()
     def step(self) -> list[EngineOutput]:
@@ -146,8 +149,7 @@ class PagedEngine(Engine):
         chunks = self.scheduler.schedule()
         for seq in self.scheduler.take_admitted_for_kv():
             origin, index = self._origin[seq.request_id]
-            outputs.append(EngineOutput(origin, [], index=index,
-                                        kv_blocks=seq.block_table[: self.blocks.num_blocks_for(seq.num_prompt_tokens)],
+            outputs.append(EngineOutput(origin, [], index=index, kv_blocks=self._prompt_blocks(seq),
                                         kv_cached_blocks=seq.num_cached_tokens // self.blocks.block_size))
         if not chunks:
             return outputs
