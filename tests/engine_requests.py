@@ -3,31 +3,43 @@
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
+
+import torch
 
 from epdserve.engine.base import EngineRequest, MultiModalInput, SamplingParams
-from epdserve.media.image import decode_image
+from epdserve.media.image import decode_image, probe_image
+from epdserve.models.base import ModelFamily
+from epdserve.models.registry import load_family
 from oracle import load_hf
 
 
+@lru_cache(maxsize=8)
+def family_of(model_dir) -> ModelFamily:
+    return load_family(model_dir)
+
+
 def engine_request(model_dir, runner, rid: str, text: str, images: list[bytes], max_tokens: int) -> EngineRequest:
-    """The request the processor would send for one user turn, built with the HF processor."""
-    processor, _ = load_hf(model_dir)
+    """The request the processor would send for one user turn, built with the HF processor:
+    each image's tokens (and embed mask) are the family's expansion, found in the HF ids."""
+    processor, model = load_hf(model_dir)
+    family = family_of(model_dir)
     messages = [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": text}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     pil = [decode_image(b) for b in images]
     ids = processor(text=prompt, images=pil or None, return_tensors="pt")["input_ids"][0].tolist()
-    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     mm, pos = [], 0
     for k, img in enumerate(pil):
-        start = ids.index(image_id, pos)
-        end = start
-        while end < len(ids) and ids[end] == image_id:
-            end += 1
-        mm.append(MultiModalInput("image", hashlib.sha256(images[k]).hexdigest(), start, end - start,
-                                  features=runner.preprocess("image", [img])))
-        pos = end
-    eos = processor.tokenizer.eos_token_id
-    return EngineRequest(rid, ids, SamplingParams(max_tokens=max_tokens, stop_token_ids=(eos,)), mm)
+        tokens, mask = family.expand_placeholder("image", probe_image(images[k]))
+        start = next((i for i in range(pos, len(ids)) if ids[i:i + len(tokens)] == tokens), None)
+        assert start is not None, f"image {k}'s expansion is not in the HF processor's ids"
+        mm.append(MultiModalInput("image", hashlib.sha256(images[k]).hexdigest(), start, len(tokens),
+                                  features=runner.preprocess("image", [img]),
+                                  embed_mask=None if mask is None else torch.tensor(mask)))
+        pos = start + len(tokens)
+    eos = model.generation_config.eos_token_id
+    stops = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    return EngineRequest(rid, ids, SamplingParams(max_tokens=max_tokens, stop_token_ids=stops), mm)
 
 
 def load_kv(dst, dst_blocks: list[int], src, src_blocks: list[int]) -> None:

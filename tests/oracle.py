@@ -96,7 +96,8 @@ def hf_generate(
     else:
         text = prompt
     pil = [decode_image(b) for b in images]
-    inputs = processor(text=text, images=pil or None, return_tensors="pt")
+    # Float inputs in the model's dtype: Llama 4's image processor returns bfloat16 pixels.
+    inputs = processor(text=text, images=pil or None, return_tensors="pt").to(model.dtype)
     with torch.inference_mode():
         out = model.generate(**inputs, do_sample=False, max_new_tokens=max_tokens)
     prompt_ids = inputs["input_ids"][0].tolist()

@@ -41,8 +41,10 @@ class MultiModalInput:
     """One media item of a prompt, spliced in at `token_ids[offset : offset + length]`.
 
     Exactly one of `features` (encoder inputs, e.g. pixel_values, encoded by the engine) or
-    `embeddings` (`[length, H]`, already encoded) is set. Items of one modality with
-    `features` are encoded together, as `transformers` does for one prompt.
+    `embeddings` (`[num_embeddings, H]`, already encoded) is set. Items of one modality with
+    `features` are encoded together, as `transformers` does for one prompt. `embed_mask`
+    (bool `[length]`) names the positions that take embedding rows, in order; the others keep
+    their token's embedding (Llama 4's tile separators). None: every position.
     """
 
     modality: str
@@ -51,6 +53,22 @@ class MultiModalInput:
     length: int
     features: dict[str, torch.Tensor] | None = None
     embeddings: torch.Tensor | None = None
+    embed_mask: torch.Tensor | None = None
+
+    @property
+    def num_embeddings(self) -> int:
+        """Rows of the item's embedding: its masked positions, or all `length`."""
+        return self.length if self.embed_mask is None else int(self.embed_mask.sum())
+
+
+def embed_mask_from_bytes(mask: bytes) -> torch.Tensor | None:
+    """A wire embed mask (one byte 0/1 a position; empty: every position) as `embed_mask`."""
+    return torch.tensor(list(mask), dtype=torch.bool) if mask else None
+
+
+def embedding_rows(length: int, mask: bytes) -> int:
+    """Embedding rows of an item of `length` positions with the wire embed mask `mask`."""
+    return mask.count(1) if mask else length
 
 
 @dataclass

@@ -88,19 +88,28 @@ class ModelRunner:
                 raise ValueError(f"{modality} item without features or embeddings")
             batch = {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
             for i, emb in zip(idx, self.model.encode(modality, batch)):
-                if emb.shape[0] != seq.media[i].length:
+                if emb.shape[0] != seq.media[i].num_embeddings:
                     raise ValueError(f"media item {seq.media[i].hash} gave {emb.shape[0]} embeddings "
-                                     f"for {seq.media[i].length} placeholders")
+                                     f"for {seq.media[i].num_embeddings} placeholders")
                 seq.mm_embeddings[i] = emb
 
     def _splice_media(self, chunk: ScheduledChunk, embeds: torch.Tensor, row: int) -> None:
-        """Overwrite placeholder rows of this chunk with encoder outputs; drop finished items."""
+        """Overwrite placeholder rows of this chunk with encoder outputs (only at an item's
+        `embed_mask` positions, when it has one); drop finished items."""
         seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
         for i, item in enumerate(seq.media):
             lo, hi = max(start, item.offset), min(end, item.offset + item.length)
             if lo >= hi:
                 continue
-            emb = seq.mm_embeddings[i]
-            embeds[row + lo - start : row + hi - start] = emb[lo - item.offset : hi - item.offset].to(embeds.dtype)
+            emb, rows = seq.mm_embeddings[i], embeds[row + lo - start : row + hi - start]
+            first, last = lo - item.offset, hi - item.offset
+            if item.embed_mask is None:
+                rows.copy_(emb[first:last])
+            else:
+                # The item's embedding rows run over its masked positions only: the chunk's
+                # first one is the number of masked positions before the chunk.
+                mask = item.embed_mask[first:last].to(embeds.device)
+                skipped = int(item.embed_mask[:first].sum())
+                rows[mask] = emb[skipped : skipped + int(mask.sum())].to(embeds.dtype)
             if hi == item.offset + item.length:
                 seq.mm_embeddings[i] = item.embeddings   # None unless precomputed: frees memory

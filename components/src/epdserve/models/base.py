@@ -45,11 +45,17 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def placeholder_token_id(self, modality: str) -> int:
-        """The token id repeated once per embedding position of a `modality` item."""
+        """The token id the chat template emits once per `modality` item."""
 
     @abstractmethod
     def num_placeholders(self, info: MediaInfo) -> int:
-        """Number of embedding positions the encoder yields for this item."""
+        """Number of embedding rows the encoder yields for this item."""
+
+    def expand_placeholder(self, modality: str, info: MediaInfo) -> tuple[list[int], list[bool] | None]:
+        """The token ids that replace the item's single template placeholder, and which of them
+        take the item's embedding rows, in order (None: all of them; else one flag a token,
+        `num_placeholders(info)` of them set). Default: the placeholder once per row."""
+        return [self.placeholder_token_id(modality)] * self.num_placeholders(info), None
 
     def template_part(self, modality: str) -> dict:
         """The content part the HF chat template expects for one media item."""

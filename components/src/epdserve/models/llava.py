@@ -10,10 +10,10 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from epdserve.kernels.cpu import CpuKernels
 from epdserve.media.types import MediaInfo
-from epdserve.models.base import MediaEncoder, ModelFamily, MultimodalModel
-from epdserve.models.weights import read_tensors
+from epdserve.models.base import MediaEncoder, ModelFamily
+from epdserve.models.weights import load_modules
 from epdserve.models.llama import PagedLlama
-from epdserve.models.paged import AttentionMetadata, KVCache
+from epdserve.models.multimodal import PagedMultimodalModel
 
 
 class LlavaFamily(ModelFamily):
@@ -71,7 +71,7 @@ class LlavaVision(MediaEncoder):
         return list(out.pooler_output)
 
 
-class LlavaModel(MultimodalModel):
+class LlavaModel(PagedMultimodalModel):
     """CLIP tower and projector from `transformers`; the Llama decoder runs paged."""
 
     def __init__(self, family: LlavaFamily, dtype: torch.dtype | None, device: torch.device,
@@ -79,32 +79,8 @@ class LlavaModel(MultimodalModel):
         # `transformers` maps both published key layouts (llava-hf and its own) on load.
         self.hf = AutoModelForImageTextToText.from_pretrained(
             family.model_dir, dtype=dtype or "auto").to(device).eval()
-        self.text = PagedLlama(self.hf.model.language_model, self.hf.lm_head, kernels)
-        self.vision = LlavaVision(self.hf, family, kernels)
-        self.device = self.hf.device
-        self.dtype = self.hf.dtype
-
-    def preprocess(self, modality: str, items: list[Image.Image]) -> dict[str, torch.Tensor]:
-        return self.vision.preprocess(modality, items)
-
-    def encode(self, modality: str, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        return self.vision.encode(modality, features)
-
-    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.text.embed(token_ids.to(self.device))
-
-    def kv_bytes_per_block(self, block_size: int) -> int:
-        t = self.text
-        return KVCache.bytes_per_block(t.num_layers, block_size, t.num_kv_heads, t.head_dim, t.dtype)
-
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
-        return self.text.allocate_cache(num_blocks, block_size)
-
-    def forward(self, inputs_embeds: torch.Tensor, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
-        return self.text.forward(inputs_embeds, meta, kv)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.text.logits(hidden)
+        super().__init__(PagedLlama(self.hf.model.language_model, self.hf.lm_head, kernels),
+                         LlavaVision(self.hf, family, kernels), self.hf.device, self.hf.dtype)
 
 
 def _vision_only(family: LlavaFamily, dtype: torch.dtype | None, device: torch.device) -> torch.nn.Module:
@@ -116,11 +92,8 @@ def _vision_only(family: LlavaFamily, dtype: torch.dtype | None, device: torch.d
     with no_init_weights():   # every parameter is overwritten from the checkpoint below
         tower = AutoModel.from_config(config.vision_config)
         projector = LlavaMultiModalProjector(config)
-    weights = read_tensors(family.model_dir, _vision_key)
-    for prefix, module in (("vision_tower.", tower), ("multi_modal_projector.", projector)):
-        state = {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
-        module.load_state_dict(state, strict=True)
-        module.to(device=device, dtype=dtype or next(iter(state.values())).dtype)
+    load_modules(family.model_dir, {"vision_tower.": tower, "multi_modal_projector.": projector},
+                 _vision_key, dtype, device)
     hf.model.vision_tower, hf.model.multi_modal_projector = tower, projector
     return hf
 

@@ -7,9 +7,10 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from epdserve.models.base import ModelFamily
+from epdserve.models.llama4 import Llama4Family
 from epdserve.models.llava import LlavaFamily
 
-FAMILIES: tuple[type[ModelFamily], ...] = (LlavaFamily,)
+FAMILIES: tuple[type[ModelFamily], ...] = (LlavaFamily, Llama4Family)
 
 
 def load_family(model_dir: str | Path) -> ModelFamily:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 
@@ -32,3 +34,20 @@ def read_tensors(model_dir: Path, rename: Callable[[str], str | None]) -> dict[s
                 if (new := rename(key)) is not None:
                     out[new] = f.get_tensor(key)
     return out
+
+
+def load_modules(model_dir: Path, modules: dict[str, nn.Module], rename: Callable[[str], str | None],
+                 dtype: torch.dtype | None, device: torch.device) -> None:
+    """Load each module of `modules` strictly from the tensors `read_tensors(model_dir, rename)`
+    names with its key as prefix; then move it to `device` and its floating tensors to `dtype`
+    (None: the checkpoint's). Other tensors (complex rotary tables) keep their dtype, which
+    `Module.to(dtype)` would not: it drops their imaginary part."""
+    weights = read_tensors(model_dir, rename)
+    for prefix, module in modules.items():
+        state = {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+        module.load_state_dict(state, strict=True)
+        target = dtype or next(iter(state.values())).dtype
+        module.to(device)
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.to(target)

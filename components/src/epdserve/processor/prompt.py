@@ -124,7 +124,7 @@ class PromptBuilder:
         return _Media(ref, data, info)
 
     def _expand(self, ids: list[int], items: list[_Media]) -> Prompt:
-        """Repeat each media token once per embedding position of its item."""
+        """Replace each media placeholder with its item's tokens (`ModelFamily.expand_placeholder`)."""
         queues = {m: [it for it in items if it.ref.modality == m] for m in self.family.modalities}
         out: list[int] = []
         media: list[pb.MediaItem] = []
@@ -136,10 +136,10 @@ class PromptBuilder:
             if not queues[modality]:
                 raise EpdError.bad_request(f"the prompt has more {modality} placeholders than {modality}s")
             item = queues[modality].pop(0)
-            length = self.family.num_placeholders(item.info)
-            media.append(pb.MediaItem(modality=modality, hash=item.hash, offset=len(out),
-                                      length=length, data=item.data))
-            out.extend([tok] * length)
+            tokens, mask = self.family.expand_placeholder(modality, item.info)
+            media.append(pb.MediaItem(modality=modality, hash=item.hash, offset=len(out), length=len(tokens),
+                                      data=item.data, embed_mask=bytes(mask) if mask is not None else b""))
+            out.extend(tokens)
         if any(queues.values()):
             raise EpdError.bad_request("the chat template placed fewer media placeholders than media items")
         return Prompt(out, media)

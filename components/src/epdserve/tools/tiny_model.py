@@ -47,6 +47,12 @@ from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
     GenerationConfig,
+    Llama4Config,
+    Llama4ForConditionalGeneration,
+    Llama4ImageProcessor,
+    Llama4Processor,
+    Llama4TextConfig,
+    Llama4VisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -54,6 +60,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+from transformers.models.llama4.processing_llama4 import chat_template as LLAMA4_CHAT_TEMPLATE
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
@@ -83,6 +90,10 @@ PRESETS: dict[str, dict[str, int]] = {
         vocab_size=8192, image_size=224, patch_size=14, vision_hidden_size=256, vision_layers=4,
     ),
 }
+
+# Per-family defaults under the preset: Llama 4's tiny model needs 4 layers to hold a dense, an
+# MoE, a RoPE and a NoPE layer twice, and 4px patches for 16 image tokens per tile.
+FAMILY_DEFAULTS: dict[str, dict[str, int]] = {"llava": {}, "llama4": {"num_layers": 4, "patch_size": 4}}
 
 WEIGHT_LAYOUTS = ("transformers", "llava-hf")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -150,11 +161,12 @@ def english_corpus(num_sentences: int) -> list[str]:
 
 def train_bpe_tokenizer(
     vocab_size: int, special_tokens: list[str], *, bos: str | None, eos: str, unk: str | None,
-    pad: str, extra_special_tokens: dict[str, str] | None = None,
+    pad: str, extra_special_tokens: dict[str, str] | None = None, prepend_bos: bool = True,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE of exactly ``vocab_size`` ids; special tokens get ids 0, 1, ...
 
-    With ``bos`` set, encoding prepends it (LLaVA-1.5 / Llama behaviour); eos is not appended.
+    With ``bos`` set and ``prepend_bos``, encoding prepends it (LLaVA-1.5 / Llama behaviour);
+    without ``prepend_bos`` the chat template writes it. eos is not appended.
     """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -171,7 +183,7 @@ def train_bpe_tokenizer(
     # tokenizer.json; that, not tokenizer_config.json, is what adds bos after reloading.
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad,
-        add_bos_token=bos is not None, add_eos_token=False,
+        add_bos_token=bos is not None and prepend_bos, add_eos_token=False,
         extra_special_tokens=extra_special_tokens or {}, model_max_length=MAX_POSITIONS,
         padding_side="left", clean_up_tokenization_spaces=False,
     )
@@ -274,14 +286,80 @@ def build_llava(spec: TinySpec, out: Path) -> None:
     processor.save_pretrained(out)
 
 
+# --------------------------------------------------------------------------- llama4
+
+LLAMA4_SPECIALS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad|>", "<|header_start|>",
+    "<|header_end|>", "<|eom|>", "<|eot|>", "<|python_start|>", "<|python_end|>",
+    "<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>", "<|tile_x_separator|>",
+    "<|tile_y_separator|>",
+]
+LLAMA4_EXPERTS = 4
+LLAMA4_MAX_TILES = 4        # max_patches: images become 1, 2, 3 or 4 tiles (+ a global tile)
+LLAMA4_CHUNK_SIZE = 1024    # attention_chunk_size, below MAX_POSITIONS: our context cap shows
+LLAMA4_FLOOR_SCALE = 8      # temperature tuning changes queries from position 7 on (real: 8192)
+
+
+def build_llama4(spec: TinySpec, out: Path) -> None:
+    """Llama 4: MoE text model (odd layers MoE, even dense; odd layers NoPE with temperature
+    tuning, even RoPE with qk-norm) + tiling vision model; the published chat template."""
+    # Llama 4's template writes <|begin_of_text|> itself; the tokenizer adds nothing.
+    tokenizer = train_bpe_tokenizer(
+        spec.vocab_size, LLAMA4_SPECIALS, bos="<|begin_of_text|>", eos="<|eot|>", unk=None,
+        pad="<|finetune_right_pad|>", prepend_bos=False,
+    )
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLAMA4_SPECIALS}
+    eos = [ids["<|end_of_text|>"], ids["<|eom|>"], ids["<|eot|>"]]
+    text_config = Llama4TextConfig(
+        hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
+        head_dim=spec.hidden_size // spec.num_heads, intermediate_size=spec.intermediate_size // 2,
+        intermediate_size_mlp=spec.intermediate_size, vocab_size=spec.vocab_size,
+        max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5, num_local_experts=LLAMA4_EXPERTS,
+        num_experts_per_tok=1, interleave_moe_layer_step=2, no_rope_layer_interval=2,
+        attention_chunk_size=LLAMA4_CHUNK_SIZE, floor_scale=LLAMA4_FLOOR_SCALE, use_qk_norm=True,
+        bos_token_id=ids["<|begin_of_text|>"], eos_token_id=eos, pad_token_id=ids["<|finetune_right_pad|>"],
+    )
+    # pixel_shuffle_ratio 0.5 folds 2x2 patches into one token of 4x the width, which the
+    # adapter MLP takes in: its input (intermediate_size) must be 4 * hidden_size.
+    projector_dim = 2 * spec.vision_hidden_size
+    vision_config = Llama4VisionConfig(
+        hidden_size=spec.vision_hidden_size, intermediate_size=4 * spec.vision_hidden_size,
+        num_hidden_layers=spec.vision_layers, num_attention_heads=VISION_HEADS,
+        image_size=spec.image_size, patch_size=spec.patch_size, pixel_shuffle_ratio=0.5,
+        projector_input_dim=projector_dim, projector_output_dim=projector_dim, vision_output_dim=projector_dim,
+    )
+    config = Llama4Config(
+        text_config=text_config, vision_config=vision_config, image_token_index=ids["<|patch|>"],
+        boi_token_index=ids["<|image_start|>"], eoi_token_index=ids["<|image_end|>"],
+        pad_token_id=ids["<|finetune_right_pad|>"], tie_word_embeddings=False,
+    )
+    model = init_model(Llama4ForConditionalGeneration, config, spec.seed)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|begin_of_text|>"], eos_token_id=eos, pad_token_id=ids["<|finetune_right_pad|>"],
+    )
+    save_model(model, out, spec.dtype)
+
+    image_processor = Llama4ImageProcessor(
+        size={"height": spec.image_size, "width": spec.image_size}, max_patches=LLAMA4_MAX_TILES,
+    )
+    tokenizer.chat_template = LLAMA4_CHAT_TEMPLATE
+    processor = Llama4Processor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
+        pixel_shuffle_ratio=0.5, chat_template=LLAMA4_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+
+
 # --------------------------------------------------------------------------- entry points
 
-FAMILIES: dict[str, Callable[[TinySpec, Path], None]] = {"llava": build_llava}
+FAMILIES: dict[str, Callable[[TinySpec, Path], None]] = {"llava": build_llava, "llama4": build_llama4}
 
 
-def make_spec(preset: str = "tiny", **overrides: Any) -> TinySpec:
-    """The preset's sizes with ``overrides`` (TinySpec field names) applied and checked."""
-    spec = dataclasses.replace(TinySpec(), **{**PRESETS[preset], **overrides})
+def make_spec(preset: str = "tiny", family: str = "llava", **overrides: Any) -> TinySpec:
+    """The family's defaults, then the preset's sizes, then ``overrides`` (TinySpec field
+    names), checked."""
+    spec = dataclasses.replace(TinySpec(), **{**FAMILY_DEFAULTS[family], **PRESETS[preset], **overrides})
     if spec.weight_layout not in WEIGHT_LAYOUTS:
         raise ValueError(f"weight_layout must be one of {WEIGHT_LAYOUTS}")
     if spec.dtype not in DTYPES:
@@ -303,7 +381,7 @@ def build_tiny_model(family: str, out: Path | str, *, preset: str = "tiny",
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    FAMILIES[family](make_spec(preset, **overrides), out)
+    FAMILIES[family](make_spec(preset, family, **overrides), out)
     return out
 
 

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import torch
 
+from epdserve.engine.base import embedding_rows
 from epdserve.models.base import MediaEncoder
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
@@ -31,8 +32,9 @@ Post = Callable[[str, bytes, str], Awaitable[None]]   # (subject, payload, reque
 
 
 class MediaEmbedder:
-    """Media item -> its `[length, H]` embedding: decode, preprocess, batched encode. Items
-    with the same hash that are being encoded already wait for that encode."""
+    """Media item -> its `[rows, H]` embedding (rows: its embed-mask positions): decode,
+    preprocess, batched encode. Items with the same hash that are being encoded already wait
+    for that encode."""
 
     def __init__(self, encoder: MediaEncoder, batcher: EncodeBatcher):
         self.encoder = encoder
@@ -64,9 +66,10 @@ class MediaEmbedder:
         features, embedding = await asyncio.to_thread(self._preprocess_and_maybe_encode, item)
         if embedding is None:
             embedding = await self.batcher.encode(item.modality, features)
-        if embedding.shape[0] != item.length:
+        rows = embedding_rows(item.length, item.embed_mask)
+        if embedding.shape[0] != rows:
             raise EpdError(500, f"media item {item.hash[:16]} gave {embedding.shape[0]} embeddings "
-                                f"for {item.length} placeholders")
+                                f"for {rows} placeholders")
         return embedding
 
     def _preprocess_and_maybe_encode(self, item: pb.MediaItem

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from epdserve.engine.base import MultiModalInput
+from epdserve.engine.base import MultiModalInput, embed_mask_from_bytes, embedding_rows
 from epdserve.models.base import MediaEncoder
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
@@ -95,7 +95,8 @@ class MediaResolver:
     def _inputs(self, req: pb.GenerateRequest, embeddings: dict[int, torch.Tensor]) -> list[MultiModalInput]:
         inputs = []
         for i, item in enumerate(req.media):
-            mm = MultiModalInput(item.modality, item.hash, item.offset, item.length)
+            mm = MultiModalInput(item.modality, item.hash, item.offset, item.length,
+                                 embed_mask=embed_mask_from_bytes(item.embed_mask))
             source = item.WhichOneof("source")
             if source == "data":
                 mm.features = media_features(self.model, item.modality, item.data)
@@ -111,9 +112,10 @@ class MediaResolver:
     def _stored(self, item: pb.MediaItem) -> torch.Tensor:
         if self.storage is None:
             raise EpdError(503, "this worker has no --ec-storage-path to read embeddings from")
-        embedding = self.storage.load(item.hash, item.length)
+        rows = embedding_rows(item.length, item.embed_mask)
+        embedding = self.storage.load(item.hash, rows)
         if embedding is None:
-            raise EpdError(503, f"embedding of media item {item.hash[:16]} ({item.length} rows) is not "
+            raise EpdError(503, f"embedding of media item {item.hash[:16]} ({rows} rows) is not "
                                 f"in {self.storage.root}")
         return embedding.to(self.model.device)
 
@@ -124,9 +126,10 @@ class MediaResolver:
             raise EpdError(503, "this worker cannot receive embeddings over NIXL")
         tensors = [item.embedding for item in items]
         for item, t in zip(items, tensors):
-            if len(t.shape) != 2 or t.shape[0] != item.length:
+            rows = embedding_rows(item.length, item.embed_mask)
+            if len(t.shape) != 2 or t.shape[0] != rows:
                 raise EpdError(500, f"embedding of media item {item.hash[:16]} has shape {list(t.shape)} "
-                                    f"for {item.length} placeholders")
+                                    f"for {rows} placeholders")
         deadline = time.monotonic() + self.read_timeout
         nbytes = sum(t.nbytes for t in tensors)
         allocator = self.agent.allocator
