@@ -17,8 +17,6 @@ ensure_model llava
 start_infra
 start_frontend
 worker --multimodal-processor --enable-multimodal
-for _ in $(seq 1 "$ENCODE_WORKERS"); do
-  worker --multimodal-encode-worker --enable-multimodal
-done
+workers "$ENCODE_WORKERS" --multimodal-encode-worker --enable-multimodal
 worker --multimodal-worker --enable-multimodal
 run_until_stopped

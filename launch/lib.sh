@@ -13,20 +13,27 @@ HTTP_PORT=8000
 NAMESPACE=epdserve
 SERVED_NAME=""
 ENCODE_WORKERS=1
+PREFILL_WORKERS=1
+DECODE_WORKERS=1
 EC_STORAGE_PATH=""
+HEAD_NODE=0
 EXTRA_ARGS=()
 CHILDREN=()
 ESSENTIAL=()   # etcd/NATS supervisor and frontend: the cluster stops when one of them exits
 OWNED_DIRS=()  # directories this script created; removed when it stops
 
 # parse_args "$@": --model, --http-port, --namespace, --served-model-name, --encode-workers,
-# --ec-storage-path; the rest goes to every worker.
+# --prefill-workers, --decode-workers, --ec-storage-path, --head-node; the rest goes to every
+# worker.
 parse_args() {
   while [ $# -gt 0 ]; do
     case "$1" in
       --model) MODEL=$2; shift 2 ;;
       --encode-workers) ENCODE_WORKERS=$2; shift 2 ;;
+      --prefill-workers) PREFILL_WORKERS=$2; shift 2 ;;
+      --decode-workers) DECODE_WORKERS=$2; shift 2 ;;
       --ec-storage-path) EC_STORAGE_PATH=$2; shift 2 ;;
+      --head-node) HEAD_NODE=1; shift ;;
       --http-port) HTTP_PORT=$2; shift 2 ;;
       --namespace) NAMESPACE=$2; shift 2 ;;
       --served-model-name) SERVED_NAME=$2; shift 2 ;;
@@ -68,6 +75,13 @@ ensure_ec_storage() {
   fi
 }
 
+# workers COUNT CMD_FLAGS...: start COUNT workers with the same flags.
+workers() {
+  local count=$1 i
+  shift
+  for i in $(seq 1 "$count"); do worker "$@"; done
+}
+
 # spawn CMD...: start a child in its own process group and remember its PID.
 spawn() {
   setsid "$@" &
@@ -100,17 +114,29 @@ stop_children() {
   for dir in "${OWNED_DIRS[@]}"; do rm -rf -- "$dir"; done
 }
 
-# start_infra: etcd and NATS from the pip-installed binaries, unless something answers already.
-start_infra() {
+# stop_children_on_exit: whatever ends this script stops every child it started.
+stop_children_on_exit() {
   trap 'stop_children; exit 130' INT
   trap 'stop_children; exit 143' TERM
   trap 'stop_children' EXIT
+}
+
+# start_infra: etcd and NATS from the pip-installed binaries, unless something answers already.
+start_infra() {
+  stop_children_on_exit
   local workdir="${TMPDIR:-/tmp}/epdserve-infra-$$"
   spawn "$PYTHON" -m epdserve.runtime.services --etcd-endpoints "$ETCD_ENDPOINTS" \
     --nats-server "$NATS_SERVER" --workdir "$workdir"
   ESSENTIAL+=($!)
   "$PYTHON" -m epdserve.tools.wait --tcp "$ETCD_ENDPOINTS" --tcp "$NATS_SERVER" --timeout 60 \
     || { echo "epdserve: etcd/NATS did not come up" >&2; exit 1; }
+}
+
+# join_infra: a node without etcd/NATS of its own: wait for the head node's.
+join_infra() {
+  stop_children_on_exit
+  "$PYTHON" -m epdserve.tools.wait --tcp "$ETCD_ENDPOINTS" --tcp "$NATS_SERVER" --timeout 60 \
+    || { echo "epdserve: no etcd/NATS at $ETCD_ENDPOINTS / $NATS_SERVER (the head node's)" >&2; exit 1; }
 }
 
 start_frontend() {
@@ -137,4 +163,13 @@ run_until_stopped() {
   wait -n "${ESSENTIAL[@]}" || rc=$?
   echo "epdserve: the frontend or etcd/NATS exited (status $rc); stopping the cluster" >&2
   exit $(( rc == 0 ? 1 : rc ))
+}
+
+# run_workers_until_stopped: a node that serves through another node's frontend: run until
+# SIGINT/SIGTERM, or until every worker has exited.
+run_workers_until_stopped() {
+  echo "epdserve: workers started, registered through $ETCD_ENDPOINTS" >&2
+  wait
+  echo "epdserve: every worker exited; stopping" >&2
+  exit 1
 }

@@ -66,6 +66,7 @@ class WorkerConfig:
     ec_storage_path: str | None = None
     encoder_cache_bytes: int = 256 << 20      # encode worker: embedding cache, NIXL-registered
     embedding_buffer_bytes: int = 64 << 20    # PD/prefill worker: staging for embeddings it READs
+    kv_handoff_timeout: float = 30.0          # prefill worker: seconds a prompt's KV waits for its READ
     cpu_kernels: bool = True                   # our AVX-512 kernels for float32 decode on CPU
     kernel_cache_dir: str = "~/.cache/epdserve/kernels"
 
@@ -144,6 +145,9 @@ def worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                    help="encode worker: bytes of embeddings kept (LRU), registered with NIXL once")
     p.add_argument("--embedding-buffer-bytes", type=int, default=WorkerConfig.embedding_buffer_bytes,
                    help="PD/prefill worker: bytes registered with NIXL to receive embeddings into")
+    p.add_argument("--kv-handoff-timeout", type=float, default=WorkerConfig.kv_handoff_timeout,
+                   help="prefill worker: seconds it keeps a prompt's KV blocks for a decode worker to READ "
+                        "before freeing them")
     p.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=WorkerConfig.cpu_kernels,
                    help="float32 decode attention on CPU, and its projections with one torch thread, through "
                         "epdserve's AVX-512 kernels (built with the system C compiler on first use; torch ops "
@@ -197,6 +201,7 @@ def parse_worker_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> Wor
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, ec_storage_path=args.ec_storage_path,
         encoder_cache_bytes=args.encoder_cache_bytes, embedding_buffer_bytes=args.embedding_buffer_bytes,
+        kv_handoff_timeout=args.kv_handoff_timeout,
         cpu_kernels=args.cpu_kernels, kernel_cache_dir=args.kernel_cache_dir,
     )
 

@@ -11,12 +11,10 @@ from collections.abc import AsyncIterator
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
 from epdserve.runtime.pool import InstancePool
-from epdserve.runtime.request_plane import HEARTBEAT_INTERVAL, RequestPlane
+from epdserve.runtime.request_plane import DEAD_SERVER_TIMEOUT, RequestPlane
 
 log = logging.getLogger(__name__)
 
-# A live encoder heartbeats every HEARTBEAT_INTERVAL s: three missed beats mean it died.
-ENCODE_IDLE_TIMEOUT = 3 * HEARTBEAT_INTERVAL
 
 
 class EncoderRouter:
@@ -100,7 +98,7 @@ class EncodeSession:
 
     async def _hold(self, subject: str, payload: bytes, first: asyncio.Future) -> None:
         stream: AsyncIterator[bytes] = self.plane.stream(subject, payload, self.request_id,
-                                                         idle_timeout=ENCODE_IDLE_TIMEOUT)
+                                                         idle_timeout=DEAD_SERVER_TIMEOUT)
         async with contextlib.aclosing(stream):
             async for _ in stream:
                 if not first.done():

@@ -12,11 +12,11 @@ from typing import Any
 from epdserve.processor.detokenizer import IncrementalDetokenizer, StopStrings
 from epdserve.processor.encoders import EncoderRouter, EncodeSession
 from epdserve.processor.prompt import PromptBuilder
+from epdserve.processor.routing import Route, Router
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
 from epdserve.protocol.openai import ChatCompletionRequest, CompletionRequest, parse_request
 from epdserve.runtime.mailbox import mailbox_subject
-from epdserve.runtime.pool import InstancePool
 from epdserve.runtime.request_plane import RequestPlane
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,11 @@ class ProcessorHandler:
     bounds prompt plus completion.
     """
 
-    def __init__(self, prompts: PromptBuilder, tokenizer: Any, backends: InstancePool, encoders: EncoderRouter,
+    def __init__(self, prompts: PromptBuilder, tokenizer: Any, router: Router, encoders: EncoderRouter,
                  plane: RequestPlane, eos_token_ids: list[int], max_model_len: int):
         self.prompts = prompts
         self.tokenizer = tokenizer
-        self.backends = backends
+        self.router = router
         self.encoders = encoders
         self.plane = plane
         self.eos_token_ids = eos_token_ids
@@ -55,29 +55,30 @@ class ProcessorHandler:
         prompt = await self.prompts.build(req)
         sampling = self._sampling(req, len(prompt.token_ids))
         gen = pb.GenerateRequest(request_id=rid, token_ids=prompt.token_ids, sampling=sampling, media=prompt.media)
-        backend = self.backends.pick()
+        route = self.router.route(req.n)
         encode = EncodeSession(self.plane, self.encoders, rid)
         try:
             if gen.media and self.encoders.any_alive:
-                # The encoder posts the items' sources to the backend, which gets the request
-                # meanwhile; with no encoder alive, the backend encodes the bytes itself.
-                encode.start(gen.media, mailbox_subject(backend.subject))
+                # The encoder posts the items' sources to the worker that prefills, which gets
+                # the request meanwhile; with no encoder alive, that worker encodes the bytes.
+                encode.start(gen.media, mailbox_subject(route.prefiller.subject))
                 for item in gen.media:
                     item.ClearField("data")
                 gen.media_from_encoder = True
-            async for out in self._generate(req, gen, backend, encode.answered):
+            async for out in self._generate(req, gen, route, encode.answered):
                 yield out
         finally:
             await encode.close()
 
     async def _generate(self, req: ChatCompletionRequest | CompletionRequest, gen: pb.GenerateRequest,
-                        backend: pb.ModelCard, encoded: asyncio.Future[None] | None) -> AsyncIterator[bytes]:
+                        route: Route, encoded: asyncio.Future[None] | None) -> AsyncIterator[bytes]:
         rid = gen.request_id
-        log.info("[%s] %d prompt tokens, %d media item(s), n=%d -> %s", rid, len(gen.token_ids),
-                 len(gen.media), req.n, backend.instance_id)
+        log.info("[%s] %d prompt tokens, %d media item(s), n=%d -> %s%s", rid, len(gen.token_ids),
+                 len(gen.media), req.n, f"{route.prefill.instance_id} then " if route.prefill else "",
+                 route.worker.instance_id)
         choices = [_Choice(IncrementalDetokenizer(self.tokenizer), StopStrings(req.stop_strings)) for _ in range(req.n)]
         completion_tokens, first, cut = 0, True, False
-        stream = _failing_with(self.plane.stream(backend.subject, gen.SerializeToString(), rid), encoded)
+        stream = _failing_with(self.router.tokens(route, gen), encoded)
         async with contextlib.aclosing(stream):  # leaving early cancels the backend request
             async for data in stream:
                 delta = pb.TokenDelta.FromString(data)

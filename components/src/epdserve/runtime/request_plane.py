@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[bytes], AsyncIterator[bytes]]  # request payload -> stream of response payloads
 
 HEARTBEAT_INTERVAL = 2.0
+# A live server heartbeats every HEARTBEAT_INTERVAL s: a stream silent for three beats is dead.
+DEAD_SERVER_TIMEOUT = 3 * HEARTBEAT_INTERVAL
 HEADER_MARGIN = 4096  # bytes of max_payload left for subject, reply and headers
 PARTIAL_TTL = 60.0  # seconds an incomplete chunked request is kept before it is dropped
 REQUEST_ID, CHUNK, CHUNKS = "Epd-Request-Id", "Epd-Chunk", "Epd-Chunks"

@@ -205,10 +205,18 @@ class TransferAgent:
             if handle is not None:
                 self._nixl.release_xfer_handle(handle)
                 self._live_transfers -= 1
+        self.notify(handoff)
+
+    def notify(self, handoff: pb.EmbeddingHandoff) -> None:
+        """Send the peer named in `handoff` its notification (what a READ sends when it
+        completes), e.g. when the data turned out to be here already. Best effort: the peer
+        frees its copy on its own timeout if this fails."""
+        peer = handoff.agent
         try:
+            self._connect(handoff)
             self._nixl.send_notif(peer, handoff.notif)
-        except Exception:   # the data is here; the peer frees its copy on its own timeout
-            log.warning("notifying %s of a finished READ failed", peer, exc_info=True)
+        except Exception:
+            log.warning("notifying %s failed", peer, exc_info=True)
             self._forget_remote(peer)
 
     def _connect(self, handoff: pb.EmbeddingHandoff) -> None:

@@ -21,6 +21,9 @@ log = logging.getLogger("epdserve.worker")
 SERVICES: dict[Role, tuple[type[Service], ...]] = {
     Role.PROCESSOR: (ProcessorService,),
     Role.PD: (PDService,),
+    Role.PREFILL: (PDService,),
+    Role.ENCODE_PREFILL: (PDService,),
+    Role.DECODE: (PDService,),
     Role.ENCODE: (EncodeService,),
     Role.NATIVE_ENCODER: (EncodeService,),
     Role.TEXT: (PDService, ProcessorService),
@@ -53,8 +56,6 @@ def main() -> None:
     config = parse_worker_args(sys.argv[1:], os.environ)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     keep_freed_memory()
-    if config.role not in SERVICES:
-        sys.exit(f"epdserve.worker: the {config.role.value} role is not available yet")
     try:
         uvloop.run(run(config))
     except (ValueError, OSError) as exc:   # unusable model directory, unreachable etcd/NATS

@@ -1,16 +1,27 @@
-"""The PD worker role: prefill and decode, with media as bytes (EPD: encoded here) or as
-embeddings an encode worker produced (E/PD)."""
+"""The worker roles that run the language model: PD (prefill and decode), prefill, decode.
+
+Media arrive as bytes (EPD: encoded here), as embeddings an encode worker produced (E/PD), or
+not at all: a decode worker's request continues from a prefill worker's first token, and
+its prompt's KV is READ from the prefill worker into the blocks the engine gives it.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from epdserve.engine.async_engine import AsyncEngine
-from epdserve.engine.base import EngineRequest, SamplingParams, TokenLogprob
+from epdserve.engine.base import EngineOutput, EngineRequest, MultiModalInput, SamplingParams, TokenLogprob
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
+from epdserve.worker.kv_transfer import KVTransfer
 from epdserve.worker.media_sources import MediaResolver
+
+log = logging.getLogger(__name__)
 
 
 def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
@@ -27,28 +38,104 @@ def logprob_to_proto(lp: TokenLogprob) -> pb.Logprob:
                       top=[pb.Logprob(token_id=t, logprob=v) for t, v in lp.top])
 
 
-class PDHandler:
-    """Serves `GenerateRequest` -> stream of `TokenDelta`."""
+def _delta(out: EngineOutput, finish_reason: str | None) -> pb.TokenDelta:
+    return pb.TokenDelta(token_ids=out.new_token_ids, finish_reason=finish_reason or "", index=out.index,
+                         logprobs=[logprob_to_proto(lp) for lp in out.logprobs or ()])
 
-    def __init__(self, engine: AsyncEngine, media: MediaResolver):
+
+async def _outputs(engine: AsyncEngine, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    """`request`'s outputs; an error output raises. Leaving early returns only once the engine
+    dropped the request: a step in flight may still read its inputs, which can alias memory
+    that the caller frees next (embeddings in a transfer region)."""
+    finished = False
+    try:
+        async with contextlib.aclosing(engine.generate(request)) as outputs:
+            async for out in outputs:
+                if out.error is not None:
+                    raise EpdError(500, f"generation failed: {out.error}")
+                yield out
+        finished = True
+    finally:
+        if not finished:
+            await engine.settled()
+
+
+def _placeholders(req: pb.GenerateRequest) -> list[MultiModalInput]:
+    """The request's media items without their data: a prefilled prompt's blocks are hashed
+    with them, so that its prefix cache hits only where the same media were."""
+    return [MultiModalInput(m.modality, m.hash, m.offset, m.length) for m in req.media]
+
+
+class PDHandler:
+    """Serves `GenerateRequest` -> stream of `TokenDelta`. With `kv` (decode workers), a request
+    carrying a `KVHandoff` goes on from the prefill worker's first token after its prompt's KV
+    is READ; requests without one are prefilled here."""
+
+    def __init__(self, engine: AsyncEngine, media: MediaResolver, kv: KVTransfer | None = None):
         self.engine = engine
         self.media = media
+        self.kv = kv
 
     async def generate(self, payload: bytes) -> AsyncIterator[bytes]:
         req = pb.GenerateRequest.FromString(payload)
+        sampling = sampling_from_proto(req.sampling)
+        if req.HasField("kv"):
+            async for out in self._decode(req, sampling):
+                yield out
+            return
         async with self.media.resolve(req) as mm_inputs:
-            ereq = EngineRequest(req.request_id, list(req.token_ids), sampling_from_proto(req.sampling), mm_inputs)
-            finished = False
+            ereq = EngineRequest(req.request_id, list(req.token_ids), sampling, mm_inputs)
+            async for out in _outputs(self.engine, ereq):
+                yield _delta(out, out.finish_reason).SerializeToString()
+
+    async def _decode(self, req: pb.GenerateRequest, sampling: SamplingParams) -> AsyncIterator[bytes]:
+        if self.kv is None:
+            raise EpdError(503, "this worker takes no KV from prefill workers")
+        ereq = EngineRequest(req.request_id, list(req.token_ids), sampling, _placeholders(req),
+                             prefilled_token=req.kv.first_token)
+        async for out in _outputs(self.engine, ereq):
+            if out.kv_blocks is not None:   # admitted: its blocks wait for the prompt's KV
+                await self.kv.load(req.kv, out.kv_blocks, out.kv_cached_blocks)
+                self.engine.kv_loaded(req.request_id)
+                continue
+            yield _delta(out, out.finish_reason).SerializeToString()
+
+
+class PrefillHandler:
+    """Serves `GenerateRequest` -> one `TokenDelta`: the first token, with a `KVHandoff` of the
+    prompt's KV unless the request finished with it. The blocks stay held, and the stream
+    open, until the decode worker's READ notifies, the stream is cancelled, or `hold_timeout`
+    seconds pass."""
+
+    def __init__(self, engine: AsyncEngine, media: MediaResolver, kv: KVTransfer, hold_timeout: float = 30.0):
+        self.engine = engine
+        self.media = media
+        self.kv = kv
+        self.hold_timeout = hold_timeout
+
+    async def generate(self, payload: bytes) -> AsyncIterator[bytes]:
+        req = pb.GenerateRequest.FromString(payload)
+        rid = req.request_id
+        sampling = sampling_from_proto(req.sampling)
+        notif = f"{rid}/{uuid.uuid4().hex[:8]}".encode()
+        try:
+            async with self.media.resolve(req) as mm_inputs:
+                ereq = EngineRequest(rid, list(req.token_ids), replace(sampling, max_tokens=1), mm_inputs,
+                                     hold_kv=True)
+                (out,) = [o async for o in _outputs(self.engine, ereq)]
+            # The engine stopped at one token: the request ends here only if the token did.
+            finished = out.finish_reason == "stop" or sampling.max_tokens <= 1
+            delta = _delta(out, out.finish_reason if finished else None)
+            if finished:
+                yield delta.SerializeToString()
+                return
+            read = self.kv.agent.expect(notif)
+            delta.kv.CopyFrom(self.kv.handoff(notif, out.kv_blocks, out.new_token_ids[0]))
+            yield delta.SerializeToString()
             try:
-                async with contextlib.aclosing(self.engine.generate(ereq)) as outputs:
-                    async for out in outputs:
-                        if out.error is not None:
-                            raise EpdError(500, f"generation failed: {out.error}")
-                        yield pb.TokenDelta(token_ids=out.new_token_ids, finish_reason=out.finish_reason or "",
-                                            index=out.index,
-                                            logprobs=[logprob_to_proto(lp) for lp in out.logprobs or ()]
-                                            ).SerializeToString()
-                finished = True
-            finally:
-                if not finished:   # aborted: a step in flight may still read the inputs
-                    await self.engine.settled()
+                await asyncio.wait_for(read, self.hold_timeout)
+            except TimeoutError:
+                log.warning("[%s] no decode worker read the KV in %.0f s; freeing it", rid, self.hold_timeout)
+        finally:
+            self.kv.agent.forget(notif)
+            self.engine.release(rid)

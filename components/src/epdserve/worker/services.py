@@ -22,6 +22,7 @@ from epdserve.models.base import MediaEncoder, ModelFamily, MultimodalModel
 from epdserve.processor.encoders import EncoderRouter
 from epdserve.processor.handler import ProcessorHandler
 from epdserve.processor.prompt import PromptBuilder
+from epdserve.processor.routing import Router
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.runtime.component import Runtime
 from epdserve.runtime.mailbox import Mailbox, mailbox_subject
@@ -32,11 +33,13 @@ from epdserve.worker.embedding_cache import EmbeddingCache
 from epdserve.worker.encode import MediaEmbedder, NixlEncodeHandler, StorageEncodeHandler
 from epdserve.worker.encode_batcher import EncodeBatcher
 from epdserve.worker.media_sources import MediaResolver
-from epdserve.worker.pd import PDHandler
+from epdserve.worker.kv_transfer import KVTransfer
+from epdserve.worker.pd import PDHandler, PrefillHandler
 
 log = logging.getLogger(__name__)
 
-PROCESSOR, BACKEND, ENCODER = "processor", "backend", "encoder"   # component names in discovery
+# Component names in discovery; BACKEND: workers that prefill and decode.
+PROCESSOR, BACKEND, PREFILL, DECODE, ENCODER = "processor", "backend", "prefill", "decode", "encoder"
 
 
 class Service(ABC):
@@ -85,24 +88,27 @@ class ProcessorService(Service):
         self.fetcher = MediaFetcher(c.media)
         prompts = PromptBuilder(self.family, tokenizer, templater, c.media, c.enable_multimodal, self.fetcher)
         watch = await self.runtime.watch_cards(c.served_model_name)
-        self.backends = InstancePool(
-            watch, accept=lambda card: card.served_model_name == c.served_model_name and card.input == "tokens",
-            what=f"worker for model {c.served_model_name!r}")
-        encoders = EncoderRouter(InstancePool(
-            watch, accept=lambda card: card.served_model_name == c.served_model_name and card.component == ENCODER,
-            what=f"encode worker for model {c.served_model_name!r}"))
-        handler = ProcessorHandler(prompts, tokenizer, self.backends, encoders, self.runtime.plane,
+
+        def pool(component: str, what: str) -> InstancePool:
+            return InstancePool(watch, what=f"{what} for model {c.served_model_name!r}",
+                                accept=lambda card: card.served_model_name == c.served_model_name
+                                and card.component == component)
+
+        self.router = Router(self.runtime.plane, pool(BACKEND, "worker"), pool(PREFILL, "prefill worker"),
+                             pool(DECODE, "decode worker"))
+        encoders = EncoderRouter(pool(ENCODER, "encode worker"))
+        handler = ProcessorHandler(prompts, tokenizer, self.router, encoders, self.runtime.plane,
                                    _eos_token_ids(c.model, tokenizer), self.max_model_len)
         subject = await self.runtime.serve(PROCESSOR, "generate", handler.generate)
         self._card = self.card("text", PROCESSOR, subject)
         self._changed = asyncio.Event()
-        self.backends.watch.add_listener(self._changed.set)
+        watch.add_listener(self._changed.set)
         self._gate = asyncio.create_task(self._follow_backends())
 
     async def _follow_backends(self) -> None:
         announced = False
         while True:
-            alive = bool(self.backends.cards())
+            alive = self.router.any_alive
             if alive != announced:
                 try:
                     if alive:
@@ -124,31 +130,43 @@ class ProcessorService(Service):
 
 
 class PDService(Service):
-    """Prefill + decode in this process, on the paged engine; media arrive as bytes (encoded
+    """The language model on the paged engine: prefill and decode (`--multimodal-worker`, and
+    text-only workers), prefill only (`--is-prefill-worker`: the first token, then the KV goes
+    to a decode worker over NIXL), or decode (`--multimodal-decode-worker`: continues
+    requests prefilled elsewhere, prefills the others itself). Media arrive as bytes (encoded
     here), as embeddings over NIXL, or in the embedding cache on disk."""
+
+    COMPONENTS = {Role.PREFILL: PREFILL, Role.ENCODE_PREFILL: PREFILL, Role.DECODE: DECODE}
 
     async def start(self) -> None:
         c = self.config
         model = await asyncio.to_thread(load_model, c, self.family)
         config = engine_config(c, self.max_model_len)
-        self.engine = AsyncEngine(await asyncio.to_thread(PagedEngine, model, config))
+        paged = await asyncio.to_thread(PagedEngine, model, config)
+        self.engine = AsyncEngine(paged)
         self.engine.start()
+        component = self.COMPONENTS.get(c.role, BACKEND)
         # Registered once here, so that the first request does not pay for it.
-        self.agent = TransferAgent(f"{BACKEND}-{self.runtime.instance_id}", c.embedding_buffer_bytes,
-                                   model.device) if c.enable_multimodal else None
+        self.agent = TransferAgent(f"{component}-{self.runtime.instance_id}",
+                                   c.embedding_buffer_bytes if c.enable_multimodal else 0, model.device) \
+            if c.enable_multimodal or component != BACKEND else None
+        self.kv = KVTransfer(self.agent, paged.kv) if component != BACKEND else None
         storage = EmbeddingStorage(c.ec_storage_path) if c.ec_storage_path else None
         self.mailbox = Mailbox() if c.enable_multimodal else None   # encode workers post results here
-        handler = PDHandler(self.engine, MediaResolver(model, self.agent, storage, self.mailbox))
-        subject = await self.runtime.serve(BACKEND, "generate", handler.generate)
+        media = MediaResolver(model, self.agent, storage, self.mailbox)
+        handler = PrefillHandler(self.engine, media, self.kv, c.kv_handoff_timeout) if component == PREFILL \
+            else PDHandler(self.engine, media, self.kv)
+        subject = await self.runtime.serve(component, "generate", handler.generate)
         if self.mailbox is not None:
             await self.runtime.plane.listen(mailbox_subject(subject), self.mailbox.put)
-        await self.serve_stats(BACKEND, self._counters)
-        await self.runtime.publish_card(self.card("tokens", BACKEND, subject))
+        await self.serve_stats(component, self._counters)
+        await self.runtime.publish_card(self.card("tokens", component, subject))
 
     def _counters(self) -> dict[str, int]:
         engine = dataclasses.asdict(self.engine.engine.stats())
         mailbox = {"mailbox_unclaimed": self.mailbox.unclaimed} if self.mailbox is not None else {}
-        return engine | mailbox | (self.agent.stats() if self.agent is not None else {})
+        agent = self.agent.stats() if self.agent is not None else {}
+        return engine | mailbox | agent | (self.kv.stats() if self.kv is not None else {})
 
     async def stop(self) -> None:
         await self.engine.stop()

@@ -1,0 +1,64 @@
+"""A worker's KV pool over NIXL: prefill workers hand a prompt's blocks out, decode workers
+READ them into their own blocks.
+
+The pool is registered once, at start-up, with the worker's agent. A decode worker READs
+only the blocks its prefix cache lacks, every layer's K and V in one transfer (runs of blocks
+consecutive on both sides as one range each); the READ's notification tells the prefill
+worker it may free them.
+"""
+
+from __future__ import annotations
+
+import time
+
+from epdserve.models.paged import KVCache
+from epdserve.protocol import epdserve_pb2 as pb
+from epdserve.protocol.errors import EpdError
+from epdserve.transfer.agent import TransferAgent
+from epdserve.transfer.kv_layout import KVLayout, paired_ranges
+
+
+class KVTransfer:
+    """`kv`'s pool registered with `agent`. `read_timeout` (seconds) bounds one load."""
+
+    def __init__(self, agent: TransferAgent, kv: KVCache, read_timeout: float = 10.0):
+        agent.register(kv.pool)
+        self.agent = agent
+        self.layout = KVLayout.of(kv)
+        self.read_timeout = read_timeout
+        self.blocks_read = 0
+        self.blocks_cached = 0     # blocks a load skipped: the decode side's prefix cache had them
+        self.bytes_read = 0
+        self.read_s = 0.0
+
+    def handoff(self, notif: bytes, blocks: list[int], first_token: int) -> pb.KVHandoff:
+        """How a decode worker finds `blocks` (a prompt's KV, in order) here; its READ sends
+        `notif` back."""
+        return pb.KVHandoff(holder=self.agent.handoff(notif), layout=self.layout.to_proto(), blocks=blocks,
+                            first_token=first_token)
+
+    async def load(self, handoff: pb.KVHandoff, blocks: list[int], cached: int) -> None:
+        """READ the prompt KV `handoff` names into `blocks` (ours, in order), except the first
+        `cached`, which hold it already; the holder is notified either way. EpdError(503)
+        when the holder is gone or the READ fails, 500 when the pools do not match."""
+        if len(blocks) != len(handoff.blocks):
+            raise EpdError(500, f"the prefill worker holds {len(handoff.blocks)} KV blocks of the prompt, "
+                                f"this worker gave it {len(blocks)}")
+        self.blocks_cached += cached
+        if cached == len(blocks):
+            self.agent.notify(handoff.holder)
+            return
+        try:
+            mine, theirs = paired_ranges(self.layout, blocks[cached:], KVLayout.from_proto(handoff.layout),
+                                         list(handoff.blocks[cached:]))
+        except ValueError as exc:
+            raise EpdError(500, f"the prefill worker's KV cache does not match this worker's: {exc}") from None
+        start = time.perf_counter()
+        await self.agent.read_ranges(handoff.holder, mine, theirs, self.read_timeout)
+        self.read_s += time.perf_counter() - start
+        self.blocks_read += len(blocks) - cached
+        self.bytes_read += sum(n for _, n in mine)
+
+    def stats(self) -> dict[str, int]:
+        return {"kv_blocks_read": self.blocks_read, "kv_blocks_cached": self.blocks_cached,
+                "kv_bytes_read": self.bytes_read, "kv_read_us": round(self.read_s * 1e6)}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# E/P/D (full disaggregation): frontend, processor, encode worker(s), prefill worker(s) and
+# decode worker(s). Embeddings go from the encode worker to the prefill worker, and the
+# prompt's KV cache from the prefill worker to a decode worker, over NIXL.
+#
+#   bash launch/disagg_multimodal_epd.sh [--model DIR] [--http-port 8000] [--namespace NS]
+#                                        [--served-model-name NAME] [--encode-workers N]
+#                                        [--prefill-workers N] [--decode-workers N]
+#                                        [extra worker flags]
+#
+# Without --model it serves a tiny random-weight LLaVA built once into ~/.cache/epdserve.
+# etcd and NATS are started at ETCD_ENDPOINTS / NATS_SERVER unless something answers there.
+# Ctrl-C or SIGTERM stops every process it started.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+parse_args "$@"
+ensure_model llava
+start_infra
+start_frontend
+worker --multimodal-processor --enable-multimodal
+workers "$ENCODE_WORKERS" --multimodal-encode-worker --enable-multimodal
+workers "$PREFILL_WORKERS" --multimodal-worker --is-prefill-worker --enable-multimodal
+workers "$DECODE_WORKERS" --multimodal-decode-worker --enable-multimodal
+run_until_stopped
