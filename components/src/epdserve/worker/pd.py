@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from epdserve.engine.async_engine import AsyncEngine
-from epdserve.engine.base import EngineOutput, EngineRequest, MultiModalInput, SamplingParams, TokenLogprob
+from epdserve.engine.base import (EngineOutput, EngineRequest, MultiModalInput, SamplingParams, TokenLogprob,
+                                  embed_mask_from_bytes)
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
 from epdserve.worker.kv_transfer import KVTransfer
@@ -63,7 +64,8 @@ async def _outputs(engine: AsyncEngine, request: EngineRequest) -> AsyncIterator
 def _placeholders(req: pb.GenerateRequest) -> list[MultiModalInput]:
     """The request's media items without their data: a prefilled prompt's blocks are hashed
     with them, so that its prefix cache hits only where the same media were."""
-    return [MultiModalInput(m.modality, m.hash, m.offset, m.length) for m in req.media]
+    return [MultiModalInput(m.modality, m.hash, m.offset, m.length, embed_mask=embed_mask_from_bytes(m.embed_mask))
+            for m in req.media]
 
 
 class PDHandler:
