@@ -44,6 +44,13 @@ def tiny_llava(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama4(tmp_path_factory) -> Path:
+    """The builder's default tiny Llama 4, built once per session."""
+    from epdserve.tools.tiny_model import build_tiny_model
+    return build_tiny_model("llama4", tmp_path_factory.mktemp("tiny-llama4") / "model")
+
+
+@pytest.fixture(scope="session")
 def tiny_runner(tiny_llava, tmp_path_factory):
     """The worker-side model of `tiny_llava` on the CPU, loaded once per session, with the CPU
     kernels as a worker loads it (torch's ops where they cannot run)."""

@@ -195,3 +195,24 @@ def test_cli_bfloat16_llava_hf(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert f.get_tensor("language_model.lm_head.weight").dtype == torch.bfloat16
         assert "vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight" in f.keys()
     assert len(hf_greedy(out, image_chat(QUESTION, make_image(1)), max_tokens=3)) == 3
+
+
+def test_llama4_build_is_deterministic_and_input_sensitive(tmp_path: Path, tiny_llama4: Path) -> None:
+    again = build_tiny_model("llama4", tmp_path / "again")
+    for path in sorted(tiny_llama4.iterdir()):
+        assert (again / path.name).read_bytes() == path.read_bytes(), path.name
+    by_image = [hf_greedy(tiny_llama4, image_chat(QUESTION, make_image(s)), max_tokens=8) for s in (1, 2)]
+    by_prompt = [hf_greedy(tiny_llama4, image_chat(q, make_image(1)), max_tokens=8) for q in (QUESTION, "Why?")]
+    assert by_image[0] != by_image[1] and by_prompt[0] != by_prompt[1]
+
+
+def test_llama4_tokenizer_leaves_bos_to_the_template(tiny_llama4: Path) -> None:
+    processor = AutoProcessor.from_pretrained(tiny_llama4)
+    tokenizer = processor.tokenizer
+    assert tokenizer("Hi").input_ids[0] != tokenizer.bos_token_id
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}],
+                                         add_generation_prompt=True, tokenize=False)
+    assert text == "<|begin_of_text|><|header_start|>user<|header_end|>\n\n<|image|><|eot|>" \
+                   "<|header_start|>assistant<|header_end|>\n\n"
+    generation = json.loads((tiny_llama4 / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eom|>", "<|eot|>"])

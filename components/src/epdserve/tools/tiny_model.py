@@ -1,6 +1,6 @@
 """Tiny random-weight Hugging Face model directories for tests and benchmarks.
 
-    python -m epdserve.tools.tiny_model --family llava --out DIR [--preset tiny|bench]
+    python -m epdserve.tools.tiny_model --family llava|llama4 --out DIR [--preset tiny|bench]
         [--hidden-size N] [--num-layers N] [--num-heads N] [--num-kv-heads N]
         [--intermediate-size N] [--vocab-size N] [--image-size N] [--patch-size N]
         [--vision-hidden-size N] [--vision-layers N] [--seed N]
@@ -21,7 +21,23 @@ Presets (llava; build times on a 2-core CPU, measured with transformers 5.23):
            layers; 35.4 M parameters (141 MB in float32); builds in 1.5 s (6 s via the CLI).
 Image tokens per image: (image_size // patch_size) ** 2 (CLIP's CLS feature is dropped).
 
-Weight layouts (``--weight-layout``):
+Presets (llama4; the same sizes, except 4 layers and, in ``tiny``, 4px patches):
+  tiny  -- hidden 64, 4 layers (0, 2: dense MLP 128, RoPE + qk-norm, chunked attention;
+           1, 3: MoE of 4 experts of 64 + a shared one, top-1, NoPE with temperature tuning,
+           floor_scale 8 so that it matters), 4 heads of 16, 2 kv heads, vocab 1024,
+           attention_chunk_size 1024 (the family caps its context there), 32px tiles in 4px
+           patches, pixel shuffle 0.5 (16 image tokens per tile), up to 4 tiles + a global
+           tile (16 to 80 image tokens), vision hidden 32 x 2 layers; 0.40 M parameters
+           (1.6 MB); builds in 0.7 s.
+  bench -- hidden 512, 8 layers, 224px tiles in 14px patches (64 image tokens per tile, 64
+           to 320 per image), vision hidden 256 x 4 layers; 48.7 M parameters (195 MB in
+           float32); builds in 7 s.
+The tokenizer has Llama 4's special tokens and does not prepend <|begin_of_text|>: Llama 4's
+published chat template (the one `transformers` ships) writes it. EOS: <|end_of_text|>,
+<|eom|>, <|eot|> (generation_config), as the published checkpoints.
+
+Weight layouts (``--weight-layout``; llama4 writes what transformers 5 saves: ``vision_model.*``,
+``multi_modal_projector.*``, ``language_model.model.*``, ``language_model.lm_head.*``):
   transformers -- what transformers 5 ``save_pretrained`` writes: ``vision_tower.embeddings.*``,
                   ``language_model.model.*``, ``language_model.lm_head.*``,
                   ``multi_modal_projector.*``.
@@ -205,7 +221,9 @@ def init_model(model_cls: type[PreTrainedModel], config: Any, seed: int) -> PreT
 def save_model(model: PreTrainedModel, out: Path, dtype: str,
                rename: Callable[[str], str] | None = None) -> None:
     """``save_pretrained`` in ``dtype``, then optionally rename the safetensors keys."""
-    model.to(DTYPES[dtype]).save_pretrained(out)
+    if DTYPES[dtype] != torch.float32:   # the init's dtype; to() would also make complex buffers real
+        model.to(DTYPES[dtype])
+    model.save_pretrained(out)
     path = out / "model.safetensors"
     if rename is not None:
         tensors = load_file(path)
