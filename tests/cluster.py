@@ -55,6 +55,19 @@ class Cluster:
         config = RuntimeConfig(infra.etcd_endpoints, infra.nats_server, self.namespace)
         return asyncio.run(worker_stats(config))
 
+    def wait_for_workers(self, infra, timeout: float = 120, **counts: int) -> None:
+        """Wait until `counts[component]` workers of each component (e.g. prefill=1) are
+        registered: the model is served once any worker can run a request, maybe before all
+        are up."""
+        deadline = time.monotonic() + timeout
+        while True:
+            names = self.worker_stats(infra)
+            if all(sum(k.startswith(c + "/") for k in names) >= n for c, n in counts.items()):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers {counts} not registered in {timeout} s")
+            time.sleep(0.5)
+
     def pids(self, arg: str) -> list[int]:
         """The PIDs of this cluster's processes whose command line has the argument `arg`."""
         pids = []

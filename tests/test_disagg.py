@@ -31,6 +31,7 @@ def model_dir(tiny_llava):
 def cluster(infra, model_dir, tmp_path_factory):
     c = launch("disagg_multimodal_epd.sh", infra, tmp_path_factory.mktemp("logs"), "--decode-workers", "2",
                *FLAGS, model_dir=model_dir)
+    c.wait_for_workers(infra, prefill=1, decode=2)
     yield c
     c.stop()
 
@@ -149,6 +150,7 @@ def test_dead_prefill_and_decode_workers_end_requests(infra, model_dir, tmp_path
     c = launch("disagg_multimodal_epd.sh", infra, tmp_path_factory.mktemp("logs"), "--prefill-workers", "2",
                "--decode-workers", "2", "--lease-ttl", "2", *FLAGS, model_dir=model_dir, served_name="kills")
     try:
+        c.wait_for_workers(infra, prefill=2, decode=2)
         cases = [chat_messages([make_image(700 + i)], f"Load {i}.") for i in range(4)]
         expected = [hf_greedy(model_dir, m, max_tokens=MAX_TOKENS) for m in cases]
 
