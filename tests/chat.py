@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import openai
 
 from oracle import data_url, hf_greedy, hf_text
@@ -40,3 +42,20 @@ def assert_matches_oracle(model_dir, messages, text, ids, max_tokens=MAX_TOKENS)
     expected = hf_greedy(model_dir, messages, max_tokens=max_tokens)
     assert ids == expected
     assert text == hf_text(model_dir, expected).rstrip("\ufffd")
+
+
+def chat_all_at_once(cluster, cases: list[list[dict]], max_tokens: int = MAX_TOKENS) -> list[list[int] | Exception]:
+    """Send every case at once (temperature 0) to a test `Cluster`: each one's completion token
+    ids, or the `openai.APIError` it ended with."""
+    async def run():
+        async with cluster.async_client() as client:
+            async def one(messages):
+                try:
+                    r = await client.chat.completions.create(
+                        model=cluster.model, messages=messages, max_tokens=max_tokens, temperature=0,
+                        extra_body={"return_token_ids": True})
+                    return r.choices[0].model_extra["token_ids"]
+                except openai.APIError as exc:
+                    return exc
+            return await asyncio.gather(*(one(m) for m in cases))
+    return asyncio.run(run())

@@ -136,3 +136,19 @@ def start(command: Callable[[int, str], list[str]], infra, log: Path, served_nam
     except BaseException:
         cluster.stop()
         raise
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime + stime
+
+
+def assert_idle(cluster: Cluster, seconds: float = 5) -> None:
+    """Idle, every worker and frontend process of `cluster` uses under 5% of a core."""
+    pids = cluster.pids("epdserve.worker") + cluster.pids("epdserve.frontend")
+    assert len(pids) >= 3
+    time.sleep(2)   # let earlier requests wind down
+    before = {pid: _cpu_seconds(pid) for pid in pids}
+    time.sleep(seconds)
+    used = {pid: _cpu_seconds(pid) - before[pid] for pid in pids}
+    assert all(s < 0.05 * seconds for s in used.values()), used

@@ -5,7 +5,6 @@ dead or frozen prefill or decode worker ends its requests with an error, never a
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import threading
@@ -14,8 +13,8 @@ import time
 import openai
 import pytest
 
-from chat import MAX_TOKENS, assert_matches_oracle, chat_messages, run_chat
-from cluster import launch
+from chat import MAX_TOKENS, assert_matches_oracle, chat_all_at_once, chat_messages, run_chat
+from cluster import assert_idle, launch
 from oracle import hf_greedy, make_image
 
 # Small blocks: a prompt spans many, so READs merge runs and the prefix cache hits partly.
@@ -101,14 +100,7 @@ def test_32_concurrent_requests_leave_nothing_behind(cluster, infra, model_dir):
     took load, and afterwards every block is free and no transfer, pin or hold is left."""
     cases = [chat_messages([make_image(300 + i % 12)] * (i % 3), f"Request number {i}.") for i in range(32)]
 
-    async def all_at_once():
-        async with cluster.async_client() as client:
-            return await asyncio.gather(*(client.chat.completions.create(
-                model=cluster.model, messages=m, max_tokens=MAX_TOKENS, temperature=0,
-                extra_body={"return_token_ids": True}) for m in cases))
-
-    for messages, r in zip(cases, asyncio.run(all_at_once())):
-        assert r.choices[0].model_extra["token_ids"] == hf_greedy(model_dir, messages, max_tokens=MAX_TOKENS)
+    assert chat_all_at_once(cluster, cases) == [hf_greedy(model_dir, m, max_tokens=MAX_TOKENS) for m in cases]
     stats = cluster.worker_stats(infra)
     assert sum(k.startswith("prefill/") for k in stats) == 1
     assert all(s["kv_blocks_read"] > 0 for k, s in stats.items() if k.startswith("decode/"))
@@ -118,19 +110,9 @@ def test_32_concurrent_requests_leave_nothing_behind(cluster, infra, model_dir):
             assert s["nixl_registrations"] == 2, name
 
 
-def _chat_outcomes(c, cases: list[list[dict]], max_tokens: int = MAX_TOKENS) -> list:
-    """Send `cases` at once: each one's completion token ids, or the APIError it ended with."""
-    async def run():
-        async with c.async_client() as client:
-            async def one(m):
-                try:
-                    r = await client.chat.completions.create(model=c.model, messages=m, max_tokens=max_tokens,
-                                                             temperature=0, extra_body={"return_token_ids": True})
-                    return r.choices[0].model_extra["token_ids"]
-                except openai.APIError as exc:
-                    return exc
-            return await asyncio.gather(*(one(m) for m in cases))
-    return asyncio.run(run())
+def test_idle_workers_use_almost_no_cpu(cluster):
+    """The prefill and decode workers' NIXL agents, with their KV pools registered, sleep too."""
+    assert_idle(cluster)
 
 
 def _frozen(pid: int, cases_fn) -> tuple[list, float]:
@@ -160,11 +142,11 @@ def test_dead_prefill_and_decode_workers_end_requests(infra, model_dir, tmp_path
             return sum(isinstance(o, openai.APIError) for o in outcomes)
 
         # Round-robin sends two of the four to the frozen prefill worker.
-        assert check(*_frozen(c.pids("--is-prefill-worker")[0], lambda: _chat_outcomes(c, cases))) == 2
+        assert check(*_frozen(c.pids("--is-prefill-worker")[0], lambda: chat_all_at_once(c, cases))) == 2
         time.sleep(3)   # its lease expires: routing drops it
-        assert _chat_outcomes(c, cases) == expected
+        assert chat_all_at_once(c, cases) == expected
 
-        assert check(*_frozen(c.pids("--multimodal-decode-worker")[0], lambda: _chat_outcomes(c, cases))) == 2
+        assert check(*_frozen(c.pids("--multimodal-decode-worker")[0], lambda: chat_all_at_once(c, cases))) == 2
         time.sleep(3)
         _assert_nothing_held(c.worker_stats(infra))   # the KV held for the frozen decode worker is free
 

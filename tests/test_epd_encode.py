@@ -5,21 +5,18 @@ official `openai` client and checked token-for-token against `transformers`.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
-import openai
 import pytest
 from PIL import Image
 
-from chat import MAX_TOKENS, assert_matches_oracle, chat_messages, run_chat
-from cluster import launch
+from chat import MAX_TOKENS, assert_matches_oracle, chat_all_at_once, chat_messages, run_chat
+from cluster import assert_idle, launch
 from oracle import hf_greedy, make_image
 
 CACHE_BYTES = 1 << 20   # tiny LLaVA embeddings are 4 KiB: room for ~250, so eviction is exercised below
@@ -57,14 +54,7 @@ def test_32_concurrent_requests_leave_nothing_behind(cluster, infra, model_dir):
     mailbox entry and KV block is back, and each agent registered its memory exactly once."""
     cases = [chat_messages([make_image(200 + i % 12)] * (1 + i % 2), f"Request number {i}.") for i in range(32)]
 
-    async def all_at_once():
-        async with cluster.async_client() as client:
-            return await asyncio.gather(*(client.chat.completions.create(
-                model=cluster.model, messages=m, max_tokens=MAX_TOKENS, temperature=0,
-                extra_body={"return_token_ids": True}) for m in cases))
-
-    for messages, r in zip(cases, asyncio.run(all_at_once())):
-        assert r.choices[0].model_extra["token_ids"] == hf_greedy(model_dir, messages, max_tokens=MAX_TOKENS)
+    assert chat_all_at_once(cluster, cases) == [hf_greedy(model_dir, m, max_tokens=MAX_TOKENS) for m in cases]
     stats = cluster.worker_stats(infra)
     encoders = {k: v for k, v in stats.items() if k.startswith("encoder/")}
     backends = {k: v for k, v in stats.items() if k.startswith("backend/")}
@@ -84,21 +74,9 @@ def test_32_concurrent_requests_leave_nothing_behind(cluster, infra, model_dir):
     assert all(s["encoder_calls"] > 0 and s["encode_us"] > 0 for s in encoders.values())
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime + stime
-
-
 def test_idle_workers_use_almost_no_cpu(cluster):
-    """NIXL agents run without their busy-polling progress thread: idle, every process of the
-    cluster stays under 5% of a core."""
-    pids = cluster.pids("epdserve.worker") + cluster.pids("epdserve.frontend")
-    assert len(pids) >= 3
-    time.sleep(2)   # let the previous test's requests wind down
-    before = {pid: _cpu_seconds(pid) for pid in pids}
-    time.sleep(5)
-    used = {pid: _cpu_seconds(pid) - before[pid] for pid in pids}
-    assert all(s < 0.05 * 5 for s in used.values()), used
+    """NIXL agents run without their busy-polling progress thread."""
+    assert_idle(cluster)
 
 
 def test_encoder_cache_evicts_and_stays_correct(cluster, infra, model_dir):
@@ -125,19 +103,6 @@ def test_killed_encoder_fails_over(infra, model_dir, tmp_path_factory):
         encoders = c.pids("--multimodal-encode-worker")
         assert len(encoders) == 2
         cases = [chat_messages([make_image(900 + i)], f"Load {i}.") for i in range(48)]
-        outcomes: list = []
-
-        async def load():
-            async with c.async_client() as client:
-                async def one(m):
-                    try:
-                        r = await client.chat.completions.create(
-                            model=c.model, messages=m, max_tokens=MAX_TOKENS, temperature=0,
-                            extra_body={"return_token_ids": True})
-                        return m, r.choices[0].model_extra["token_ids"]
-                    except openai.APIError as exc:
-                        return m, exc
-                outcomes.extend(await asyncio.gather(*(one(m) for m in cases)))
 
         # Freeze the encoder as the load starts (requests to it are then stuck in flight), kill it
         # a moment later: its requests must end, retried on the other encoder or failed.
@@ -146,11 +111,11 @@ def test_killed_encoder_fails_over(infra, model_dir, tmp_path_factory):
         freeze.start()
         kill.start()
         started = time.monotonic()
-        asyncio.run(load())
+        outcomes = chat_all_at_once(c, cases)
         elapsed = time.monotonic() - started
         kill.join()
         assert elapsed < 30
-        for messages, result in outcomes:
+        for messages, result in zip(cases, outcomes):
             if not isinstance(result, Exception):
                 assert result == hf_greedy(model_dir, messages, max_tokens=MAX_TOKENS)
         client = c.client()
