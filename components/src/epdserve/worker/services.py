@@ -146,10 +146,10 @@ class PDService(Service):
         self.engine = AsyncEngine(paged)
         self.engine.start()
         component = self.COMPONENTS.get(c.role, BACKEND)
-        # Registered once here, so that the first request does not pay for it.
-        self.agent = TransferAgent(f"{component}-{self.runtime.instance_id}",
-                                   c.embedding_buffer_bytes if c.enable_multimodal else 0, model.device) \
-            if c.enable_multimodal or component != BACKEND else None
+        # Registered once here (staging region, KV pool), so that the first request does not pay
+        # for it. Prefill and decode roles are multimodal roles: they have an agent.
+        self.agent = TransferAgent(f"{component}-{self.runtime.instance_id}", c.embedding_buffer_bytes,
+                                   model.device) if c.enable_multimodal else None
         self.kv = KVTransfer(self.agent, paged.kv) if component != BACKEND else None
         storage = EmbeddingStorage(c.ec_storage_path) if c.ec_storage_path else None
         self.mailbox = Mailbox() if c.enable_multimodal else None   # encode workers post results here
