@@ -45,6 +45,13 @@ def apply_encode_result(req: pb.GenerateRequest, result: pb.EncodeResult) -> Non
     req.handoff.CopyFrom(result.handoff)
 
 
+def placed_input(item: pb.MediaItem) -> MultiModalInput:
+    """`item`'s place in the prompt (positions, hash, embed mask) as an engine input, still
+    without its features or embeddings."""
+    return MultiModalInput(item.modality, item.hash, item.offset, item.length,
+                           embed_mask=embed_mask_from_bytes(item.embed_mask))
+
+
 class MediaResolver:
     """`agent` is None on workers that cannot receive embeddings over NIXL, `storage` None
     without `--ec-storage-path`, `mailbox` None on workers that take no media from encode
@@ -95,8 +102,7 @@ class MediaResolver:
     def _inputs(self, req: pb.GenerateRequest, embeddings: dict[int, torch.Tensor]) -> list[MultiModalInput]:
         inputs = []
         for i, item in enumerate(req.media):
-            mm = MultiModalInput(item.modality, item.hash, item.offset, item.length,
-                                 embed_mask=embed_mask_from_bytes(item.embed_mask))
+            mm = placed_input(item)
             source = item.WhichOneof("source")
             if source == "data":
                 mm.features = media_features(self.model, item.modality, item.data)

@@ -15,12 +15,11 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from epdserve.engine.async_engine import AsyncEngine
-from epdserve.engine.base import (EngineOutput, EngineRequest, MultiModalInput, SamplingParams, TokenLogprob,
-                                  embed_mask_from_bytes)
+from epdserve.engine.base import EngineOutput, EngineRequest, SamplingParams, TokenLogprob
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
 from epdserve.worker.kv_transfer import KVTransfer
-from epdserve.worker.media_sources import MediaResolver
+from epdserve.worker.media_sources import MediaResolver, placed_input
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +60,6 @@ async def _outputs(engine: AsyncEngine, request: EngineRequest) -> AsyncIterator
             await engine.settled()
 
 
-def _placeholders(req: pb.GenerateRequest) -> list[MultiModalInput]:
-    """The request's media items without their data: a prefilled prompt's blocks are hashed
-    with them, so that its prefix cache hits only where the same media were."""
-    return [MultiModalInput(m.modality, m.hash, m.offset, m.length, embed_mask=embed_mask_from_bytes(m.embed_mask))
-            for m in req.media]
-
-
 class PDHandler:
     """Serves `GenerateRequest` -> stream of `TokenDelta`. With `kv` (decode workers), a request
     carrying a `KVHandoff` goes on from the prefill worker's first token after its prompt's KV
@@ -93,7 +85,9 @@ class PDHandler:
     async def _decode(self, req: pb.GenerateRequest, sampling: SamplingParams) -> AsyncIterator[bytes]:
         if self.kv is None:
             raise EpdError(503, "this worker takes no KV from prefill workers")
-        ereq = EngineRequest(req.request_id, list(req.token_ids), sampling, _placeholders(req),
+        # The media items come without data: the prompt's blocks are keyed by their hashes (a
+        # prefix cache hit needs the same media), never computed here.
+        ereq = EngineRequest(req.request_id, list(req.token_ids), sampling, [placed_input(m) for m in req.media],
                              prefilled_token=req.kv.first_token)
         async for out in _outputs(self.engine, ereq):
             if out.kv_blocks is not None:   # admitted: its blocks wait for the prompt's KV
