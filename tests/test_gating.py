@@ -15,7 +15,8 @@ from oracle import data_url, hf_greedy, make_image
 
 
 def test_multimodal_role_without_flag_refuses_to_start(tmp_path):
-    for role in ("--multimodal-worker", "--multimodal-processor", "--multimodal-encode-worker"):
+    for role in ("--multimodal-worker", "--multimodal-processor", "--multimodal-encode-worker",
+                 "--multimodal-decode-worker", "--multimodal-encode-prefill-worker"):
         proc = subprocess.run([sys.executable, "-m", "epdserve.worker", role, "--model", str(tmp_path)],
                               capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert proc.returncode != 0

@@ -176,7 +176,9 @@ def _role(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Role:
         if role not in (Role.PD, Role.ENCODE_PREFILL):
             parser.error("--is-prefill-worker goes with --multimodal-worker or --multimodal-encode-prefill-worker")
         return Role.PREFILL if role is Role.PD else Role.ENCODE_PREFILL
-    return role
+    # Alone, the encode+prefill worker serves whole requests, encoding inline (Dynamo's
+    # aggregated Llama 4).
+    return Role.PD if role is Role.ENCODE_PREFILL else role
 
 
 def parse_worker_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> WorkerConfig:
