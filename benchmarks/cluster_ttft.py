@@ -4,8 +4,9 @@
           "encoder cache only" (a unique system text before the image: the PD prefix cache
           cannot help, a hit saves the encode alone) and "repeated image" (the same image with
           a new question: its KV blocks are a cached prefix too).
-- paired: EPD and E/PD clusters up at once, every request sent to both back to back (ABBA),
-          so the VM's drift between minutes and between clusters cancels out of the difference.
+- paired: two topologies' clusters (EPD and E/PD, or E/PD and E/P/D) up at once, every
+          request sent to both back to back (ABBA), so the VM's drift between minutes and
+          between clusters cancels out of the difference.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict
@@ -22,14 +22,13 @@ from typing import Any
 import numpy as np
 
 from cluster import Cluster, client_for, data_url, http_cluster, timed_chat
-from common import RequestRecord, WorkItem, gemm_probe_gflops, percentile
+from common import RequestRecord, WorkItem, gemm_probe_gflops, percentile, table
 from epdserve.tools.images import synthetic_png
 from epdserve.tools.stats import StatsReader
+from topologies import E_PD, EPD, Counters, Topology, component_counters, counter_diff, counters, wait_workers
 
-TOPOLOGIES = {"EPD": "agg_multimodal.sh", "E/PD": "agg_multimodal_epd.sh"}
 IMAGE_SIZE = (640, 480)
 MAX_TOKENS = 4        # TTFT is what is measured; a few tokens keep each sample short
-ENCODER_TIMEOUT_S = 120
 BOOTSTRAP_SAMPLES = 4000
 QUESTIONS = ("What is in this image?", "Describe the picture briefly.", "What colors do you see?",
              "Is there anything unusual here?", "Summarize this in one sentence.", "Which color covers the most?",
@@ -38,29 +37,8 @@ QUESTIONS = ("What is in this image?", "Describe the picture briefly.", "What co
 Messages = list[dict[str, Any]]
 
 
-def counters(cluster: Cluster, component: str = "encoder") -> dict[str, int]:
-    """Summed counters of the cluster's `component` instances (encoder: the encode workers,
-    backend: the PD workers); empty when none is registered."""
-    totals: dict[str, int] = {}
-    for name, values in cluster.stats().items():
-        if name.startswith(component + "/"):
-            for key, value in values.items():
-                totals[key] = totals.get(key, 0) + value
-    return totals
-
-
 def _diff(before: dict[str, int], after: dict[str, int], key: str) -> int:
     return after.get(key, 0) - before.get(key, 0)
-
-
-def wait_encoder(cluster: Cluster) -> None:
-    """The model is listed before the encode worker may have registered; without one the
-    processor sends images to the PD worker, which would measure EPD instead."""
-    deadline = time.monotonic() + ENCODER_TIMEOUT_S
-    while not counters(cluster):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no encode worker registered in {ENCODER_TIMEOUT_S} s")
-        time.sleep(0.5)
 
 
 # --------------------------------------------------------------------------- cache
@@ -122,8 +100,8 @@ def run_cache(model: str, seed: int, samples: int) -> dict[str, Any]:
     per_variant = {key: seeds[i * (samples + 1):(i + 1) * (samples + 1)] for i, key in enumerate(CACHE_VARIANTS)}
     probe = gemm_probe_gflops()
     result: dict[str, Any] = {"image_size": IMAGE_SIZE, "samples": samples, "probe_gflops": probe, "variants": {}}
-    with http_cluster(model, TOPOLOGIES["E/PD"], label="cache") as cluster:
-        wait_encoder(cluster)
+    with http_cluster(model, E_PD.script, label="cache") as cluster:
+        wait_workers(cluster, E_PD)
         for key, (_, messages) in CACHE_VARIANTS.items():
             asyncio.run(_cache_pairs(cluster.base_url, per_variant[key][:1], messages))   # warm-up, not counted
         for key, (label, messages) in CACHE_VARIANTS.items():
@@ -146,7 +124,10 @@ def cache_md(cache: dict[str, Any]) -> list[str]:
                     "PD prefix-cache block hits / queries"], rows)]
 
 
-# --------------------------------------------------------------------------- paired EPD vs E/PD
+# --------------------------------------------------------------------------- paired: two topologies
+
+Pair = tuple[Topology, Topology]   # (base, other): every difference is other - base
+
 
 def _paired_items(seed: int, tag: str, per_kind: int) -> list[WorkItem]:
     """Image and text-only requests alternating; each image never seen (a seed of its own) and
@@ -160,32 +141,33 @@ def _paired_items(seed: int, tag: str, per_kind: int) -> list[WorkItem]:
     return items
 
 
-def _order(j: int) -> list[str]:
-    """ABBA over (image, text) pairs: items j = 0, 1 go EPD first, 2, 3 E/PD first, ...; each
-    kind goes first on each cluster equally often (N even)."""
-    names = list(TOPOLOGIES)
+def _order(j: int, names: list[str]) -> list[str]:
+    """ABBA over (image, text) pairs: items j = 0, 1 go to the base first, 2, 3 to the other
+    first, ...; each kind goes first on each cluster equally often (N even)."""
     return names if (j // 2) % 2 == 0 else names[::-1]
 
 
 def compute_us(stats: dict[str, dict[str, int]]) -> int:
-    """Model compute a cluster's workers spent so far (us, cumulative): the PD workers' engine
-    steps that ran a prompt chunk (EPD: the image's encode is inside them) and the encode
-    workers' encoder calls."""
+    """Model compute a cluster's workers spent so far (us, cumulative): the PD and prefill
+    workers' engine steps that ran a prompt chunk (EPD: the image's encode is inside them) and
+    the encode workers' encoder calls."""
     return sum(v.get("prompt_step_us", 0) + v.get("encode_us", 0) for v in stats.values())
 
 
 async def _paired_run(clusters: dict[str, Cluster], items: list[WorkItem]) -> dict[str, list[RequestRecord]]:
-    """Each item to both clusters, back to back in `_order`, one request in flight at a time;
-    each record gets the model compute its cluster counted meanwhile (read between requests)."""
+    """Each item to both clusters (base first in `clusters`), back to back in `_order`, one
+    request in flight at a time; each record gets the model compute its cluster counted
+    meanwhile (read between requests)."""
     images = {it.rid: data_url(it.image) for it in items if it.image is not None}   # off the clock
-    out: dict[str, list[RequestRecord]] = {t: [] for t in clusters}
+    names = list(clusters)
+    out: dict[str, list[RequestRecord]] = {t: [] for t in names}
     async with contextlib.AsyncExitStack() as stack:
         clients = {t: await stack.enter_async_context(client_for(c.base_url)) for t, c in clusters.items()}
         readers = {t: await stack.enter_async_context(await StatsReader.connect(c.runtime))
                    for t, c in clusters.items()}
         spent = {t: compute_us(await r.read()) for t, r in readers.items()}
         for j, item in enumerate(items):
-            for t in _order(j):
+            for t in _order(j, names):
                 rec = RequestRecord(item.rid, item.image is not None, item.max_tokens)
                 out[t].append(await timed_chat(clients[t], rec, item.openai_messages(images.get(item.rid))))
                 before, spent[t] = spent[t], compute_us(await readers[t].read())
@@ -204,86 +186,88 @@ def median_ci_ms(values_s: list[float], seed: int = 0, level: float = 0.9) -> tu
 
 
 def _paired_kind(records: dict[str, list[RequestRecord]], has_image: bool) -> dict[str, Any]:
-    epd, split = ({r.rid: r for r in records[t] if r.has_image == has_image} for t in TOPOLOGIES)
-    # In send order: even ones went EPD first (`_order`).
-    deltas = [split[rid].ttft_s - epd[rid].ttft_s for rid in epd]
-    compute = [split[rid].compute_s - epd[rid].compute_s for rid in epd]
-    added = [d - c for d, c in zip(deltas, compute)]   # what E/PD adds besides the model's own compute
-    return {"requests": len(deltas), "epd_ttft_p50_ms": percentile([r.ttft_s for r in epd.values()], 50),
-            "split_ttft_p50_ms": percentile([r.ttft_s for r in split.values()], 50),
+    base, other = ({r.rid: r for r in recs if r.has_image == has_image} for recs in records.values())
+    # In send order: even ones went to the base first (`_order`).
+    deltas = [other[rid].ttft_s - base[rid].ttft_s for rid in base]
+    compute = [other[rid].compute_s - base[rid].compute_s for rid in base]
+    added = [d - c for d, c in zip(deltas, compute)]   # what the other adds besides the model's own compute
+    return {"requests": len(deltas), "base_ttft_p50_ms": percentile([r.ttft_s for r in base.values()], 50),
+            "other_ttft_p50_ms": percentile([r.ttft_s for r in other.values()], 50),
             "paired_delta_p50_ms": percentile(deltas, 50), "paired_delta_p25_ms": percentile(deltas, 25),
             "paired_delta_p75_ms": percentile(deltas, 75), "paired_delta_p50_ci90_ms": median_ci_ms(deltas),
-            "split_first_delta_p50_ms": percentile([d for j, d in enumerate(deltas) if j % 2], 50),
-            "epd_first_delta_p50_ms": percentile([d for j, d in enumerate(deltas) if not j % 2], 50),
-            "epd_compute_p50_ms": percentile([r.compute_s for r in epd.values()], 50),
+            "other_first_delta_p50_ms": percentile([d for j, d in enumerate(deltas) if j % 2], 50),
+            "base_first_delta_p50_ms": percentile([d for j, d in enumerate(deltas) if not j % 2], 50),
+            "base_compute_p50_ms": percentile([r.compute_s for r in base.values()], 50),
             "compute_delta_p50_ms": percentile(compute, 50), "compute_delta_p50_ci90_ms": median_ci_ms(compute),
             "added_delta_p50_ms": percentile(added, 50), "added_delta_p25_ms": percentile(added, 25),
             "added_delta_p75_ms": percentile(added, 75), "added_delta_p50_ci90_ms": median_ci_ms(added)}
 
 
-def _paired_round(model: str, seed: int, round_: int, per_kind: int, warmup: int
-                  ) -> tuple[dict[str, list[RequestRecord]], dict[str, dict[str, int]]]:
+def _paired_round(model: str, seed: int, round_: int, per_kind: int, warmup: int, pair: Pair
+                  ) -> tuple[dict[str, list[RequestRecord]], dict[str, Counters]]:
     """One pair of fresh clusters: `warmup` requests of each kind to both, then `per_kind`
-    image and `per_kind` text-only requests, each to both back to back; (records, counters
-    over the measured requests)."""
+    image and `per_kind` text-only requests, each to both back to back; (records per
+    topology name, base first; each cluster's counters over the measured requests)."""
     items = _paired_items(seed, f"paired-r{round_}", per_kind)
     warm = _paired_items(seed, f"paired-warmup-r{round_}", warmup)
-    order = list(TOPOLOGIES) if round_ % 2 == 0 else list(TOPOLOGIES)[::-1]
     with contextlib.ExitStack() as stack:
         # Entered one after the other, the first-started topology alternating by round.
-        clusters = {t: stack.enter_context(http_cluster(model, TOPOLOGIES[t], label=f"paired r{round_} {t}"))
-                    for t in order}
-        wait_encoder(clusters["E/PD"])
-        ordered = {t: clusters[t] for t in TOPOLOGIES}
-        asyncio.run(_paired_run(ordered, warm))
-        before = {t: counters(c, "backend") for t, c in clusters.items()} | {"encoder": counters(clusters["E/PD"])}
-        records = asyncio.run(_paired_run(ordered, items))
-        after = {t: counters(c, "backend") for t, c in clusters.items()} | {"encoder": counters(clusters["E/PD"])}
-    diffs = {t: {"prefix_cache_hits": _diff(before[t], after[t], "prefix_cache_hits")} for t in TOPOLOGIES}
-    diffs["encoder"] = {k: _diff(before["encoder"], after["encoder"], k) for k in ("cache_hits", "cache_misses")}
+        started = {t.name: stack.enter_context(http_cluster(model, t.script, label=f"paired r{round_} {t.name}"))
+                   for t in (pair if round_ % 2 == 0 else pair[::-1])}
+        clusters = {t.name: started[t.name] for t in pair}
+        for t in pair:
+            wait_workers(clusters[t.name], t)
+        asyncio.run(_paired_run(clusters, warm))
+        before = {t: component_counters(c) for t, c in clusters.items()}
+        records = asyncio.run(_paired_run(clusters, items))
+        diffs = {t: counter_diff(before[t], component_counters(c)) for t, c in clusters.items()}
     return records, diffs
 
 
-def run_paired(model: str, seed: int, per_kind: int, warmup: int, rounds: int) -> dict[str, Any]:
-    """`rounds` pairs of fresh EPD and E/PD clusters, `per_kind // rounds` requests of each
-    kind per round: two processes of one model differ in speed by a few percent for their
-    whole life (a per-cluster offset of ~10 ms in an image request's prefill here), which one
-    pair of clusters cannot average out however many requests it serves."""
+def _add(total: Counters, diff: Counters) -> None:
+    for comp, values in diff.items():
+        mine = total.setdefault(comp, {})
+        for key, value in values.items():
+            mine[key] = mine.get(key, 0) + value
+
+
+def run_paired(model: str, seed: int, per_kind: int, warmup: int, rounds: int, pair: Pair = (EPD, E_PD)
+               ) -> dict[str, Any]:
+    """`rounds` pairs of fresh clusters of `pair`, `per_kind // rounds` requests of each kind
+    per round: two processes of one model differ in speed by a few percent for their whole
+    life (a per-cluster offset of ~10 ms in an image request's prefill here), which one pair
+    of clusters cannot average out however many requests it serves."""
+    names = [t.name for t in pair]
     probes = [gemm_probe_gflops()]
-    records: dict[str, list[RequestRecord]] = {t: [] for t in TOPOLOGIES}
-    totals: dict[str, dict[str, int]] = {}
+    records: dict[str, list[RequestRecord]] = {t: [] for t in names}
+    totals: dict[str, Counters] = {t: {} for t in names}
     per_round = []
     for round_ in range(rounds):
-        recs, diffs = _paired_round(model, seed, round_, per_kind // rounds, warmup)
-        for t in TOPOLOGIES:
+        recs, diffs = _paired_round(model, seed, round_, per_kind // rounds, warmup, pair)
+        for t in names:
             records[t] += recs[t]
-        for t, d in diffs.items():
-            for k, v in d.items():
-                totals.setdefault(t, {})[k] = totals.get(t, {}).get(k, 0) + v
+            _add(totals[t], diffs[t])
         image = _paired_kind(recs, True)
-        per_round.append({"image_paired_delta_p50_ms": image["paired_delta_p50_ms"],
-                          "image_added_delta_p50_ms": image["added_delta_p50_ms"],
-                          "image_epd_ttft_p50_ms": image["epd_ttft_p50_ms"],
-                          "image_split_ttft_p50_ms": image["split_ttft_p50_ms"]})
-        print(f"[paired] round {round_ + 1}: image paired Δ p50 {image['paired_delta_p50_ms']:+.1f} ms, "
-              f"besides compute {image['added_delta_p50_ms']:+.1f} ms", flush=True)
+        per_round.append({k: image[k] for k in ("paired_delta_p50_ms", "added_delta_p50_ms",
+                                                 "base_ttft_p50_ms", "other_ttft_p50_ms")})
+        print(f"[paired] round {round_ + 1}: image {names[1]} - {names[0]} paired Δ p50 "
+              f"{image['paired_delta_p50_ms']:+.1f} ms, besides compute {image['added_delta_p50_ms']:+.1f} ms", flush=True)
     probes.append(gemm_probe_gflops())
     measured = rounds * (per_kind // rounds)
-    result = {"image_size": IMAGE_SIZE, "max_tokens": MAX_TOKENS, "per_kind": measured, "warmup": warmup,
-              "rounds": per_round, "probe_gflops": probes,
-              "image": _paired_kind(records, True), "text": _paired_kind(records, False),
-              "encoder_cache_hits": totals["encoder"]["cache_hits"],
-              "encoder_cache_misses": totals["encoder"]["cache_misses"],
-              "pd_prefix_cache_hits": {t: totals[t]["prefix_cache_hits"] for t in TOPOLOGIES},
+    result = {"topologies": names, "image_size": IMAGE_SIZE, "max_tokens": MAX_TOKENS, "per_kind": measured,
+              "warmup": warmup, "rounds": per_round, "probe_gflops": probes,
+              "image": _paired_kind(records, True), "text": _paired_kind(records, False), "counters": totals,
               "records": {t: [asdict(r) for r in recs] for t, recs in records.items()}}
     for kind in ("image", "text"):
         k = result[kind]
-        print(f"[paired] {kind}: TTFT p50 EPD {k['epd_ttft_p50_ms']:.0f} ms, E/PD {k['split_ttft_p50_ms']:.0f} ms, "
-              f"paired Δ p50 {k['paired_delta_p50_ms']:+.1f} ms, besides compute {k['added_delta_p50_ms']:+.1f} ms "
-              f"({k['requests']} pairs)", flush=True)
-    if result["encoder_cache_misses"] != measured or result["encoder_cache_hits"]:
-        print(f"[paired] warning: the encode workers counted {result['encoder_cache_misses']} misses and "
-              f"{result['encoder_cache_hits']} hits for {measured} new images", flush=True)
+        print(f"[paired] {kind}: TTFT p50 {names[0]} {k['base_ttft_p50_ms']:.0f} ms, {names[1]} "
+              f"{k['other_ttft_p50_ms']:.0f} ms, paired Δ p50 {k['paired_delta_p50_ms']:+.1f} ms, besides compute "
+              f"{k['added_delta_p50_ms']:+.1f} ms ({k['requests']} pairs)", flush=True)
+    for t in names:
+        enc = totals[t].get("encoder")
+        if enc is not None and (enc.get("cache_misses", 0) != measured or enc.get("cache_hits", 0)):
+            print(f"[paired] warning: {t}'s encode workers counted {enc.get('cache_misses', 0)} misses and "
+                  f"{enc.get('cache_hits', 0)} hits for {measured} new images", flush=True)
     return result
 
 
@@ -292,35 +276,42 @@ def ci_text(pair: tuple[float, float]) -> str:
     return "{:+.1f} .. {:+.1f}".format(*pair)
 
 
-def paired_md(paired: dict[str, Any]) -> list[str]:
+def _cache_counts(paired: dict[str, Any]) -> str:
+    """Encoder hits / misses and prefix-cache block hits (every worker) of each topology."""
+    parts = []
+    for t, comps in paired["counters"].items():
+        enc = comps.get("encoder")
+        hits = sum(v.get("prefix_cache_hits", 0) for v in comps.values())
+        encoder = f"encoder hits / misses {enc.get('cache_hits', 0)} / {enc.get('cache_misses', 0)}, " if enc else ""
+        parts.append(f"{t}: {encoder}prefix-cache block hits {hits}")
+    return "; ".join(parts)
+
+
+def paired_md(paired: dict[str, Any], section: str) -> list[str]:
+    """Section `section` of a report: the paired comparison's tables."""
+    base, other = paired["topologies"]
     kinds = [(kind, k) for kind in ("image", "text") if (k := paired[kind])]
-    rows = [[kind, str(k["requests"]), f"{k['epd_ttft_p50_ms']:.0f}", f"{k['split_ttft_p50_ms']:.0f}",
-             f"{k['split_ttft_p50_ms'] - k['epd_ttft_p50_ms']:+.1f}", f"{k['paired_delta_p50_ms']:+.1f}",
+    rows = [[kind, str(k["requests"]), f"{k['base_ttft_p50_ms']:.0f}", f"{k['other_ttft_p50_ms']:.0f}",
+             f"{k['other_ttft_p50_ms'] - k['base_ttft_p50_ms']:+.1f}", f"{k['paired_delta_p50_ms']:+.1f}",
              ci_text(k["paired_delta_p50_ci90_ms"]),
              f"{k['paired_delta_p25_ms']:+.1f} .. {k['paired_delta_p75_ms']:+.1f}",
-             f"{k['epd_first_delta_p50_ms']:+.1f} / {k['split_first_delta_p50_ms']:+.1f}"] for kind, k in kinds]
-    added = [[kind, f"{k['epd_compute_p50_ms']:.0f}", f"{k['compute_delta_p50_ms']:+.1f}",
+             f"{k['base_first_delta_p50_ms']:+.1f} / {k['other_first_delta_p50_ms']:+.1f}"] for kind, k in kinds]
+    added = [[kind, f"{k['base_compute_p50_ms']:.0f}", f"{k['compute_delta_p50_ms']:+.1f}",
               ci_text(k["compute_delta_p50_ci90_ms"]), f"{k['added_delta_p50_ms']:+.1f}",
               ci_text(k["added_delta_p50_ci90_ms"]),
               f"{k['added_delta_p25_ms']:+.1f} .. {k['added_delta_p75_ms']:+.1f}"] for kind, k in kinds]
-    hits = paired["pd_prefix_cache_hits"]
-    rounds = ", ".join(f"{r['image_paired_delta_p50_ms']:+.1f}" for r in paired["rounds"])
-    rounds_added = ", ".join(f"{r['image_added_delta_p50_ms']:+.1f}" for r in paired["rounds"])
-    return [f"## 4. EPD vs E/PD at c=1, interleaved ({len(paired['rounds'])} round(s), each on a fresh pair of "
-            f"clusters, both up, each request to both back to back, ABBA; {paired['max_tokens']} output tokens)", "",
-            *table(["requests", "pairs", "EPD TTFT p50 ms", "E/PD TTFT p50 ms", "Δ of p50s ms", "paired Δ p50 ms",
-                    "its 90% CI (bootstrap) ms", "paired Δ p25 .. p75 ms", "paired Δ p50, EPD first / E/PD first"], rows),
-            "The same pairs split into the model's compute (the workers' own counters) and the rest, what "
-            "E/PD adds:", "",
-            *table(["requests", "EPD compute p50 ms", "compute paired Δ p50 ms", "its 90% CI ms",
+    rounds = ", ".join(f"{r['paired_delta_p50_ms']:+.1f}" for r in paired["rounds"])
+    rounds_added = ", ".join(f"{r['added_delta_p50_ms']:+.1f}" for r in paired["rounds"])
+    return [f"## {section}. {base} vs {other} at c=1, interleaved ({len(paired['rounds'])} round(s), each on a fresh "
+            f"pair of clusters, both up, each request to both back to back, ABBA; {paired['max_tokens']} output "
+            "tokens)", "",
+            *table(["requests", "pairs", f"{base} TTFT p50 ms", f"{other} TTFT p50 ms", "Δ of p50s ms",
+                    "paired Δ p50 ms", "its 90% CI (bootstrap) ms", "paired Δ p25 .. p75 ms",
+                    f"paired Δ p50, {base} first / {other} first"], rows),
+            f"The same pairs split into the model's compute (the workers' own counters) and the rest, what "
+            f"{other} adds:", "",
+            *table(["requests", f"{base} compute p50 ms", "compute paired Δ p50 ms", "its 90% CI ms",
                     "TTFT - compute paired Δ p50 ms", "its 90% CI ms", "its p25 .. p75 ms"], added),
-            f"Encoder hits / misses over the measured requests: {paired['encoder_cache_hits']} / "
-            f"{paired['encoder_cache_misses']}; PD prefix-cache block hits: "
-            + ", ".join(f"{t} {n}" for t, n in hits.items())
-            + "; probe GFLOP/s before / after: " + " / ".join(f"{p:.0f}" for p in paired["probe_gflops"]) + ".", "",
+            f"Over the measured requests: {_cache_counts(paired)}; probe GFLOP/s before / after: "
+            + " / ".join(f"{p:.0f}" for p in paired["probe_gflops"]) + ".", "",
             f"Image paired Δ p50 per round (ms): {rounds}; besides compute: {rounds_added}.", ""]
-
-
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(r) + " |" for r in rows), ""]

@@ -19,7 +19,6 @@ Writes embedding_transfer.json (raw numbers) and embedding_transfer.md (tables) 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import time
 from collections.abc import Callable
@@ -27,13 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster import http_cluster, http_level
-from cluster_ttft import (TOPOLOGIES, cache_md, ci_text, counters, paired_md, run_cache, run_paired, table,
-                          wait_encoder)
-from common import (RequestRecord, build_workload, ensure_model, gemm_probe_gflops, level_result, machine_info,
-                    percentile, write_report)
+from cluster_ttft import cache_md, ci_text, paired_md, run_cache, run_paired
+from common import (Target, ensure_model, gemm_probe_gflops, machine_info, percentile, table, targets_table,
+                    write_report)
 from epdserve.config import WorkerConfig
-from transfer_probe import MODES, measure_pair, memcpy_times
+from topologies import E_PD, EPD, paired_ttft_delta_ms, run_topologies
+from transfer_probe import MODES, measure_pair, memcpy_times, merge_rounds, mode_rates, rate
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"handoff_vs_raw": 0.8, "hit_vs_miss": 0.4, "epd_split_ttft_ms": 5.0, "epd_split_tok_s": 0.9}
@@ -75,34 +73,6 @@ class Config:
 
 # --------------------------------------------------------------------------- 1. bandwidth
 
-def _rate(nbytes: int, times: list[float], **extra: Any) -> dict[str, Any]:
-    """Median and best GB/s (10^9 bytes) of one measurement's repetitions."""
-    median_ms = percentile(times, 50)
-    return {"median_gbps": nbytes / median_ms / 1e6, "best_gbps": nbytes / min(times) / 1e9,
-            "median_ms": median_ms, "times_ms": [t * 1000 for t in times], **extra}
-
-
-def _mode_rates(result: dict[str, Any], cases: tuple[Case, ...]) -> dict[str, Any]:
-    if "cases" not in result:
-        return {"status": "unavailable" if "unavailable" in result else "error",
-                "why": result.get("unavailable") or result.get("error")}
-    rates = {}
-    for case, got in zip(cases, result["cases"]):
-        rates[case.name] = _rate(case.nbytes, got["total_s"], read_median_ms=percentile(got["read_s"], 50),
-                                 held=got["held"])
-    return {"status": "ok", "cases": rates}
-
-
-def _merge(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """One mode's rounds as one result: every repetition of every round, or the first failure."""
-    if failed := next((r for r in rounds if "cases" not in r), None):
-        return failed
-    return {"cases": [{"total_s": [t for c in per_round for t in c["total_s"]],
-                       "read_s": [t for c in per_round for t in c["read_s"]],
-                       "held": sum(c["held"] for c in per_round)}
-                      for per_round in zip(*(r["cases"] for r in rounds))]}
-
-
 def _log_round(round_: int, tls: str | None, case: Case, results: dict[str, dict[str, Any]]) -> None:
     parts = [f"{mode} {case.nbytes / percentile(r['cases'][0]['total_s'], 50) / 1e6:.2f} GB/s"   # B/ms -> GB/s
              if "cases" in r else f"{mode} failed" for mode, r in results.items()]
@@ -124,10 +94,11 @@ def run_bandwidth(cfg: Config) -> dict[str, Any]:
             for mode in MODES:
                 runs[tls, mode].append(measure_pair(mode, tls, spec))
             _log_round(round_, tls, cfg.cases[0], {m: runs[tls, m][-1] for m in MODES})
+    named = [(c.name, c.nbytes) for c in cfg.cases]
     settings = [{"ucx_tls": tls or "default", "probe_gflops": probes[tls],
-                 "modes": {m: _mode_rates(_merge(runs[tls, m]), cfg.cases) for m in MODES}}
+                 "modes": {m: mode_rates(merge_rounds(runs[tls, m]), named) for m in MODES}}
                 for tls in cfg.ucx_settings]
-    memcpy = {c.name: _rate(c.nbytes, memcpy_times([list(s) for s in c.shapes], cfg.reps * cfg.rounds, cfg.warmup))
+    memcpy = {c.name: rate(c.nbytes, memcpy_times([list(s) for s in c.shapes], cfg.reps * cfg.rounds, cfg.warmup))
               for c in cfg.cases}
     return {"staging_bytes": STAGING_BYTES, "settings": settings, "memcpy": memcpy}
 
@@ -144,79 +115,7 @@ def _winner(bandwidth: dict[str, Any], case: str, mode: str = "handoff") -> str:
     return max(ok, key=lambda s: s["modes"][mode]["cases"][case]["median_gbps"])["ucx_tls"] if ok else "–"
 
 
-# --------------------------------------------------------------------------- 3. topologies
-
-@dataclass
-class LevelRun:
-    """One level of one topology on one fresh cluster."""
-
-    records: list[RequestRecord]
-    wall_s: float
-    probe_gflops: float
-    encoder: dict[str, int]   # the encode workers' counters after the level (E/PD)
-
-
-def _topology_level(cfg: Config, topology: str, concurrency: int, requests: int, round_: int) -> LevelRun:
-    """One level on a fresh cluster of `topology`, after a two-request warm-up."""
-    items, warmup = build_workload(requests, cfg.seed, f"c{concurrency}"), build_workload(2, cfg.seed, "warmup")
-    probe = gemm_probe_gflops()
-    with http_cluster(cfg.model, TOPOLOGIES[topology], label=f"{topology} c={concurrency}") as cluster:
-        if topology == "E/PD":
-            wait_encoder(cluster)
-        asyncio.run(http_level(cluster.base_url, warmup, 2))
-        records, wall = asyncio.run(http_level(cluster.base_url, items, concurrency))
-        encoder = counters(cluster)
-    images = sum(it.image is not None for it in items + warmup)
-    if topology == "E/PD" and encoder.get("cache_hits", 0) + encoder.get("cache_misses", 0) < images:
-        print(f"[{topology}] warning: the encode worker saw fewer than the {images} images sent", flush=True)
-    for r in records:
-        r.rid = f"r{round_}/{r.rid}"   # requests pair up across topologies by round and rid
-    ttft = percentile([r.ttft_s for r in records], 50)
-    print(f"[{topology}] round {round_ + 1}, c={concurrency}: {sum(r.output_tokens for r in records) / wall:.1f} "
-          f"tok/s, TTFT p50 {ttft:.0f} ms, {wall:.1f} s", flush=True)
-    return LevelRun(records, wall, probe, encoder)
-
-
-def _pool(concurrency: int, runs: list[LevelRun]) -> dict[str, Any]:
-    """A level's rounds as one: every request of every round, over their summed wall time."""
-    records = [r for run in runs for r in run.records]
-    return level_result(
-        concurrency, records, sum(run.wall_s for run in runs), {},
-        probe_gflops=[run.probe_gflops for run in runs], encoder=[run.encoder for run in runs],
-        rounds=[{"wall_s": run.wall_s, "ttft_p50_ms": percentile([r.ttft_s for r in run.records], 50),
-                 "output_tok_s": sum(r.output_tokens for r in run.records) / run.wall_s} for run in runs],
-        image_ttft_p50_ms=percentile([r.ttft_s for r in records if r.has_image], 50),
-        text_ttft_p50_ms=percentile([r.ttft_s for r in records if not r.has_image], 50))
-
-
-def run_topologies(cfg: Config) -> dict[str, list[dict[str, Any]]]:
-    """Round after round; in each, both topologies at one level, then the next level (a shared
-    VM drifts over minutes). Each cluster picks its GEMM kernels by timing them at load, so
-    clusters differ a little by themselves: rounds average that out too."""
-    runs: dict[tuple[str, int], list[LevelRun]] = {(t, c): [] for t in TOPOLOGIES for c, _ in cfg.levels}
-    for round_ in range(cfg.topology_rounds):
-        for concurrency, requests in cfg.levels:
-            for topology in TOPOLOGIES:
-                runs[topology, concurrency].append(_topology_level(cfg, topology, concurrency, requests, round_))
-    return {t: [_pool(c, runs[t, c]) for c, _ in cfg.levels] for t in TOPOLOGIES}
-
-
-def paired_ttft_delta_ms(a: dict[str, Any], b: dict[str, Any]) -> float:
-    """Median over requests of b's TTFT minus a's for the same request (same workload): steadier
-    than a difference of medians when prompts and images vary from request to request."""
-    ttft = {r["rid"]: r["ttft_s"] for r in a["records"]}
-    return percentile([r["ttft_s"] - ttft[r["rid"]] for r in b["records"] if r["rid"] in ttft], 50)
-
-
 # --------------------------------------------------------------------------- targets and report
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    goal: str
-    measured: str
-    holds: bool | None   # None: informational, no goal
-
 
 def evaluate_targets(results: dict[str, Any]) -> list[Target]:
     bw, topo, paired = results["bandwidth"], results["topologies"], results["paired"]
@@ -226,7 +125,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[Target]:
     best = _winner(bw, first)
     best_ratio = _ratio(next(s for s in bw["settings"] if s["ucx_tls"] == best), first, "raw") if best != "–" \
         else float("nan")
-    epd, split = ({lvl["concurrency"]: lvl for lvl in topo[t]} for t in TOPOLOGIES)
+    epd, split = ({lvl["concurrency"]: lvl for lvl in topo[t.name]} for t in (EPD, E_PD))
     high = 32 if 32 in epd else max(epd)
     image = paired["image"]
     delta, added = image["paired_delta_p50_ms"], image["added_delta_p50_ms"]
@@ -247,7 +146,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[Target]:
                added <= TARGETS["epd_split_ttft_ms"]),
         Target("E/PD - EPD TTFT at c=1, image requests, end to end (interleaved, paired median; informational)", "–",
                f"{delta:+.1f} ms (90% CI {ci_text(image['paired_delta_p50_ci90_ms'])}; p50 EPD "
-               f"{image['epd_ttft_p50_ms']:.0f} / E/PD {image['split_ttft_p50_ms']:.0f} ms)", None),
+               f"{image['base_ttft_p50_ms']:.0f} / E/PD {image['other_ttft_p50_ms']:.0f} ms)", None),
         Target(f"E/PD / EPD output tok/s at c={high}", f">= {TARGETS['epd_split_tok_s']}", f"{tok:.2f}x",
                tok >= TARGETS["epd_split_tok_s"]),
     ]
@@ -295,7 +194,7 @@ def _bandwidth_md(bw: dict[str, Any], cases: list[Case]) -> list[str]:
 
 
 def _topologies_md(topo: dict[str, list[dict[str, Any]]]) -> list[str]:
-    epd, split = ({lvl["concurrency"]: lvl for lvl in topo[t]} for t in TOPOLOGIES)
+    epd, split = ({lvl["concurrency"]: lvl for lvl in topo[t.name]} for t in (EPD, E_PD))
     rows = [[str(c), f"{epd[c]['ttft_p50_ms']:.0f}", f"{split[c]['ttft_p50_ms']:.0f}",
              f"{split[c]['ttft_p50_ms'] - epd[c]['ttft_p50_ms']:+.1f}", f"{paired_ttft_delta_ms(epd[c], split[c]):+.1f}",
              f"{epd[c]['image_ttft_p50_ms']:.0f}", f"{split[c]['image_ttft_p50_ms']:.0f}",
@@ -372,13 +271,11 @@ def render_markdown(report: dict[str, Any]) -> str:
          f"load average {mach['loadavg_at_start'][0]:.2f} at start, {mach['loadavg_at_end'][0]:.2f} at end; "
          f"total {report['total_wall_s']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in report["wall_s"].items())
          + ")."), "",
-        *table(["target", "goal", "measured", "holds"],
-               [[t["name"], t["goal"], t["measured"], {True: "yes", False: "**no**", None: "n/a"}[t["holds"]]]
-                for t in report["targets"]]),
+        *targets_table(report["targets"]),
         *_bandwidth_md(res["bandwidth"], cases),
         *cache_md(res["cache"]),
         *_topologies_md(res["topologies"]),
-        *paired_md(res["paired"]),
+        *paired_md(res["paired"], "4"),
         "## Definitions", "", NOTES]
     return "\n".join(lines)
 
@@ -425,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     report["results"], report["wall_s"] = {}, {}
     parts: dict[str, Callable[[Config], dict[str, Any]]] = {
         "bandwidth": run_bandwidth, "cache": lambda c: run_cache(c.model, c.seed, c.cache_samples),
-        "topologies": run_topologies,
+        "topologies": lambda c: run_topologies(c.model, c.seed, (EPD, E_PD), c.levels, c.topology_rounds),
         "paired": lambda c: run_paired(c.model, c.seed, c.paired_requests, c.paired_warmup, c.paired_rounds)}
     for part, run in parts.items():
         part_start = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Hand-off bandwidth between two processes, as between an encode worker and a PD worker.
+"""Transfer bandwidth between two processes: embeddings as between an encode worker and a PD
+worker, KV blocks as between a prefill and a decode worker.
 
 `measure_pair(mode, ucx_tls, spec)` starts a holder and a reader, each a fresh
 `python transfer_probe.py ROLE MODE FD SPEC [RESULT_FD]`, with UCX_TLS in their environment
@@ -12,6 +13,12 @@ before nixl loads. They talk over a multiprocessing Pipe. Modes:
               one initialize_xfer + transfer + busy-polled check_xfer_state; the holder
               busy-polls get_new_notifs (it progresses READs that need the target, e.g. TCP).
   raw-prog -- the same with NIXL's default progress thread; both sides poll every POLL_S.
+  kv       -- the P/D path: the holder's `KVTransfer` (a KV pool of `spec["kv"]`'s shape,
+              registered once) hands out a case's `remote` blocks and awaits `expect(notif)`,
+              as `PrefillHandler` does; the reader `KVTransfer.load`s them into its own pool's
+              `local` blocks (none cached), as `PDHandler._decode` does.
+  kv-1range -- the same holder; the reader `TransferAgent.read_ranges` the same number of
+              bytes as one range, pool start to pool start: the agent without block structure.
 Per rep: the reader sends ("go", case, notif); the holder arms its wait for `notif` and
 answers ("armed", ...); the reader times its READ. The holder goes back to the pipe only once
 the READ's notification has arrived, so no two reps overlap.
@@ -31,9 +38,11 @@ from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 from typing import Any
 
+import numpy as np
 import torch
 
 MODES = ("handoff", "raw", "raw-prog")
+KV_MODES = ("kv", "kv-1range")
 POLL_S = 0.0001          # raw-prog: the progress thread moves data, the waiters only look
 NOTIF_TIMEOUT_S = 60.0
 
@@ -113,9 +122,58 @@ class RawHolder:
                 time.sleep(POLL_S)
 
 
+def _kv_pool(kv: dict[str, Any]) -> Any:
+    """A zero-filled `KVCache` of `kv`'s shape, allocated as a worker allocates its pool: after
+    `keep_freed_memory` (its start-up), so from the same kind of memory."""
+    from epdserve.models.paged import KVCache
+    from epdserve.tools.memory import keep_freed_memory
+    keep_freed_memory()
+    return KVCache.allocate(kv["num_layers"], kv["num_blocks"], kv["block_size"], kv["num_kv_heads"],
+                            kv["head_dim"], getattr(torch, kv["dtype"]), "cpu")
+
+
+def _block_bytes(pool: torch.Tensor) -> torch.Tensor:
+    """`pool` [2, layers, blocks, ...] as bytes [2, layers, blocks, one layer's K (or V) of a block]."""
+    return pool.view(torch.uint8).view(*pool.shape[:3], -1)
+
+
+def _block_marks(pool: torch.Tensor) -> torch.Tensor:
+    """Each (K/V, layer, block)'s mark: its index in the pool, mod 251 (any dtype, as bytes)."""
+    kv, layers, blocks = pool.shape[:3]
+    return (torch.arange(kv * layers * blocks) % 251).to(torch.uint8).view(kv, layers, blocks)
+
+
+class KVHolder:
+    """The prefill worker's side: a KV pool registered by `KVTransfer`, every block's bytes set
+    to its mark; each case's `remote` blocks handed out as `PrefillHandler` hands out a
+    prompt's, `expect(notif)` awaited."""
+
+    def __init__(self, spec: dict[str, Any]):
+        from epdserve.transfer.agent import TransferAgent
+        from epdserve.worker.kv_transfer import KVTransfer
+        self.agent = TransferAgent("holder", 0, torch.device("cpu"))
+        kv = _kv_pool(spec["kv"])
+        self.pool = kv.pool   # KVTransfer keeps only its layout; registered memory must stay alive
+        _block_bytes(self.pool)[:] = _block_marks(self.pool).unsqueeze(-1)
+        self.kv = KVTransfer(self.agent, kv)
+        self.blocks = [case["remote"] for case in spec["cases"]]
+
+    def describe(self) -> bytes:
+        return self.agent.metadata
+
+    async def serve(self, case: int, notif: bytes, peer: Connection) -> None:
+        done = self.agent.expect(notif)
+        try:
+            peer.send(("armed", self.kv.handoff(notif, self.blocks[case], 0).SerializeToString(), None))
+            await asyncio.wait_for(done, NOTIF_TIMEOUT_S)
+        finally:
+            self.agent.forget(notif)
+
+
 async def holder(mode: str, spec: dict[str, Any], peer: Connection) -> None:
     try:
-        store = HandoffHolder(spec["cases"]) if mode == "handoff" else RawHolder(spec["cases"], mode == "raw-prog")
+        store = HandoffHolder(spec["cases"]) if mode == "handoff" else KVHolder(spec) if mode in KV_MODES \
+            else RawHolder(spec["cases"], mode == "raw-prog")
     except Exception as exc:   # e.g. a UCX_TLS this machine cannot serve
         peer.send(("unavailable", f"{type(exc).__name__}: {exc}"))
         return
@@ -161,7 +219,7 @@ class HandoffReader:
 
         self.agent.read = timed_read
 
-    async def read(self, notif: bytes, handoff: bytes, remotes: list) -> Sample:
+    async def read(self, case: int, notif: bytes, handoff: bytes, remotes: list) -> Sample:
         from epdserve.protocol import epdserve_pb2 as pb
         req = pb.GenerateRequest(handoff=pb.EmbeddingHandoff.FromString(handoff))
         for r in remotes:
@@ -182,7 +240,7 @@ class RawReader:
         self.nixl.register_memory(self.region)
         self.peer = self.nixl.add_remote_agent(peer_metadata)
 
-    async def read(self, notif: bytes, handoff: bytes, descs: list) -> Sample:
+    async def read(self, case: int, notif: bytes, handoff: bytes, descs: list) -> Sample:
         local, remote, views, cursor = [], [], [], 0
         for addr, nbytes in descs:   # back to back in the local region, as TransferAgent.read does
             local.append((self.region.data_ptr() + cursor * 4, nbytes, 0))
@@ -204,14 +262,61 @@ class RawReader:
         return Sample(elapsed, elapsed, True, _correct(views))
 
 
+class KVReader:
+    """The decode worker's side: its own pool registered by `KVTransfer`; `load` of a case's
+    blocks into its `local` ones ("kv", timed whole and inside `read_ranges`), or one
+    `read_ranges` of as many bytes from the peer's pool start to ours ("kv-1range")."""
+
+    def __init__(self, spec: dict[str, Any], one_range: bool):
+        from epdserve.transfer.agent import TransferAgent
+        from epdserve.worker.kv_transfer import KVTransfer
+        self.agent = TransferAgent("reader", 0, torch.device("cpu"))
+        kv = _kv_pool(spec["kv"])
+        self.kv = KVTransfer(self.agent, kv)
+        self.pool = _block_bytes(kv.pool)   # a view: keeps the registered pool alive
+        self.marks = _block_marks(kv.pool)   # the holder's pool has the same shape
+        self.cases = spec["cases"]
+        self.one_range = one_range
+
+    async def read(self, case: int, notif: bytes, handoff: bytes, _: Any) -> Sample:
+        from epdserve.protocol import epdserve_pb2 as pb
+        kv = pb.KVHandoff.FromString(handoff)
+        local, remote = self.cases[case]["local"], self.cases[case]["remote"]
+        inside = self.kv.read_s
+        start = time.perf_counter()
+        if self.one_range:
+            nbytes = len(local) * self.pool[:, :, 0].numel()
+            await self.agent.read_ranges(kv.holder, [(self.kv.layout.base, nbytes)], [(kv.layout.base, nbytes)],
+                                         NOTIF_TIMEOUT_S)
+        else:
+            await self.kv.load(kv, local, 0)
+        elapsed = time.perf_counter() - start
+        read_s = elapsed if self.one_range else self.kv.read_s - inside
+        return Sample(elapsed, read_s, True, self._correct(local, remote))
+
+    def _correct(self, local: list[int], remote: list[int]) -> bool:
+        """Whether our blocks (first and last byte of each) carry the marks of theirs. Reads only
+        those bytes: copying the blocks out (tens of MB, freed again) between READs made the
+        next READ up to 40% slower."""
+        if self.one_range:   # as many (K/V, layer, block) slots as the blocks have, from the start
+            flat, n = self.pool.flatten(0, 2), len(local) * self.pool.shape[0] * self.pool.shape[1]
+            want = self.marks.flatten()[:n]
+            return bool((flat[:n, 0] == want).all() and (flat[:n, -1] == want).all())
+        want = self.marks[:, :, remote]
+        return bool((self.pool[:, :, local, 0] == want).all() and (self.pool[:, :, local, -1] == want).all())
+
+
 async def reader(mode: str, spec: dict[str, Any], peer: Connection) -> dict[str, Any]:
     kind, info = peer.recv()
     if kind == "unavailable":
         return {"unavailable": f"holder: {info}"}
-    capacity = max(_nbytes(s) for s in spec["cases"])
     try:
-        rd = HandoffReader(max(capacity, spec["staging_bytes"])) if mode == "handoff" \
-            else RawReader(capacity, mode == "raw-prog", info)
+        if mode in KV_MODES:
+            rd: Any = KVReader(spec, mode == "kv-1range")
+        elif mode == "handoff":
+            rd = HandoffReader(max(max(_nbytes(s) for s in spec["cases"]), spec["staging_bytes"]))
+        else:
+            rd = RawReader(max(_nbytes(s) for s in spec["cases"]), mode == "raw-prog", info)
     except Exception as exc:
         return {"unavailable": f"reader: {type(exc).__name__}: {exc}"}
     cases = []
@@ -221,7 +326,7 @@ async def reader(mode: str, spec: dict[str, Any], peer: Connection) -> dict[str,
             notif = f"{i}/{rep}".encode()
             peer.send(("go", i, notif))
             _, handoff, remotes = peer.recv()
-            sample = await rd.read(notif, handoff, remotes)
+            sample = await rd.read(i, notif, handoff, remotes)
             if not sample.correct:
                 raise RuntimeError("read back the wrong bytes")
             if rep >= spec["warmup"]:   # the first READs also connect the peers
@@ -261,6 +366,37 @@ def measure_pair(mode: str, ucx_tls: str | None, spec: dict[str, Any], timeout: 
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+
+
+def rate(nbytes: int, times: list[float], **extra: Any) -> dict[str, Any]:
+    """Median and best GB/s (10^9 bytes) of one measurement's repetitions (`times` in s)."""
+    median_ms = float(np.median(times)) * 1000
+    return {"median_gbps": nbytes / median_ms / 1e6, "best_gbps": nbytes / min(times) / 1e9,
+            "median_ms": median_ms, "times_ms": [t * 1000 for t in times], **extra}
+
+
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's results of several `measure_pair` rounds as one: every repetition of every
+    round, or the first failure."""
+    if failed := next((r for r in rounds if "cases" not in r), None):
+        return failed
+    return {"cases": [{"total_s": [t for c in per_round for t in c["total_s"]],
+                       "read_s": [t for c in per_round for t in c["read_s"]],
+                       "held": sum(c["held"] for c in per_round)}
+                      for per_round in zip(*(r["cases"] for r in rounds))]}
+
+
+def mode_rates(result: dict[str, Any], cases: list[tuple[str, int]]) -> dict[str, Any]:
+    """A (merged) reader result as {"status": "ok", "cases": {name: `rate`}} for `cases`
+    ((name, bytes) in the spec's order), or its status and why."""
+    if "cases" not in result:
+        return {"status": "unavailable" if "unavailable" in result else "error",
+                "why": result.get("unavailable") or result.get("error")}
+    rates = {}
+    for (name, nbytes), got in zip(cases, result["cases"]):
+        rates[name] = rate(nbytes, got["total_s"], read_median_ms=float(np.median(got["read_s"])) * 1000,
+                           held=got["held"])
+    return {"status": "ok", "cases": rates}
 
 
 def memcpy_times(shapes: list[list[int]], reps: int, warmup: int) -> list[float]:
