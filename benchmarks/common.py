@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,29 @@ def machine_info() -> dict[str, Any]:
         "transformers": transformers.__version__, "python": sys.version.split()[0],
         "platform": platform.platform(), "loadavg_at_start": os.getloadavg(),
     }
+
+
+def run_parts(config: dict[str, Any], parts: dict[str, Callable[[], dict[str, Any]]]) -> dict[str, Any]:
+    """A report of `config`, the machine, and each part's results and wall seconds, the parts
+    run in order."""
+    report: dict[str, Any] = {"config": config, "machine": machine_info(), "results": {}, "wall_s": {}}
+    start = time.perf_counter()
+    for part, run in parts.items():
+        part_start = time.perf_counter()
+        report["results"][part] = run()
+        report["wall_s"][part] = time.perf_counter() - part_start
+    report["machine"]["loadavg_at_end"] = os.getloadavg()
+    report["total_wall_s"] = time.perf_counter() - start
+    return report
+
+
+def machine_line(report: dict[str, Any]) -> str:
+    """The report's machine, its load and where the time went, as one Markdown line."""
+    mach = report["machine"]
+    return (f"Machine: {mach['cores']} cores ({mach['cpu']}), torch {mach['torch']} (threads: {mach['torch_threads']}); "
+            f"load average {mach['loadavg_at_start'][0]:.2f} at start, {mach['loadavg_at_end'][0]:.2f} at end; "
+            f"total {report['total_wall_s']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in report["wall_s"].items())
+            + ").")
 
 
 PROBE_SHAPE = (256, 512, 1376)   # rows, in, out: one of the bench model's prompt-chunk GEMMs

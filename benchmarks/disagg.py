@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from cluster_ttft import ci_text, paired_md, run_paired
-from common import (Target, ensure_model, gemm_probe_gflops, machine_info, table, targets_table, write_report)
+from common import (Target, ensure_model, gemm_probe_gflops, machine_line, run_parts, table, targets_table,
+                    write_report)
 from epdserve.config import WorkerConfig
 from topologies import E_P_D, E_PD, EPD, paired_ttft_delta_ms, run_topologies
 from transfer_probe import measure_pair, memcpy_times, merge_rounds, mode_rates, rate
@@ -279,15 +278,12 @@ NOTES = """\
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    cfg, mach, res = report["config"], report["machine"], report["results"]
+    cfg, res = report["config"], report["results"]
     lines = [
         "# E/P/D disaggregation", "",
         (f"Model `{cfg['model']}` (preset: {cfg['preset'] or 'given'}); seed {cfg['seed']}; OMP threads: "
          f"{cfg['threads']}."),
-        (f"Machine: {mach['cores']} cores ({mach['cpu']}), torch {mach['torch']} (threads: {mach['torch_threads']}); "
-         f"load average {mach['loadavg_at_start'][0]:.2f} at start, {mach['loadavg_at_end'][0]:.2f} at end; "
-         f"total {report['total_wall_s']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in report["wall_s"].items())
-         + ")."), "",
+        machine_line(report), "",
         *targets_table(report["targets"]),
         *_topologies_md(res["topologies"]),
         *_in_cluster_md(res["in_cluster_kv"], res["kv"]["bytes_per_block"]),
@@ -331,24 +327,15 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)   # inherited by every child, read at torch import
     import torch
     torch.set_num_threads(args.threads)
-    cfg = make_config(args)
-    report: dict[str, Any] = {"config": {**asdict(cfg), "threads": args.threads}, "machine": machine_info()}
-    start = time.perf_counter()
-    report["results"], report["wall_s"] = {}, {}
+    c = make_config(args)
     # The short KV probe first: a failure there shows before the clusters' half hour.
-    parts: dict[str, Callable[[Config], dict[str, Any]]] = {
-        "kv": run_kv,
-        "topologies": lambda c: run_topologies(c.model, c.seed, TOPOLOGIES, c.levels, c.topology_rounds),
-        "paired": lambda c: run_paired(c.model, c.seed, c.paired_requests, c.paired_warmup, c.paired_rounds,
-                                       pair=(E_PD, E_P_D))}
-    for part, run in parts.items():
-        part_start = time.perf_counter()
-        report["results"][part] = run(cfg)
-        report["wall_s"][part] = time.perf_counter() - part_start
+    report = run_parts({**asdict(c), "threads": args.threads}, {
+        "kv": lambda: run_kv(c),
+        "topologies": lambda: run_topologies(c.model, c.seed, TOPOLOGIES, c.levels, c.topology_rounds),
+        "paired": lambda: run_paired(c.model, c.seed, c.paired_requests, c.paired_warmup, c.paired_rounds,
+                                     pair=(E_PD, E_P_D))})
     report["results"]["in_cluster_kv"] = in_cluster_kv(report["results"]["topologies"])
     report["targets"] = [asdict(t) for t in evaluate_targets(report["results"])]
-    report["machine"]["loadavg_at_end"] = os.getloadavg()
-    report["total_wall_s"] = time.perf_counter() - start
     write_report(args.out, "disagg", report, render_markdown(report))
 
 

@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from cluster_ttft import cache_md, ci_text, paired_md, run_cache, run_paired
-from common import (Target, ensure_model, gemm_probe_gflops, machine_info, percentile, table, targets_table,
-                    write_report)
+from common import (Target, ensure_model, gemm_probe_gflops, machine_line, percentile, run_parts, table,
+                    targets_table, write_report)
 from epdserve.config import WorkerConfig
 from topologies import E_PD, EPD, paired_ttft_delta_ms, run_topologies
 from transfer_probe import MODES, measure_pair, memcpy_times, merge_rounds, mode_rates, rate
@@ -261,16 +259,13 @@ NOTES = """\
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    cfg, mach, res = report["config"], report["machine"], report["results"]
+    cfg, res = report["config"], report["results"]
     cases = [Case(c["name"], tuple(map(tuple, c["shapes"]))) for c in cfg["cases"]]
     lines = [
         "# Embedding transfer", "",
         (f"Model `{cfg['model']}` (preset: {cfg['preset'] or 'given'}); bandwidth: {cfg['rounds']} round(s) of "
          f"{cfg['reps']} timed repetitions per measurement; seed {cfg['seed']}; OMP threads: {cfg['threads']}."),
-        (f"Machine: {mach['cores']} cores ({mach['cpu']}), torch {mach['torch']} (threads: {mach['torch_threads']}); "
-         f"load average {mach['loadavg_at_start'][0]:.2f} at start, {mach['loadavg_at_end'][0]:.2f} at end; "
-         f"total {report['total_wall_s']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in report["wall_s"].items())
-         + ")."), "",
+        machine_line(report), "",
         *targets_table(report["targets"]),
         *_bandwidth_md(res["bandwidth"], cases),
         *cache_md(res["cache"]),
@@ -316,21 +311,12 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         import torch
         torch.set_num_threads(args.threads)
-    cfg = make_config(args)
-    report: dict[str, Any] = {"config": {**asdict(cfg), "threads": args.threads}, "machine": machine_info()}
-    start = time.perf_counter()
-    report["results"], report["wall_s"] = {}, {}
-    parts: dict[str, Callable[[Config], dict[str, Any]]] = {
-        "bandwidth": run_bandwidth, "cache": lambda c: run_cache(c.model, c.seed, c.cache_samples),
-        "topologies": lambda c: run_topologies(c.model, c.seed, (EPD, E_PD), c.levels, c.topology_rounds),
-        "paired": lambda c: run_paired(c.model, c.seed, c.paired_requests, c.paired_warmup, c.paired_rounds)}
-    for part, run in parts.items():
-        part_start = time.perf_counter()
-        report["results"][part] = run(cfg)
-        report["wall_s"][part] = time.perf_counter() - part_start
+    c = make_config(args)
+    report = run_parts({**asdict(c), "threads": args.threads}, {
+        "bandwidth": lambda: run_bandwidth(c), "cache": lambda: run_cache(c.model, c.seed, c.cache_samples),
+        "topologies": lambda: run_topologies(c.model, c.seed, (EPD, E_PD), c.levels, c.topology_rounds),
+        "paired": lambda: run_paired(c.model, c.seed, c.paired_requests, c.paired_warmup, c.paired_rounds)})
     report["targets"] = [asdict(t) for t in evaluate_targets(report["results"])]
-    report["machine"]["loadavg_at_end"] = os.getloadavg()
-    report["total_wall_s"] = time.perf_counter() - start
     write_report(args.out, "embedding_transfer", report, render_markdown(report))
 
 
