@@ -52,8 +52,12 @@ ensure_model() {
     if [ ! -f "$MODEL/config.json" ]; then
       echo "epdserve: building the tiny $family model in $MODEL" >&2
       local tmp="$MODEL.tmp.$$"
-      "$PYTHON" -m epdserve.tools.tiny_model --family "$family" --out "$tmp" && mv -T "$tmp" "$MODEL" \
+      # Another script (the other node of a two-node cluster on one machine) may build it at
+      # the same time: whichever renames first wins, and both use its model.
+      "$PYTHON" -m epdserve.tools.tiny_model --family "$family" --out "$tmp" \
+        && { mv -T "$tmp" "$MODEL" 2>/dev/null || [ -f "$MODEL/config.json" ]; } \
         || { rm -rf "$tmp"; echo "epdserve: building the tiny model failed" >&2; exit 1; }
+      rm -rf "$tmp"
     fi
   fi
   SERVED_NAME=${SERVED_NAME:-$MODEL}
