@@ -164,7 +164,7 @@ class KVHolder:
     async def serve(self, case: int, notif: bytes, peer: Connection) -> None:
         done = self.agent.expect(notif)
         try:
-            peer.send(("armed", self.kv.handoff(notif, self.blocks[case], 0).SerializeToString(), None))
+            peer.send(("armed", self.kv.handoff(notif, self.blocks[case], 0, NOTIF_TIMEOUT_S).SerializeToString(), None))
             await asyncio.wait_for(done, NOTIF_TIMEOUT_S)
         finally:
             self.agent.forget(notif)
@@ -289,7 +289,7 @@ class KVReader:
             await self.agent.read_ranges(kv.holder, [(self.kv.layout.base, nbytes)], [(kv.layout.base, nbytes)],
                                          NOTIF_TIMEOUT_S)
         else:
-            await self.kv.load(kv, local, 0)
+            await self.kv.load(kv, local, 0, time.monotonic())
         elapsed = time.perf_counter() - start
         read_s = elapsed if self.one_range else self.kv.read_s - inside
         return Sample(elapsed, read_s, True, self._correct(local, remote))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from epdserve.transfer.kv_layout import KVLayout, paired_ranges
 from epdserve.transfer.region import ALIGNMENT, RegionAllocator, Span
 from epdserve.worker.ec_storage import EmbeddingStorage
 from epdserve.worker.embedding_cache import EmbeddingCache
+from epdserve.worker.kv_transfer import KVTransfer
 from oracle import make_image
 
 CPU = torch.device("cpu")
@@ -222,6 +224,31 @@ async def test_read_of_kv_blocks_between_registered_pools():
         assert torch.count_nonzero(decode_kv.key[0][[3, 4, 5, 6, 7, 9]]) == 0   # nothing else written
         assert reader.stats()["nixl_registrations"] == 1 and reader.stats()["nixl_live_transfers"] == 0
         holder.forget(b"kv-1")
+    finally:
+        reader.close()
+        holder.close()
+
+
+async def test_kv_load_reads_in_time_and_refuses_once_the_hold_may_have_run_out():
+    """`KVTransfer.load` as a decode worker runs it: the blocks it lacks, one READ, the holder
+    notified; but no READ at all once the holder may have freed (and reused) the blocks."""
+    prefill_kv = KVCache.allocate(2, 8, 4, 2, 8, torch.float32, CPU)
+    decode_kv = KVCache.allocate(2, 8, 4, 2, 8, torch.float32, CPU)
+    prefill_kv.pool.copy_(torch.randn_like(prefill_kv.pool))
+    holder, reader = TransferAgent("test-kvt-prefill", 0, CPU), TransferAgent("test-kvt-decode", 0, CPU)
+    try:
+        sender, receiver = KVTransfer(holder, prefill_kv), KVTransfer(reader, decode_kv)
+        handoff = sender.handoff(b"kv-2", [1, 2, 5], first_token=7, hold_s=1.5)
+        with pytest.raises(EpdError) as err:   # 0.6 s after arrival: under the 1 s margin of 1.5 s
+            await receiver.load(handoff, [3, 4, 6], 0, received=time.monotonic() - 0.6)
+        assert err.value.code == 503 and receiver.stats()["kv_blocks_read"] == 0
+        done = holder.expect(b"kv-2")
+        await receiver.load(handoff, [3, 4, 6], 1, received=time.monotonic())   # block 3 is cached
+        await asyncio.wait_for(done, 10)
+        for d, s in zip(decode_kv.key + decode_kv.value, prefill_kv.key + prefill_kv.value):
+            assert torch.equal(d[[4, 6]], s[[2, 5]]) and torch.count_nonzero(d[3]) == 0
+        assert receiver.stats()["kv_blocks_read"] == 2 and receiver.stats()["kv_blocks_cached"] == 1
+        holder.forget(b"kv-2")
     finally:
         reader.close()
         holder.close()

@@ -18,6 +18,11 @@ from epdserve.transfer.agent import TransferAgent
 from epdserve.transfer.kv_layout import KVLayout, paired_ranges
 
 
+# The handoff travels prefill worker -> processor -> here before `received` is taken, and the
+# READ takes time too: stop starting READs this long before the holder's hold runs out.
+HOLD_MARGIN_S = 1.0
+
+
 class KVTransfer:
     """`kv`'s pool registered with `agent`. `read_timeout` (seconds) bounds one load."""
 
@@ -31,16 +36,21 @@ class KVTransfer:
         self.bytes_read = 0
         self.read_s = 0.0
 
-    def handoff(self, notif: bytes, blocks: list[int], first_token: int) -> pb.KVHandoff:
-        """How a decode worker finds `blocks` (a prompt's KV, in order) here; its READ sends
-        `notif` back."""
+    def handoff(self, notif: bytes, blocks: list[int], first_token: int, hold_s: float) -> pb.KVHandoff:
+        """How a decode worker finds `blocks` (a prompt's KV, in order) here, held for `hold_s`
+        seconds from now; its READ sends `notif` back."""
         return pb.KVHandoff(holder=self.agent.handoff(notif), layout=self.layout.to_proto(), blocks=blocks,
-                            first_token=first_token)
+                            first_token=first_token, hold_ms=round(hold_s * 1000))
 
-    async def load(self, handoff: pb.KVHandoff, blocks: list[int], cached: int) -> None:
+    async def load(self, handoff: pb.KVHandoff, blocks: list[int], cached: int, received: float) -> None:
         """READ the prompt KV `handoff` names into `blocks` (ours, in order), except the first
-        `cached`, which hold it already; the holder is notified either way. EpdError(503)
-        when the holder is gone or the READ fails, 500 when the pools do not match."""
+        `cached`, which hold it already; the holder is notified either way. `received`: when
+        the handoff arrived (`time.monotonic()`). EpdError(503) when the holder is gone, the
+        READ fails, or the holder's hold may have run out (it may have reused the blocks);
+        500 when the pools do not match."""
+        if time.monotonic() - received > handoff.hold_ms / 1000 - HOLD_MARGIN_S:
+            raise EpdError(503, f"the prefill worker's hold on the prompt's KV ({handoff.hold_ms} ms) ran out "
+                                "before this worker could read it; the decode workers are overloaded")
         if len(blocks) != len(handoff.blocks):
             raise EpdError(500, f"the prefill worker holds {len(handoff.blocks)} KV blocks of the prompt, "
                                 f"this worker gave it {len(blocks)}")

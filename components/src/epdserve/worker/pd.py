@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -85,13 +86,14 @@ class PDHandler:
     async def _decode(self, req: pb.GenerateRequest, sampling: SamplingParams) -> AsyncIterator[bytes]:
         if self.kv is None:
             raise EpdError(503, "this worker takes no KV from prefill workers")
+        received = time.monotonic()
         # The media items come without data: the prompt's blocks are keyed by their hashes (a
         # prefix cache hit needs the same media), never computed here.
         ereq = EngineRequest(req.request_id, list(req.token_ids), sampling, [placed_input(m) for m in req.media],
                              prefilled_token=req.kv.first_token)
         async for out in _outputs(self.engine, ereq):
             if out.kv_blocks is not None:   # admitted: its blocks wait for the prompt's KV
-                await self.kv.load(req.kv, out.kv_blocks, out.kv_cached_blocks)
+                await self.kv.load(req.kv, out.kv_blocks, out.kv_cached_blocks, received)
                 self.engine.kv_loaded(req.request_id)
                 continue
             yield _delta(out, out.finish_reason).SerializeToString()
@@ -126,7 +128,7 @@ class PrefillHandler:
                 yield delta.SerializeToString()
                 return
             read = self.kv.agent.expect(notif)
-            delta.kv.CopyFrom(self.kv.handoff(notif, out.kv_blocks, out.new_token_ids[0]))
+            delta.kv.CopyFrom(self.kv.handoff(notif, out.kv_blocks, out.new_token_ids[0], self.hold_timeout))
             yield delta.SerializeToString()
             try:
                 await asyncio.wait_for(read, self.hold_timeout)
