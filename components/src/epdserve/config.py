@@ -16,13 +16,13 @@ from pathlib import Path
 
 class Role(str, Enum):
     PROCESSOR = "processor"
-    PD = "pd"                      # encode (EPD) + prefill + decode
+    PD = "pd"  # encode (EPD) + prefill + decode
     PREFILL = "prefill"
     DECODE = "decode"
     ENCODE = "encode"
     ENCODE_PREFILL = "encode_prefill"
     NATIVE_ENCODER = "native_encoder"
-    TEXT = "text"                  # processor + PD in one process, no media
+    TEXT = "text"  # processor + PD in one process, no media
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,8 @@ class MediaConfig:
     video_fetch_timeout: float = 30.0
     audio_fetch_timeout: float = 10.0
     allow_redirects: bool = True
-    allowed_domains: tuple[str, ...] = ()        # empty: any domain
-    allowed_local_path: str | None = None       # file:// URLs only under this directory
+    allowed_domains: tuple[str, ...] = ()  # empty: any domain
+    allowed_local_path: str | None = None  # file:// URLs only under this directory
     limit_per_prompt: Mapping[str, int] = field(default_factory=lambda: {"image": 4, "video": 1, "audio": 1})
     enable_mm_embeds: bool = False
 
@@ -56,7 +56,7 @@ class WorkerConfig:
     runtime: RuntimeConfig
     media: MediaConfig
     dtype: str = "auto"
-    device: str = "auto"           # "auto": cuda when available, else cpu
+    device: str = "auto"  # "auto": cuda when available, else cpu
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory: int | None = None
@@ -64,10 +64,10 @@ class WorkerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     ec_storage_path: str | None = None
-    encoder_cache_bytes: int = 256 << 20      # encode worker: embedding cache, NIXL-registered
-    embedding_buffer_bytes: int = 64 << 20    # PD/prefill worker: staging for embeddings it READs
-    kv_handoff_timeout: float = 30.0          # prefill worker: seconds a prompt's KV waits for its READ
-    cpu_kernels: bool = True                   # our AVX-512 kernels for float32 decode on CPU
+    encoder_cache_bytes: int = 256 << 20  # encode worker: embedding cache, NIXL-registered
+    embedding_buffer_bytes: int = 64 << 20  # PD/prefill worker: staging for embeddings it READs
+    kv_handoff_timeout: float = 30.0  # prefill worker: seconds a prompt's KV waits for its READ
+    cpu_kernels: bool = True  # our AVX-512 kernels for float32 decode on CPU
     kernel_cache_dir: str = "~/.cache/epdserve/kernels"
 
 
@@ -94,8 +94,9 @@ def _add_runtime_args(parser: argparse.ArgumentParser, env: Mapping[str, str]) -
     g.add_argument("--etcd-endpoints", default=env.get("ETCD_ENDPOINTS", RuntimeConfig.etcd_endpoints))
     g.add_argument("--nats-server", default=env.get("NATS_SERVER", RuntimeConfig.nats_server))
     g.add_argument("--namespace", default=RuntimeConfig.namespace)
-    g.add_argument("--lease-ttl", type=float, default=RuntimeConfig.lease_ttl,
-                   help="seconds a dead instance stays discoverable")
+    g.add_argument(
+        "--lease-ttl", type=float, default=RuntimeConfig.lease_ttl, help="seconds a dead instance stays discoverable"
+    )
 
 
 def _runtime(args: argparse.Namespace) -> RuntimeConfig:
@@ -119,15 +120,26 @@ def worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     roles = p.add_argument_group("role (none: a text-only processor + worker in one process)")
     for dest in _ROLE_FLAGS:
         roles.add_argument("--" + dest.replace("_", "-"), dest=dest, action="store_true")
-    roles.add_argument("--vllm-native-encoder-worker", dest="native_encoder_worker", action="store_true",
-                       help="Dynamo's name of --native-encoder-worker")
+    roles.add_argument(
+        "--vllm-native-encoder-worker",
+        dest="native_encoder_worker",
+        action="store_true",
+        help="Dynamo's name of --native-encoder-worker",
+    )
     roles.add_argument("--is-prefill-worker", action="store_true")
-    p.add_argument("--enable-multimodal", action="store_true",
-                   help="required by every multimodal role; media requests are refused without it")
+    p.add_argument(
+        "--enable-multimodal",
+        action="store_true",
+        help="required by every multimodal role; media requests are refused without it",
+    )
     p.add_argument("--model", required=True, help="Hugging Face model directory")
     p.add_argument("--served-model-name", default=None, help="default: --model as given")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: the checkpoint's dtype, as transformers loads it")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: the checkpoint's dtype, as transformers loads it",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
@@ -139,21 +151,42 @@ def worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--allowed-media-domains", nargs="*", default=[])
     p.add_argument("--allowed-local-media-path", default=None)
     p.add_argument("--enable-mm-embeds", action="store_true")
-    p.add_argument("--ec-storage-path", default=None,
-                   help="embedding cache on disk shared by a native encoder worker and PD workers")
-    p.add_argument("--encoder-cache-bytes", type=int, default=WorkerConfig.encoder_cache_bytes,
-                   help="encode worker: bytes of embeddings kept (LRU), registered with NIXL once")
-    p.add_argument("--embedding-buffer-bytes", type=int, default=WorkerConfig.embedding_buffer_bytes,
-                   help="PD/prefill worker: bytes registered with NIXL to receive embeddings into")
-    p.add_argument("--kv-handoff-timeout", type=float, default=WorkerConfig.kv_handoff_timeout,
-                   help="prefill worker: seconds it keeps a prompt's KV blocks for a decode worker to READ "
-                        "before freeing them")
-    p.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=WorkerConfig.cpu_kernels,
-                   help="float32 decode attention on CPU, and its projections with one torch thread, through "
-                        "epdserve's AVX-512 kernels (built with the system C compiler on first use; torch ops "
-                        "where they cannot run)")
-    p.add_argument("--kernel-cache-dir", default=_default_kernel_cache(env),
-                   help="where the built kernels are kept (default: $XDG_CACHE_HOME/epdserve/kernels)")
+    p.add_argument(
+        "--ec-storage-path",
+        default=None,
+        help="embedding cache on disk shared by a native encoder worker and PD workers",
+    )
+    p.add_argument(
+        "--encoder-cache-bytes",
+        type=int,
+        default=WorkerConfig.encoder_cache_bytes,
+        help="encode worker: bytes of embeddings kept (LRU), registered with NIXL once",
+    )
+    p.add_argument(
+        "--embedding-buffer-bytes",
+        type=int,
+        default=WorkerConfig.embedding_buffer_bytes,
+        help="PD/prefill worker: bytes registered with NIXL to receive embeddings into",
+    )
+    p.add_argument(
+        "--kv-handoff-timeout",
+        type=float,
+        default=WorkerConfig.kv_handoff_timeout,
+        help="prefill worker: seconds it keeps a prompt's KV blocks for a decode worker to READ before freeing them",
+    )
+    p.add_argument(
+        "--cpu-kernels",
+        action=argparse.BooleanOptionalAction,
+        default=WorkerConfig.cpu_kernels,
+        help="float32 decode attention on CPU, and its projections with one torch thread, through "
+        "epdserve's AVX-512 kernels (built with the system C compiler on first use; torch ops "
+        "where they cannot run)",
+    )
+    p.add_argument(
+        "--kernel-cache-dir",
+        default=_default_kernel_cache(env),
+        help="where the built kernels are kept (default: $XDG_CACHE_HOME/epdserve/kernels)",
+    )
     _add_runtime_args(p, env)
     return p
 
@@ -167,8 +200,9 @@ def _role(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Role:
             parser.error("--is-prefill-worker needs --multimodal-worker or --multimodal-encode-prefill-worker")
         return Role.TEXT
     if not args.enable_multimodal:
-        parser.error("multimodal roles require --enable-multimodal (it allows this deployment to "
-                     "process media from requests)")
+        parser.error(
+            "multimodal roles require --enable-multimodal (it allows this deployment to process media from requests)"
+        )
     role = chosen[0]
     if role is Role.NATIVE_ENCODER and not args.ec_storage_path:
         parser.error("--native-encoder-worker writes to the embedding cache on disk: give --ec-storage-path")
@@ -196,15 +230,26 @@ def parse_worker_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> Wor
         **({"limit_per_prompt": args.limit_mm_per_prompt} if args.limit_mm_per_prompt is not None else {}),
     )
     return WorkerConfig(
-        role=role, model=args.model, served_model_name=args.served_model_name or args.model,
-        enable_multimodal=args.enable_multimodal, runtime=_runtime(args), media=media, dtype=args.dtype,
+        role=role,
+        model=args.model,
+        served_model_name=args.served_model_name or args.model,
+        enable_multimodal=args.enable_multimodal,
+        runtime=_runtime(args),
+        media=media,
+        dtype=args.dtype,
         device=args.device,
-        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, ec_storage_path=args.ec_storage_path,
-        encoder_cache_bytes=args.encoder_cache_bytes, embedding_buffer_bytes=args.embedding_buffer_bytes,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        ec_storage_path=args.ec_storage_path,
+        encoder_cache_bytes=args.encoder_cache_bytes,
+        embedding_buffer_bytes=args.embedding_buffer_bytes,
         kv_handoff_timeout=args.kv_handoff_timeout,
-        cpu_kernels=args.cpu_kernels, kernel_cache_dir=args.kernel_cache_dir,
+        cpu_kernels=args.cpu_kernels,
+        kernel_cache_dir=args.kernel_cache_dir,
     )
 
 
@@ -225,8 +270,10 @@ class ServicesConfig:
 
 
 def parse_services_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> ServicesConfig:
-    p = argparse.ArgumentParser(prog="python -m epdserve.runtime.services",
-                                description="Start etcd and NATS unless something already answers there.")
+    p = argparse.ArgumentParser(
+        prog="python -m epdserve.runtime.services",
+        description="Start etcd and NATS unless something already answers there.",
+    )
     p.add_argument("--etcd-endpoints", default=env.get("ETCD_ENDPOINTS", RuntimeConfig.etcd_endpoints))
     p.add_argument("--nats-server", default=env.get("NATS_SERVER", RuntimeConfig.nats_server))
     p.add_argument("--workdir", default=None, help="etcd data, NATS config, logs (default: a new directory in $TMPDIR)")
@@ -235,7 +282,8 @@ def parse_services_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> S
 
 
 def parse_stats_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> RuntimeConfig:
-    p = argparse.ArgumentParser(prog="python -m epdserve.tools.stats",
-                                description="Print every worker's counters (JSON) in a namespace.")
+    p = argparse.ArgumentParser(
+        prog="python -m epdserve.tools.stats", description="Print every worker's counters (JSON) in a namespace."
+    )
     _add_runtime_args(p, env)
     return _runtime(p.parse_args(argv))

@@ -25,13 +25,13 @@ class AsyncEngine:
         self._cond = threading.Condition()
         self._adds: list[EngineRequest] = []
         self._aborts: list[str] = []
-        self._loaded: list[str] = []     # requests whose prefilled KV is in their blocks now
+        self._loaded: list[str] = []  # requests whose prefilled KV is in their blocks now
         self._queues: dict[str, asyncio.Queue[EngineOutput]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
-        self._dead: str | None = None   # set when the engine thread died
-        self._inbox_rounds = 0          # times the engine thread took the inbox; under _cond
-        self._settle_waiters: list[tuple[int, asyncio.Future[None]]] = []   # (round, future); under _cond
+        self._dead: str | None = None  # set when the engine thread died
+        self._inbox_rounds = 0  # times the engine thread took the inbox; under _cond
+        self._settle_waiters: list[tuple[int, asyncio.Future[None]]] = []  # (round, future); under _cond
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -67,7 +67,7 @@ class AsyncEngine:
                 unfinished -= out.finish_reason is not None
                 yield out
                 if out.error is not None:
-                    return   # one error ends the request; `finally` aborts its other choices
+                    return  # one error ends the request; `finally` aborts its other choices
         finally:
             del self._queues[rid]
             if unfinished:
@@ -102,7 +102,7 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             self._loop_forever()
-        except BaseException as exc:   # never leave consumers waiting on a dead thread
+        except BaseException as exc:  # never leave consumers waiting on a dead thread
             log.exception("engine thread died")
             self._dead = f"engine stopped: {exc}"
             self._loop.call_soon_threadsafe(self._fail_consumers)
@@ -115,8 +115,9 @@ class AsyncEngine:
         """Remove and return the settle waiters of rounds <= `up_to_round` (None: all)."""
         with self._cond:
             ready = [f for r, f in self._settle_waiters if up_to_round is None or r <= up_to_round]
-            self._settle_waiters = [(r, f) for r, f in self._settle_waiters
-                                    if up_to_round is not None and r > up_to_round]
+            self._settle_waiters = [
+                (r, f) for r, f in self._settle_waiters if up_to_round is not None and r > up_to_round
+            ]
         return ready
 
     @staticmethod
@@ -126,11 +127,17 @@ class AsyncEngine:
                 future.set_result(None)
 
     def _loop_forever(self) -> None:
-        live: dict[str, int] = {}   # request id -> unfinished choices inside the engine; this thread's
+        live: dict[str, int] = {}  # request id -> unfinished choices inside the engine; this thread's
         while True:
             with self._cond:
-                while not (self._stopped or self._adds or self._aborts or self._loaded or self._settle_waiters
-                           or self.engine.has_unfinished()):
+                while not (
+                    self._stopped
+                    or self._adds
+                    or self._aborts
+                    or self._loaded
+                    or self._settle_waiters
+                    or self.engine.has_unfinished()
+                ):
                     self._cond.wait()
                 if self._stopped:
                     return
@@ -147,7 +154,7 @@ class AsyncEngine:
             for rid in aborts:  # after adds: a request may be cancelled in the same batch
                 self.engine.abort(rid)
                 live.pop(rid, None)
-            if settled := self._take_settled(round_):   # the previous step is over, the inbox applied
+            if settled := self._take_settled(round_):  # the previous step is over, the inbox applied
                 self._loop.call_soon_threadsafe(self._wake, settled)
             try:
                 outputs = self.engine.step()
@@ -162,7 +169,7 @@ class AsyncEngine:
                     live[out.request_id] -= 1
                     if not live[out.request_id]:
                         del live[out.request_id]
-            if outputs:   # one wake-up of the event loop per step, not per token
+            if outputs:  # one wake-up of the event loop per step, not per token
                 self._loop.call_soon_threadsafe(self._deliver, outputs)
 
     def _deliver(self, outputs: list[EngineOutput]) -> None:

@@ -14,17 +14,17 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0          # 0 means greedy
+    temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
-    top_k: int = 0                    # 0 or -1 means off
+    top_k: int = 0  # 0 or -1 means off
     seed: int | None = None
     max_tokens: int = 16
-    stop_token_ids: tuple[int, ...] = ()   # EOS ids, unless the request ignores EOS, and extras
+    stop_token_ids: tuple[int, ...] = ()  # EOS ids, unless the request ignores EOS, and extras
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: int | None = None            # None: none; k: the sampled token's and the top k
-    n: int = 1                             # choices sampled from one prompt (its blocks shared)
+    logprobs: int | None = None  # None: none; k: the sampled token's and the top k
+    n: int = 1  # choices sampled from one prompt (its blocks shared)
 
 
 @dataclass(frozen=True)
@@ -92,10 +92,10 @@ class EngineOutput:
 
     request_id: str
     new_token_ids: list[int]
-    finish_reason: str | None = None   # "stop" (EOS) or "length"; each choice finishes once
-    index: int = 0                     # the choice, when the request samples n > 1
-    error: str | None = None           # set when the request failed inside the engine
-    logprobs: list[TokenLogprob] | None = None   # one per new token, when requested
+    finish_reason: str | None = None  # "stop" (EOS) or "length"; each choice finishes once
+    index: int = 0  # the choice, when the request samples n > 1
+    error: str | None = None  # set when the request failed inside the engine
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when requested
     # The blocks of the prompt's KV, in order: on the finish of a `hold_kv` request, those
     # holding it; on the admission of a `prefilled_token` request, those to load it into,
     # of which the first `kv_cached_blocks` already hold it (prefix cache).

@@ -23,8 +23,8 @@ from collections import OrderedDict
 
 from epdserve.engine.sequence import Sequence
 
-_ROOT_HASH = bytes(16)   # parent of a sequence's first block
-_RUN_SEARCH = 64         # free blocks tried as the start of a consecutive run before giving up
+_ROOT_HASH = bytes(16)  # parent of a sequence's first block
+_RUN_SEARCH = 64  # free blocks tried as the start of a consecutive run before giving up
 
 
 class BlockManager:
@@ -45,9 +45,9 @@ class BlockManager:
         # Hash of each block full of committed tokens, None for blocks handed out since; kept
         # even when another block owns the cache entry, because the next block's hash chains on it.
         self._hash: list[bytes | None] = [None] * num_blocks
-        self._cached: dict[bytes, int] = {}           # hash -> the block owning the cache entry
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))   # FIFO
-        self._lru: OrderedDict[int, None] = OrderedDict()   # cached, refcount 0; oldest first
+        self._cached: dict[bytes, int] = {}  # hash -> the block owning the cache entry
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # FIFO
+        self._lru: OrderedDict[int, None] = OrderedDict()  # cached, refcount 0; oldest first
 
     @property
     def num_free_blocks(self) -> int:
@@ -61,7 +61,7 @@ class BlockManager:
     def can_allocate(self, seq: Sequence, reserve_tokens: int = 0) -> bool:
         """True if `allocate(seq, reserve_tokens)` would find its blocks."""
         hits = self._match_prefix(seq)
-        revived = sum(1 for b in hits if self._ref[b] == 0)   # a free hit uses up a free block
+        revived = sum(1 for b in hits if self._ref[b] == 0)  # a free hit uses up a free block
         need = self.num_blocks_for(max(seq.num_tokens, reserve_tokens))
         return need - len(hits) + revived <= self.num_free_blocks
 
@@ -162,7 +162,7 @@ class BlockManager:
             del self._cached[self._hash[b]]
         else:
             raise RuntimeError("KV block pool exhausted")
-        self._hash[b] = None    # a duplicate of a cached block may come back with its hash
+        self._hash[b] = None  # a duplicate of a cached block may come back with its hash
         return b
 
     def _match_prefix(self, seq: Sequence) -> list[int]:
@@ -198,11 +198,7 @@ class BlockManager:
         where its span sits relative to the block must be part of the key.
         """
         start, end = i * self.block_size, (i + 1) * self.block_size
-        media = tuple(
-            (m.hash, m.offset - start)
-            for m in seq.media
-            if m.offset < end and m.offset + m.length > start
-        )
+        media = tuple((m.hash, m.offset - start) for m in seq.media if m.offset < end and m.offset + m.length > start)
         h = hashlib.blake2b(parent, digest_size=16)
         h.update(array("q", seq.token_ids[start:end]).tobytes())
         h.update(repr(media).encode())

@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StepResult:
-    sampled: dict[str, int] = field(default_factory=dict)     # request id -> new token
-    failed: dict[str, str] = field(default_factory=dict)      # request id -> error message
+    sampled: dict[str, int] = field(default_factory=dict)  # request id -> new token
+    failed: dict[str, str] = field(default_factory=dict)  # request id -> error message
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
 
 
@@ -41,21 +41,20 @@ class ModelRunner:
             try:
                 self._encode_media(chunk)
                 ready.append(chunk)
-            except Exception as exc:   # a bad media item fails its request only
+            except Exception as exc:  # a bad media item fails its request only
                 log.exception("[%s] encoding media failed", chunk.seq.request_id)
                 result.failed[chunk.seq.request_id] = str(exc)
         if not ready:
             return result
         device = self.model.device
-        ids = torch.tensor([t for c in ready for t in c.seq.token_ids[c.start : c.start + c.num_tokens]],
-                           device=device)
+        ids = torch.tensor([t for c in ready for t in c.seq.token_ids[c.start : c.start + c.num_tokens]], device=device)
         embeds = self.model.embed(ids)
         row = 0
         for chunk in ready:
             self._splice_media(chunk, embeds, row)
             row += chunk.num_tokens
         meta = self._metadata(ready)
-        hidden = self.model.forward(embeds, meta, self.kv)   # rows of the sampling chunks
+        hidden = self.model.forward(embeds, meta, self.kv)  # rows of the sampling chunks
         sampling = [c for c in ready if c.samples]
         if sampling:
             logits = self.model.compute_logits(hidden)
@@ -69,8 +68,12 @@ class ModelRunner:
         return result
 
     def _metadata(self, chunks: list[ScheduledChunk]) -> AttentionMetadata:
-        return AttentionMetadata.build([(c.seq.block_table, c.start, c.num_tokens) for c in chunks],
-                                       self.kv.block_size, self.model.device, [c.samples for c in chunks])
+        return AttentionMetadata.build(
+            [(c.seq.block_table, c.start, c.num_tokens) for c in chunks],
+            self.kv.block_size,
+            self.model.device,
+            [c.samples for c in chunks],
+        )
 
     def _encode_media(self, chunk: ScheduledChunk) -> None:
         """Encoder outputs for the items this chunk touches, batched per modality as
@@ -79,8 +82,11 @@ class ModelRunner:
         if not seq.mm_embeddings:
             seq.mm_embeddings = [item.embeddings for item in seq.media]
         end = chunk.start + chunk.num_tokens
-        todo = [i for i, item in enumerate(seq.media)
-                if seq.mm_embeddings[i] is None and item.offset < end and item.offset + item.length > chunk.start]
+        todo = [
+            i
+            for i, item in enumerate(seq.media)
+            if seq.mm_embeddings[i] is None and item.offset < end and item.offset + item.length > chunk.start
+        ]
         for modality in {seq.media[i].modality for i in todo}:
             idx = [i for i in todo if seq.media[i].modality == modality]
             feats = [seq.media[i].features for i in idx]
@@ -89,8 +95,10 @@ class ModelRunner:
             batch = {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
             for i, emb in zip(idx, self.model.encode(modality, batch)):
                 if emb.shape[0] != seq.media[i].num_embeddings:
-                    raise ValueError(f"media item {seq.media[i].hash} gave {emb.shape[0]} embeddings "
-                                     f"for {seq.media[i].num_embeddings} placeholders")
+                    raise ValueError(
+                        f"media item {seq.media[i].hash} gave {emb.shape[0]} embeddings "
+                        f"for {seq.media[i].num_embeddings} placeholders"
+                    )
                 seq.mm_embeddings[i] = emb
 
     def _splice_media(self, chunk: ScheduledChunk, embeds: torch.Tensor, row: int) -> None:
@@ -112,4 +120,4 @@ class ModelRunner:
                 skipped = int(item.embed_mask[:first].sum())
                 rows[mask] = emb[skipped : skipped + int(mask.sum())].to(embeds.dtype)
             if hi == item.offset + item.length:
-                seq.mm_embeddings[i] = item.embeddings   # None unless precomputed: frees memory
+                seq.mm_embeddings[i] = item.embeddings  # None unless precomputed: frees memory

@@ -24,16 +24,17 @@ DEFAULT_KV_CACHE_MEMORY = 2 << 30
 @dataclass(frozen=True)
 class EngineConfig:
     block_size: int = 16
-    num_kv_blocks: int | None = None       # wins over kv_cache_memory
-    kv_cache_memory: int | None = None     # bytes; default: enough for max_num_seqs full sequences, at most 2 GiB
+    num_kv_blocks: int | None = None  # wins over kv_cache_memory
+    kv_cache_memory: int | None = None  # bytes; default: enough for max_num_seqs full sequences, at most 2 GiB
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def num_blocks(self, bytes_per_block: int) -> int:
         if self.num_kv_blocks is not None:
             return self.num_kv_blocks
         per_seq = -(-self.scheduler.max_model_len // self.block_size)
-        budget = self.kv_cache_memory or min(DEFAULT_KV_CACHE_MEMORY,
-                                             per_seq * self.scheduler.max_num_seqs * bytes_per_block)
+        budget = self.kv_cache_memory or min(
+            DEFAULT_KV_CACHE_MEMORY, per_seq * self.scheduler.max_num_seqs * bytes_per_block
+        )
         return max(budget // bytes_per_block, per_seq)
 
 
@@ -47,10 +48,10 @@ class EngineStats:
     kv_blocks_free: int
     prefix_cache_queries: int
     prefix_cache_hits: int
-    tokens_computed: int          # positions run through the model: prefill, recompute, decode
+    tokens_computed: int  # positions run through the model: prefill, recompute, decode
     generated_tokens: int
-    prompt_step_us: int           # wall time of the steps that ran a prompt chunk (media encode included)
-    held_requests: int            # finished `hold_kv` requests whose blocks are kept
+    prompt_step_us: int  # wall time of the steps that ran a prompt chunk (media encode included)
+    held_requests: int  # finished `hold_kv` requests whose blocks are kept
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -68,10 +69,10 @@ class PagedEngine(Engine):
         self._tokens_computed = 0
         self._generated_tokens = 0
         self._prompt_step_s = 0.0
-        self._origin: dict[str, tuple[str, int]] = {}        # sequence id -> (request id, choice index)
-        self._choice_ids: dict[str, list[str]] = {}          # request id -> its sequence ids (n > 1)
-        self._forks: dict[str, list[tuple[int, EngineRequest]]] = {}   # choice 0 -> (index, choice) waiting
-        self._held: dict[str, Sequence] = {}                 # finished hold_kv request id -> its sequence
+        self._origin: dict[str, tuple[str, int]] = {}  # sequence id -> (request id, choice index)
+        self._choice_ids: dict[str, list[str]] = {}  # request id -> its sequence ids (n > 1)
+        self._forks: dict[str, list[tuple[int, EngineRequest]]] = {}  # choice 0 -> (index, choice) waiting
+        self._held: dict[str, Sequence] = {}  # finished hold_kv request id -> its sequence
         log.info("KV cache: %d blocks of %d tokens", num_blocks, config.block_size)
 
     def add_request(self, request: EngineRequest) -> None:
@@ -79,8 +80,11 @@ class PagedEngine(Engine):
         join once its prompt blocks are committed, so they hit them in the prefix cache."""
         n = request.sampling.n
         if n > 1 and (request.hold_kv or request.prefilled_token is not None):
-            self._rejected.append(EngineOutput(request.request_id, [], "error",
-                                               error="a request prefilled apart samples one choice (n=1)"))
+            self._rejected.append(
+                EngineOutput(
+                    request.request_id, [], "error", error="a request prefilled apart samples one choice (n=1)"
+                )
+            )
             return
         if n == 1:
             self._admit(request, request.request_id, 0)
@@ -98,14 +102,18 @@ class PagedEngine(Engine):
 
     def _admit(self, request: EngineRequest, origin: str, index: int) -> None:
         self._origin[request.request_id] = (origin, index)
-        seq = Sequence(request, list(request.prompt_token_ids), len(request.prompt_token_ids),
-                       generator=make_generator(request.sampling))
+        seq = Sequence(
+            request,
+            list(request.prompt_token_ids),
+            len(request.prompt_token_ids),
+            generator=make_generator(request.sampling),
+        )
         if request.prefilled_token is not None:
             seq.token_ids.append(request.prefilled_token)
             seq.awaiting_kv = True
         try:
             self.scheduler.add(seq)
-        except ValueError as exc:   # can never fit: answer at the next step
+        except ValueError as exc:  # can never fit: answer at the next step
             self._origin.pop(request.request_id)
             self._rejected.append(EngineOutput(origin, [], "error", index=index, error=str(exc)))
 
@@ -119,7 +127,7 @@ class PagedEngine(Engine):
 
     def kv_loaded(self, request_id: str) -> None:
         seq = next((s for s in self.scheduler.loading if s.request_id == request_id), None)
-        if seq is not None:   # else aborted meanwhile
+        if seq is not None:  # else aborted meanwhile
             self.scheduler.kv_loaded(seq)
 
     def has_unfinished(self) -> bool:
@@ -127,10 +135,18 @@ class PagedEngine(Engine):
 
     def stats(self) -> EngineStats:
         b = self.blocks
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), b.num_blocks,
-                           b.num_free_blocks, b.prefix_queries, b.prefix_hits,
-                           self._tokens_computed, self._generated_tokens, round(self._prompt_step_s * 1e6),
-                           len(self._held))
+        return EngineStats(
+            len(self.scheduler.running),
+            len(self.scheduler.waiting),
+            b.num_blocks,
+            b.num_free_blocks,
+            b.prefix_queries,
+            b.prefix_hits,
+            self._tokens_computed,
+            self._generated_tokens,
+            round(self._prompt_step_s * 1e6),
+            len(self._held),
+        )
 
     def _hold(self, seq: Sequence) -> list[int] | None:
         """For a finished `hold_kv` sequence: keep it (its blocks stay referenced until `abort`)
@@ -149,8 +165,15 @@ class PagedEngine(Engine):
         chunks = self.scheduler.schedule()
         for seq in self.scheduler.take_admitted_for_kv():
             origin, index = self._origin[seq.request_id]
-            outputs.append(EngineOutput(origin, [], index=index, kv_blocks=self._prompt_blocks(seq),
-                                        kv_cached_blocks=seq.num_cached_tokens // self.blocks.block_size))
+            outputs.append(
+                EngineOutput(
+                    origin,
+                    [],
+                    index=index,
+                    kv_blocks=self._prompt_blocks(seq),
+                    kv_cached_blocks=seq.num_cached_tokens // self.blocks.block_size,
+                )
+            )
         if not chunks:
             return outputs
         start = time.perf_counter()
@@ -171,14 +194,21 @@ class PagedEngine(Engine):
             if token is None:
                 continue
             origin, index = self._origin[sid]
-            for i, choice in self._forks.pop(sid, ()):   # choice 0's prompt is cached: the others start
+            for i, choice in self._forks.pop(sid, ()):  # choice 0's prompt is cached: the others start
                 self._admit(choice, origin, i)
             if sid in finished:
                 del self._origin[sid]
                 if origin in self._choice_ids and not any(c in self._origin for c in self._choice_ids[origin]):
                     del self._choice_ids[origin]
             logprob = result.logprobs.get(sid)
-            outputs.append(EngineOutput(origin, [token], finished.get(sid), index=index,
-                                        logprobs=[logprob] if logprob else None,
-                                        kv_blocks=self._hold(chunk.seq) if sid in finished else None))
+            outputs.append(
+                EngineOutput(
+                    origin,
+                    [token],
+                    finished.get(sid),
+                    index=index,
+                    logprobs=[logprob] if logprob else None,
+                    kv_blocks=self._hold(chunk.seq) if sid in finished else None,
+                )
+            )
         return outputs

@@ -21,8 +21,9 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return gen
 
 
-def apply_penalties(logits: torch.Tensor, params: SamplingParams, token_ids: Sequence[int],
-                    num_prompt_tokens: int) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor, params: SamplingParams, token_ids: Sequence[int], num_prompt_tokens: int
+) -> torch.Tensor:
     """vLLM's penalties: repetition (HF-style, over prompt and output), presence and
     frequency (over the output, `token_ids[num_prompt_tokens:]`). Returns new `[V]` logits;
     the input is not modified."""
@@ -45,7 +46,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """Pick the next token from `[V]` float32 logits (penalties already applied)."""
     if params.temperature <= 0:
         return int(torch.argmax(logits))
-    logits = logits.float().cpu() / params.temperature   # the per-request generator lives on the CPU
+    logits = logits.float().cpu() / params.temperature  # the per-request generator lives on the CPU
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -29,7 +29,7 @@ from epdserve.engine.sequence import Sequence, SequenceStatus
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048     # token budget per step (prefill chunks + decodes)
+    max_num_batched_tokens: int = 2048  # token budget per step (prefill chunks + decodes)
     max_model_len: int = 2048
     # Decode tokens whose blocks are taken at admission, as one run of consecutive blocks
     # where the pool has one: attention reads such KV in place instead of gathering it.
@@ -49,7 +49,7 @@ class ScheduledChunk:
     """
 
     seq: Sequence
-    start: int          # == seq.num_computed_tokens at scheduling time
+    start: int  # == seq.num_computed_tokens at scheduling time
     num_tokens: int
     samples: bool = field(init=False)
 
@@ -64,9 +64,9 @@ class Scheduler:
         self.config = config
         self.blocks = blocks
         self._waiting: deque[Sequence] = deque()
-        self._running: list[Sequence] = []    # in admission order: the last is preempted first
-        self._loading: list[Sequence] = []    # admitted, their prompt's KV being loaded
-        self._admitted_for_kv: list[Sequence] = []   # loading since the last `take_admitted_for_kv`
+        self._running: list[Sequence] = []  # in admission order: the last is preempted first
+        self._loading: list[Sequence] = []  # admitted, their prompt's KV being loaded
+        self._admitted_for_kv: list[Sequence] = []  # loading since the last `take_admitted_for_kv`
 
     @property
     def waiting(self) -> tuple[Sequence, ...]:
@@ -103,13 +103,14 @@ class Scheduler:
             raise ValueError(f"request {seq.request_id}: empty prompt")
         if n > self.config.max_model_len:
             raise ValueError(
-                f"request {seq.request_id}: prompt of {n} tokens exceeds max_model_len "
-                f"{self.config.max_model_len}")
+                f"request {seq.request_id}: prompt of {n} tokens exceeds max_model_len {self.config.max_model_len}"
+            )
         longest = self._longest(seq)
         if self.blocks.num_blocks_for(longest) > self.blocks.num_blocks:
             raise ValueError(
                 f"request {seq.request_id}: {longest} tokens need more KV blocks than the "
-                f"{self.blocks.num_blocks} of the pool")
+                f"{self.blocks.num_blocks} of the pool"
+            )
         seq.status = SequenceStatus.WAITING
         self._waiting.append(seq)
 
@@ -140,7 +141,7 @@ class Scheduler:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens != 1:
-                continue   # preempted just now, or still prefilling
+                continue  # preempted just now, or still prefilling
             # Victims are taken from the end: they are newer than `seq`, hence not yet scheduled.
             while not self.blocks.can_append(seq):
                 victim = self._running[-1]
@@ -161,12 +162,16 @@ class Scheduler:
                 budget -= chunks[-1].num_tokens
 
         # After a preemption the pool is short: admitting would only throw work out again.
-        while (not preempted and budget > 0 and self._waiting
-               and len(self._running) + len(self._loading) < self.config.max_num_seqs
-               and self.blocks.can_allocate(self._waiting[0], self._reserve(self._waiting[0]))):
+        while (
+            not preempted
+            and budget > 0
+            and self._waiting
+            and len(self._running) + len(self._loading) < self.config.max_num_seqs
+            and self.blocks.can_allocate(self._waiting[0], self._reserve(self._waiting[0]))
+        ):
             seq = self._waiting.popleft()
             self.blocks.allocate(seq, self._reserve(seq))
-            if seq.awaiting_kv:   # no compute: its KV is loaded, then it decodes
+            if seq.awaiting_kv:  # no compute: its KV is loaded, then it decodes
                 seq.status = SequenceStatus.LOADING
                 self._loading.append(seq)
                 self._admitted_for_kv.append(seq)
@@ -177,9 +182,7 @@ class Scheduler:
             budget -= chunks[-1].num_tokens
         return chunks
 
-    def finish_step(
-        self, chunks: list[ScheduledChunk], sampled: dict[str, int]
-    ) -> list[tuple[Sequence, str]]:
+    def finish_step(self, chunks: list[ScheduledChunk], sampled: dict[str, int]) -> list[tuple[Sequence, str]]:
         """Record what the model computed; append sampled tokens; retire finished sequences.
 
         `sampled` maps the request id of every chunk with `samples` to its new token. Returns
@@ -230,7 +233,6 @@ class Scheduler:
         sampling = seq.request.sampling
         if token in sampling.stop_token_ids:
             return "stop"
-        if (seq.num_output_tokens >= sampling.max_tokens
-                or seq.num_tokens >= self.config.max_model_len):
+        if seq.num_output_tokens >= sampling.max_tokens or seq.num_tokens >= self.config.max_model_len:
             return "length"
         return None

@@ -11,9 +11,9 @@ from epdserve.engine.base import EngineRequest, MultiModalInput
 
 
 class SequenceStatus(Enum):
-    WAITING = "waiting"      # not admitted, or preempted (its KV must be recomputed)
-    LOADING = "loading"      # holds blocks; its prompt's KV comes from a prefill worker
-    RUNNING = "running"      # holds blocks; prefilling (chunk by chunk) or decoding
+    WAITING = "waiting"  # not admitted, or preempted (its KV must be recomputed)
+    LOADING = "loading"  # holds blocks; its prompt's KV comes from a prefill worker
+    RUNNING = "running"  # holds blocks; prefilling (chunk by chunk) or decoding
     FINISHED = "finished"
 
 
@@ -34,11 +34,11 @@ class Sequence:
     num_prompt_tokens: int
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
-    num_cached_tokens: int = 0       # of the last admission, served from the prefix cache
+    num_cached_tokens: int = 0  # of the last admission, served from the prefix cache
     block_table: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
-    block_hashes: list[bytes] = field(default_factory=list)   # of its full blocks, in order
-    awaiting_kv: bool = False        # admission loads the prompt's KV instead of computing it
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, in order
+    awaiting_kv: bool = False  # admission loads the prompt's KV instead of computing it
     # Encoder outputs of the media items, kept while positions still need them.
     mm_embeddings: list[torch.Tensor | None] = field(default_factory=list)
 

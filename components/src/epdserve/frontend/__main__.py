@@ -21,12 +21,12 @@ log = logging.getLogger("epdserve.frontend")
 async def run(config: FrontendConfig) -> None:
     runtime = await Runtime.connect(config.runtime)
     app = create_app(ModelDirectory(await runtime.watch_cards()), runtime.plane)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.http_host, port=config.http_port,
-                                           log_level="warning", loop="none"))
-    log.info("frontend on http://%s:%d (namespace %s)", config.http_host, config.http_port,
-             config.runtime.namespace)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=config.http_host, port=config.http_port, log_level="warning", loop="none")
+    )
+    log.info("frontend on http://%s:%d (namespace %s)", config.http_host, config.http_port, config.runtime.namespace)
     try:
-        await server.serve()   # returns on SIGINT/SIGTERM after finishing open requests
+        await server.serve()  # returns on SIGINT/SIGTERM after finishing open requests
     finally:
         await runtime.shutdown()
 

@@ -32,8 +32,9 @@ def _error(err: EpdError) -> JSONResponse:
 def create_app(models: ModelDirectory, plane: RequestPlane) -> FastAPI:
     app = FastAPI(title="epdserve")
     registry = CollectorRegistry()
-    requests_total = Counter("epdserve_http_requests", "HTTP requests by endpoint and status",
-                             ["endpoint", "status"], registry=registry)
+    requests_total = Counter(
+        "epdserve_http_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=registry
+    )
 
     @app.exception_handler(EpdError)
     async def _on_error(request: Request, err: EpdError) -> JSONResponse:
@@ -41,7 +42,7 @@ def create_app(models: ModelDirectory, plane: RequestPlane) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(EpdError(exc.status_code, str(exc.detail)))   # unknown route, wrong method
+        return _error(EpdError(exc.status_code, str(exc.detail)))  # unknown route, wrong method
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -70,8 +71,9 @@ def create_app(models: ModelDirectory, plane: RequestPlane) -> FastAPI:
             card = models.pick(req.model)
             payload = pb.ProcessorRequest(request_id=rid, endpoint=endpoint, body=body).SerializeToString()
             stream = _deltas(plane.stream(card.subject, payload, rid))
-            builder = ResponseBuilder(endpoint, req.model, rid, return_token_ids=req.return_token_ids,
-                                      logprobs=req.num_logprobs is not None)
+            builder = ResponseBuilder(
+                endpoint, req.model, rid, return_token_ids=req.return_token_ids, logprobs=req.num_logprobs is not None
+            )
             if not req.stream:
                 deltas = await _collect_unless_disconnected(request, stream)
                 if deltas is None:
@@ -100,10 +102,12 @@ def create_app(models: ModelDirectory, plane: RequestPlane) -> FastAPI:
     return app
 
 
-async def _collect_unless_disconnected(request: Request, stream: AsyncIterator[pb.TextDelta]
-                                       ) -> list[pb.TextDelta] | None:
+async def _collect_unless_disconnected(
+    request: Request, stream: AsyncIterator[pb.TextDelta]
+) -> list[pb.TextDelta] | None:
     """All deltas of a non-streaming request, or None when the client left first (then the
     stream is closed, which cancels the request upstream)."""
+
     async def collect() -> list[pb.TextDelta]:
         async with contextlib.aclosing(stream):
             return [d async for d in stream]
@@ -129,17 +133,19 @@ async def _deltas(frames: AsyncIterator[bytes]) -> AsyncIterator[pb.TextDelta]:
             yield pb.TextDelta.FromString(data)
 
 
-async def _sse(builder: ResponseBuilder, first: pb.TextDelta, rest: AsyncIterator[pb.TextDelta],
-               include_usage: bool, rid: str) -> AsyncIterator[bytes]:
+async def _sse(
+    builder: ResponseBuilder, first: pb.TextDelta, rest: AsyncIterator[pb.TextDelta], include_usage: bool, rid: str
+) -> AsyncIterator[bytes]:
     """SSE body; a client that disconnects closes `rest`, which cancels the request upstream."""
-    streamed: dict[int, int] = {}   # choice index -> characters sent (completions' text_offset)
+    streamed: dict[int, int] = {}  # choice index -> characters sent (completions' text_offset)
     usage = None
     async with contextlib.aclosing(rest):
         try:
             delta = first
             while True:
-                yield sse(builder.chunk(delta, delta.index not in streamed, include_usage,
-                                        streamed.get(delta.index, 0)))
+                yield sse(
+                    builder.chunk(delta, delta.index not in streamed, include_usage, streamed.get(delta.index, 0))
+                )
                 streamed[delta.index] = streamed.get(delta.index, 0) + len(delta.text)
                 if delta.HasField("usage"):
                     usage = delta.usage

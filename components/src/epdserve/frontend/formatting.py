@@ -13,12 +13,12 @@ from epdserve.protocol import epdserve_pb2 as pb
 class ResponseBuilder:
     """Turns the processor's `TextDelta`s into OpenAI objects for one request."""
 
-    endpoint: str                  # "chat" or "completions"
+    endpoint: str  # "chat" or "completions"
     model: str
     request_id: str
     created: int = field(default_factory=lambda: int(time.time()))
     return_token_ids: bool = False
-    logprobs: bool = False         # the client asked for logprobs
+    logprobs: bool = False  # the client asked for logprobs
 
     @property
     def _object(self) -> str:
@@ -30,8 +30,11 @@ class ResponseBuilder:
 
     @staticmethod
     def usage(u: pb.Usage) -> dict:
-        return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                "total_tokens": u.prompt_tokens + u.completion_tokens}
+        return {
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+        }
 
     def _logprobs(self, items: list[pb.Logprob], text_offset: int = 0) -> dict | None:
         """OpenAI's logprobs object: chat's `content` list, or the completions arrays."""
@@ -44,8 +47,12 @@ class ResponseBuilder:
         for lp in items:
             offsets.append(text_offset)
             text_offset += len(lp.token)
-        return {"tokens": [lp.token for lp in items], "token_logprobs": [lp.logprob for lp in items],
-                "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in items], "text_offset": offsets}
+        return {
+            "tokens": [lp.token for lp in items],
+            "token_logprobs": [lp.logprob for lp in items],
+            "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in items],
+            "text_offset": offsets,
+        }
 
     def response(self, deltas: list[pb.TextDelta]) -> dict:
         """The non-streaming body from every delta of the request, one choice per index."""
@@ -61,8 +68,11 @@ class ResponseBuilder:
 
     def _choice(self, index: int, deltas: list[pb.TextDelta]) -> dict:
         text = "".join(d.text for d in deltas)
-        choice: dict = {"index": index, "logprobs": self._logprobs([lp for d in deltas for lp in d.logprobs]),
-                        "finish_reason": deltas[-1].finish_reason or None}
+        choice: dict = {
+            "index": index,
+            "logprobs": self._logprobs([lp for d in deltas for lp in d.logprobs]),
+            "finish_reason": deltas[-1].finish_reason or None,
+        }
         if self.endpoint == "chat":
             choice["message"] = {"role": "assistant", "content": text, "refusal": None, "tool_calls": []}
         else:
@@ -74,10 +84,15 @@ class ResponseBuilder:
     def chunk(self, delta: pb.TextDelta, first: bool, include_usage: bool, text_offset: int = 0) -> dict:
         """One streamed chunk; the first chat chunk also carries the assistant role.
         `text_offset` is the length of the text streamed before (completions logprobs)."""
-        choice: dict = {"index": delta.index, "logprobs": self._logprobs(list(delta.logprobs), text_offset),
-                        "finish_reason": delta.finish_reason or None}
+        choice: dict = {
+            "index": delta.index,
+            "logprobs": self._logprobs(list(delta.logprobs), text_offset),
+            "finish_reason": delta.finish_reason or None,
+        }
         if self.endpoint == "chat":
-            choice["delta"] = ({"role": "assistant"} if first else {}) | ({"content": delta.text} if delta.text or first else {})
+            choice["delta"] = ({"role": "assistant"} if first else {}) | (
+                {"content": delta.text} if delta.text or first else {}
+            )
             obj = "chat.completion.chunk"
         else:
             choice["text"] = delta.text

@@ -25,9 +25,16 @@ class ModelDirectory:
         self._by_name = by_name
 
     def list(self) -> list[dict]:
-        return [{"id": name, "object": "model", "created": min(c.created for c in cards), "owned_by": "epdserve",
-                 "max_model_len": cards[0].context_length}
-                for name, cards in sorted(self._by_name.items())]
+        return [
+            {
+                "id": name,
+                "object": "model",
+                "created": min(c.created for c in cards),
+                "owned_by": "epdserve",
+                "max_model_len": cards[0].context_length,
+            }
+            for name, cards in sorted(self._by_name.items())
+        ]
 
     def pick(self, model: str) -> pb.ModelCard:
         cards = self._by_name.get(model)

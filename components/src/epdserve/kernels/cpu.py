@@ -41,15 +41,33 @@ class CpuKernels:
 
     def __init__(self, path: Path):
         # The picks depend on the machine and on this kernel's build, which names the library.
-        self.chooser = LinearChooser({"panels": self.panel_gemm, "onednn": onednn_gemm},
-                                     picks_file=path.with_name(f"{path.stem}-linear-picks.json"))
+        self.chooser = LinearChooser(
+            {"panels": self.panel_gemm, "onednn": onednn_gemm},
+            picks_file=path.with_name(f"{path.stem}-linear-picks.json"),
+        )
         self.lib = ctypes.CDLL(str(path))
         self.lib.pack_weight.argtypes = [_P, _P, _I, _I]
         self.lib.pack_weight.restype = None
         self.lib.linear.argtypes = [_P, _P, _P, _I, _I, _I]
         self.lib.linear.restype = None
-        self.lib.paged_decode_attention.argtypes = [_P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I,
-                                                    ctypes.c_float, _P, _I]
+        self.lib.paged_decode_attention.argtypes = [
+            _P,
+            _I,
+            _P,
+            _P,
+            _P,
+            _I,
+            _P,
+            _P,
+            _I,
+            _I,
+            _I,
+            _I,
+            _I,
+            ctypes.c_float,
+            _P,
+            _I,
+        ]
         self.lib.paged_decode_attention.restype = ctypes.c_int
         self.lib.rms_norm.argtypes = [_P, _P, _P, _I, _I, ctypes.c_float]
         self.lib.rotary.argtypes = [_P, _P, _P, _P, _I, _I, _I]
@@ -78,6 +96,7 @@ class CpuKernels:
             y = torch.empty(x.shape[0], n)
             self.lib.linear(x.data_ptr(), packed.data_ptr(), y.data_ptr(), x.shape[0], n, k)
             return y if bias is None else y.add_(bias)
+
         return gemm
 
     def linear(self, module: torch.nn.Linear) -> FastLinear | torch.nn.Linear:
@@ -88,17 +107,37 @@ class CpuKernels:
         """Swap the `nn.Linear`s of a `transformers` module tree for fast ones."""
         self.chooser.replace_linears(tree)
 
-    def decode_attention(self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                         batch: DecodeBatch, scale: float, out: torch.Tensor) -> None:
+    def decode_attention(
+        self,
+        q: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        batch: DecodeBatch,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
         """Attention of the one-query rows `batch.rows` of q [N, Hq, D] to their paged
         contexts in one layer's cache [blocks, block_size, Hkv, D], written into the same
         rows of `out` [N, Hq, D]. q and out contiguous; D a multiple of 16."""
         _, block_size, num_kv_heads, head_dim = cache_k.shape
         status = self.lib.paged_decode_attention(
-            q.data_ptr(), q.stride(0), cache_k.data_ptr(), cache_v.data_ptr(),
-            batch.block_tables.data_ptr(), batch.block_tables.shape[1], batch.context_len.data_ptr(),
-            batch.rows.data_ptr(), batch.rows.shape[0], q.shape[1], num_kv_heads, head_dim, block_size,
-            scale, out.data_ptr(), out.stride(0))
+            q.data_ptr(),
+            q.stride(0),
+            cache_k.data_ptr(),
+            cache_v.data_ptr(),
+            batch.block_tables.data_ptr(),
+            batch.block_tables.shape[1],
+            batch.context_len.data_ptr(),
+            batch.rows.data_ptr(),
+            batch.rows.shape[0],
+            q.shape[1],
+            num_kv_heads,
+            head_dim,
+            block_size,
+            scale,
+            out.data_ptr(),
+            out.stride(0),
+        )
         if status:
             raise MemoryError("paged_decode_attention: out of memory")
 
@@ -124,8 +163,13 @@ class CpuKernels:
         return out
 
     def supports_attention(self, q: torch.Tensor, cache_k: torch.Tensor) -> bool:
-        return self.supports(cache_k) and q.dtype == torch.float32 and q.shape[-1] % 16 == 0 \
-            and q.is_contiguous() and cache_k.is_contiguous()
+        return (
+            self.supports(cache_k)
+            and q.dtype == torch.float32
+            and q.shape[-1] % 16 == 0
+            and q.is_contiguous()
+            and cache_k.is_contiguous()
+        )
 
 
 def _has_avx512() -> bool:
@@ -148,10 +192,11 @@ def _build(cache_dir: Path) -> Path:
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    try:   # atomic: a concurrent builder never loads a half-written file
+    try:  # atomic: a concurrent builder never loads a half-written file
         with atomic_target(target, suffix=".so") as tmp:
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], check=True,
-                           capture_output=True, text=True)
+            subprocess.run(
+                [compiler, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], check=True, capture_output=True, text=True
+            )
     except subprocess.CalledProcessError as exc:
         raise RuntimeError(f"compiling {SOURCE.name} failed: {exc.stderr.strip()[-2000:]}") from exc
     return target

@@ -32,12 +32,12 @@ from epdserve.tools.files import atomic_target
 
 log = logging.getLogger(__name__)
 
-Gemm = Callable[[torch.Tensor], torch.Tensor]   # x [M, K] contiguous float32 -> x @ W^T + b [M, N]
+Gemm = Callable[[torch.Tensor], torch.Tensor]  # x [M, K] contiguous float32 -> x @ W^T + b [M, N]
 
-FEW_ROWS = 48                 # calls of at most this many rows take the few-row winner
-TIMING_ROWS = (16, 256)       # the inputs the candidates are timed on: few rows, many rows
-TIMING_RUNS = 5               # the best of this many runs counts
-EVICT_BYTES = 64 << 20        # written before each timed run: more than a CPU's last-level cache
+FEW_ROWS = 48  # calls of at most this many rows take the few-row winner
+TIMING_ROWS = (16, 256)  # the inputs the candidates are timed on: few rows, many rows
+TIMING_RUNS = 5  # the best of this many runs counts
+EVICT_BYTES = 64 << 20  # written before each timed run: more than a CPU's last-level cache
 
 
 def float32_cpu(tensor: torch.Tensor) -> bool:
@@ -57,7 +57,7 @@ def onednn_gemm(module: nn.Linear) -> Gemm | None:
 def _seconds(gemm: Gemm, x: torch.Tensor, evict: torch.Tensor) -> float:
     """Best time of `gemm(x)` with the caches flushed first: a decode step finds the weights
     in memory, not in cache (timed warm, a kernel that prefetches them looks no better)."""
-    gemm(x)   # first call: lazy initialisation
+    gemm(x)  # first call: lazy initialisation
     best = float("inf")
     for _ in range(TIMING_RUNS):
         evict.fill_(1.0)
@@ -67,8 +67,9 @@ def _seconds(gemm: Gemm, x: torch.Tensor, evict: torch.Tensor) -> float:
     return best
 
 
-def fastest(candidates: dict[str, Gemm], rows: int, in_features: int,
-            evict: torch.Tensor) -> tuple[str, dict[str, float]]:
+def fastest(
+    candidates: dict[str, Gemm], rows: int, in_features: int, evict: torch.Tensor
+) -> tuple[str, dict[str, float]]:
     """The name of the quickest candidate on a random [rows, in_features] input, and every
     candidate's time in seconds; `evict` is written before each timed run."""
     x = torch.randn(rows, in_features)
@@ -98,7 +99,7 @@ class FastLinearModule(nn.Module):
 
     def __init__(self, linear: FastLinear):
         super().__init__()
-        self.inner = linear.module   # keeps weight and bias in the tree's parameters
+        self.inner = linear.module  # keeps weight and bias in the tree's parameters
         self.linear = linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,9 +130,9 @@ class LinearChooser:
         picks = self._choices.get(key)
         if picks is not None:
             gemms = self._build(module, {name: self.factories[name] for name in set(picks)})
-            if not set(picks) <= gemms.keys():   # read from a file written where it could run
+            if not set(picks) <= gemms.keys():  # read from a file written where it could run
                 picks = None
-        if picks is None:   # the first module of its shape: time every candidate, keep the winners built
+        if picks is None:  # the first module of its shape: time every candidate, keep the winners built
             gemms = self._build(module, self.factories)
             picks = self._choices[key] = self._time(gemms, weight.shape[1], weight.shape[0])
             self._write_picks()
@@ -148,8 +149,11 @@ class LinearChooser:
             stored = json.loads(self.picks_file.read_text())
         except (OSError, ValueError):
             return {}
-        return {tuple(json.loads(key)): (few, many) for key, (few, many) in stored.items()
-                if few in self.factories and many in self.factories}
+        return {
+            tuple(json.loads(key)): (few, many)
+            for key, (few, many) in stored.items()
+            if few in self.factories and many in self.factories
+        }
 
     def _write_picks(self) -> None:
         """Merge ours into the file (another process may have added its own), atomically."""
@@ -170,13 +174,19 @@ class LinearChooser:
     @staticmethod
     def _time(gemms: dict[str, Gemm], in_features: int, out_features: int) -> tuple[str, str]:
         picks, report = [], []
-        evict = torch.empty(EVICT_BYTES // 4)   # one per shape: its first fill faults every page in
+        evict = torch.empty(EVICT_BYTES // 4)  # one per shape: its first fill faults every page in
         for rows in TIMING_ROWS:
             name, times = fastest(gemms, rows, in_features, evict)
             picks.append(name)
             report.append(f"{rows} rows: " + ", ".join(f"{n} {t * 1e3:.3f}" for n, t in times.items()))
-        log.info("linear %dx%d: few rows -> %s, many rows -> %s (ms; %s)", in_features, out_features,
-                 picks[0], picks[1], "; ".join(report))
+        log.info(
+            "linear %dx%d: few rows -> %s, many rows -> %s (ms; %s)",
+            in_features,
+            out_features,
+            picks[0],
+            picks[1],
+            "; ".join(report),
+        )
         return picks[0], picks[1]
 
     def replace_linears(self, tree: nn.Module) -> None:

@@ -41,8 +41,9 @@ class MediaFetcher:
             return await self._fetch_http(url, modality)
         if scheme == "file":
             return await asyncio.to_thread(self._read_local, url)
-        raise EpdError.bad_request(f"unsupported media URL scheme {scheme!r} in {_short(url)}; "
-                                   "use http(s)://, data: or an allowed file://")
+        raise EpdError.bad_request(
+            f"unsupported media URL scheme {scheme!r} in {_short(url)}; use http(s)://, data: or an allowed file://"
+        )
 
     async def _fetch_http(self, url: str, modality: str) -> bytes:
         host = urlparse(url).hostname or ""

@@ -61,14 +61,16 @@ class ModelFamily(ABC):
         """The content part the HF chat template expects for one media item."""
         return {"type": modality}
 
-    def load_runner(self, dtype: torch.dtype | None, device: torch.device,
-                    kernels: CpuKernels | None = None) -> "MultimodalModel":
+    def load_runner(
+        self, dtype: torch.dtype | None, device: torch.device, kernels: CpuKernels | None = None
+    ) -> "MultimodalModel":
         """Load the weights for a worker onto `device`. `dtype=None` keeps the checkpoint's
         dtype. `kernels`: CPU kernels the model may use where they support its tensors."""
         raise NotImplementedError(f"{type(self).__name__} has no worker-side model yet")
 
-    def load_encoder(self, dtype: torch.dtype | None, device: torch.device,
-                     kernels: CpuKernels | None = None) -> "MediaEncoder":
+    def load_encoder(
+        self, dtype: torch.dtype | None, device: torch.device, kernels: CpuKernels | None = None
+    ) -> "MediaEncoder":
         """Load only the media encoder (towers and projectors, no text decoder weights) for an
         encode worker; arguments as for `load_runner`."""
         raise NotImplementedError(f"{type(self).__name__} has no separate encoder")

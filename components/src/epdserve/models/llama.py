@@ -51,10 +51,18 @@ class PagedLlama:
         self.fused_mlp = self.fused is not None and decoder.config.hidden_act == "silu"
         wrap = kernels.linear if kernels is not None else (lambda module: module)
         self.lm_head = wrap(lm_head)
-        self.proj = [_Projections(wrap(layer.self_attn.q_proj), wrap(layer.self_attn.k_proj),
-                                  wrap(layer.self_attn.v_proj), wrap(layer.self_attn.o_proj),
-                                  wrap(layer.mlp.gate_proj), wrap(layer.mlp.up_proj), wrap(layer.mlp.down_proj))
-                     for layer in decoder.layers]
+        self.proj = [
+            _Projections(
+                wrap(layer.self_attn.q_proj),
+                wrap(layer.self_attn.k_proj),
+                wrap(layer.self_attn.v_proj),
+                wrap(layer.self_attn.o_proj),
+                wrap(layer.mlp.gate_proj),
+                wrap(layer.mlp.up_proj),
+                wrap(layer.mlp.down_proj),
+            )
+            for layer in decoder.layers
+        ]
         config = decoder.config
         attn = decoder.layers[0].self_attn
         self.num_layers = len(decoder.layers)
@@ -67,11 +75,11 @@ class PagedLlama:
 
     def allocate_cache(self, num_blocks: int, block_size: int) -> KVCache:
         """An empty cache of `num_blocks` blocks in this model's shapes, dtype and device."""
-        return KVCache.allocate(self.num_layers, num_blocks, block_size, self.num_kv_heads,
-                                self.head_dim, self.dtype, self.device)
+        return KVCache.allocate(
+            self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim, self.dtype, self.device
+        )
 
-    def forward(self, inputs_embeds: torch.Tensor, meta: AttentionMetadata,
-                kv: KVCache) -> torch.Tensor:
+    def forward(self, inputs_embeds: torch.Tensor, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
         """[N, H] embeddings of the packed chunks -> [M, H] final-norm hidden states of the
         rows `meta.output_rows`; writes the chunks' K/V into `kv`."""
         hidden = inputs_embeds
@@ -80,17 +88,26 @@ class PagedLlama:
         for i in range(self.num_layers):
             # Past the last layer's K/V only the output rows matter: a prompt chunk computes
             # its queries, attention and MLP there for its last token alone.
-            hidden = self._layer(i, hidden, cos, sin, meta, kv.key[i], kv.value[i],
-                                 outputs_only=i == self.num_layers - 1)
+            hidden = self._layer(
+                i, hidden, cos, sin, meta, kv.key[i], kv.value[i], outputs_only=i == self.num_layers - 1
+            )
         return self._norm(self.decoder.norm, hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[M, H] final hidden states -> [M, V] float32 logits."""
         return self.lm_head(hidden).float()
 
-    def _layer(self, index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               meta: AttentionMetadata, cache_k: torch.Tensor, cache_v: torch.Tensor,
-               outputs_only: bool = False) -> torch.Tensor:
+    def _layer(
+        self,
+        index: int,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        outputs_only: bool = False,
+    ) -> torch.Tensor:
         """Decoder layer `index` on [N, H] rows (cos, sin [N, D]) -> [N, H], or [M, H] at
         `meta.output_rows` with `outputs_only`."""
         layer: LlamaDecoderLayer = self.decoder.layers[index]
@@ -98,7 +115,7 @@ class PagedLlama:
         normed = self._norm(layer.input_layernorm, hidden)
         k = self._rotate(proj.k(normed), cos, sin)
         write_kv(k, proj.v(normed).view(k.shape), cache_k, cache_v, meta)
-        if outputs_only and meta.outputs is not None:   # from here on, the output rows alone
+        if outputs_only and meta.outputs is not None:  # from here on, the output rows alone
             rows = meta.output_rows
             hidden, normed, cos, sin = hidden[rows], normed[rows], cos[rows], sin[rows]
             meta = meta.outputs

@@ -49,7 +49,7 @@ class Llama4Family(ModelFamily):
         return limit
 
     def placeholder_token_id(self, modality: str) -> int:
-        return self._processor.image_token_id   # <|image|>, which the chat template writes
+        return self._processor.image_token_id  # <|image|>, which the chat template writes
 
     def num_placeholders(self, info: MediaInfo) -> int:
         rows, cols = self._tile_grid(info)
@@ -70,12 +70,14 @@ class Llama4Family(ModelFamily):
         tokens += [ids["image"], *tile, ids["end"]]
         return tokens, [t == ids["patch"] for t in tokens]
 
-    def load_runner(self, dtype: torch.dtype | None, device: torch.device,
-                    kernels: CpuKernels | None = None) -> Llama4Model:
+    def load_runner(
+        self, dtype: torch.dtype | None, device: torch.device, kernels: CpuKernels | None = None
+    ) -> Llama4Model:
         return Llama4Model(self, dtype, device, kernels)
 
-    def load_encoder(self, dtype: torch.dtype | None, device: torch.device,
-                     kernels: CpuKernels | None = None) -> Llama4Vision:
+    def load_encoder(
+        self, dtype: torch.dtype | None, device: torch.device, kernels: CpuKernels | None = None
+    ) -> Llama4Vision:
         return Llama4Vision(_vision_only(self, dtype, device), self, kernels)
 
     @cached_property
@@ -86,8 +88,14 @@ class Llama4Family(ModelFamily):
     @cached_property
     def _token_ids(self) -> dict[str, int]:
         p = self._processor
-        tokens = {"start": p.start_of_img_token, "end": p.end_of_img_token, "image": p.image_token,
-                  "patch": p.img_patch_token, "tile_x": p.tile_token, "tile_y": p.tile_global_token}
+        tokens = {
+            "start": p.start_of_img_token,
+            "end": p.end_of_img_token,
+            "image": p.image_token,
+            "patch": p.img_patch_token,
+            "tile_x": p.tile_token,
+            "tile_y": p.tile_global_token,
+        }
         return {k: p.tokenizer.convert_tokens_to_ids(v) for k, v in tokens.items()}
 
     @cached_property
@@ -115,7 +123,7 @@ class Llama4Vision(MediaEncoder):
         self.image_processor = AutoImageProcessor.from_pretrained(family.model_dir)
         self.device = hf.multi_modal_projector.linear_1.weight.device
         self.dtype = hf.multi_modal_projector.linear_1.weight.dtype
-        if kernels is not None:   # the image encoder's projections are prompt-sized GEMMs too
+        if kernels is not None:  # the image encoder's projections are prompt-sized GEMMs too
             kernels.replace_linears(hf.vision_model)
             kernels.replace_linears(hf.multi_modal_projector)
 
@@ -127,20 +135,24 @@ class Llama4Vision(MediaEncoder):
         # transformers casts the bfloat16 pixels to the model's dtype too (exact from bfloat16).
         pixel_values = features["pixel_values"].to(self.device, self.dtype)
         tiles = [rows * cols + (1 if rows * cols > 1 else 0) for rows, cols in features["aspect_ratios"].tolist()]
-        per_tile = self.hf.get_image_features(pixel_values=pixel_values).pooler_output   # [tiles, tokens, H]
+        per_tile = self.hf.get_image_features(pixel_values=pixel_values).pooler_output  # [tiles, tokens, H]
         return [t.flatten(0, 1) for t in per_tile.split(tiles)]
 
 
 class Llama4Model(PagedMultimodalModel):
     """Vision model and projector from `transformers`; the text decoder runs paged."""
 
-    def __init__(self, family: Llama4Family, dtype: torch.dtype | None, device: torch.device,
-                 kernels: CpuKernels | None = None):
-        self.hf = AutoModelForImageTextToText.from_pretrained(
-            family.model_dir, dtype=dtype or "auto").to(device).eval()
+    def __init__(
+        self, family: Llama4Family, dtype: torch.dtype | None, device: torch.device, kernels: CpuKernels | None = None
+    ):
+        self.hf = AutoModelForImageTextToText.from_pretrained(family.model_dir, dtype=dtype or "auto").to(device).eval()
         lm = self.hf.language_model
-        super().__init__(PagedLlama4Text(lm.model, lm.lm_head, kernels), Llama4Vision(self.hf, family, kernels),
-                         self.hf.device, self.hf.dtype)
+        super().__init__(
+            PagedLlama4Text(lm.model, lm.lm_head, kernels),
+            Llama4Vision(self.hf, family, kernels),
+            self.hf.device,
+            self.hf.dtype,
+        )
 
 
 def _vision_only(family: Llama4Family, dtype: torch.dtype | None, device: torch.device) -> torch.nn.Module:
@@ -149,11 +161,12 @@ def _vision_only(family: Llama4Family, dtype: torch.dtype | None, device: torch.
     config = family.hf_config
     with torch.device("meta"):
         hf = AutoModelForImageTextToText.from_config(config)
-    with no_init_weights():   # every parameter is overwritten from the checkpoint below
+    with no_init_weights():  # every parameter is overwritten from the checkpoint below
         vision = Llama4VisionModel(config.vision_config)
         projector = Llama4MultiModalProjector(config)
-    load_modules(family.model_dir, {"vision_model.": vision, "multi_modal_projector.": projector},
-                 _vision_key, dtype, device)
+    load_modules(
+        family.model_dir, {"vision_model.": vision, "multi_modal_projector.": projector}, _vision_key, dtype, device
+    )
     hf.vision_model, hf.multi_modal_projector = vision, projector
     return hf
 

@@ -43,9 +43,18 @@ class PagedLlama4Text:
         self.device = decoder.embed_tokens.weight.device
         wrap = kernels.linear if kernels is not None else (lambda module: module)
         self.lm_head = wrap(lm_head)
-        self.proj = [tuple(wrap(m) for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                                             layer.self_attn.v_proj, layer.self_attn.o_proj))
-                     for layer in decoder.layers]
+        self.proj = [
+            tuple(
+                wrap(m)
+                for m in (
+                    layer.self_attn.q_proj,
+                    layer.self_attn.k_proj,
+                    layer.self_attn.v_proj,
+                    layer.self_attn.o_proj,
+                )
+            )
+            for layer in decoder.layers
+        ]
         self.num_layers = len(decoder.layers)
         self.num_kv_heads = self.config.num_key_value_heads
         self.head_dim = decoder.layers[0].self_attn.head_dim
@@ -56,8 +65,9 @@ class PagedLlama4Text:
 
     def allocate_cache(self, num_blocks: int, block_size: int) -> KVCache:
         """An empty cache of `num_blocks` blocks in this model's shapes, dtype and device."""
-        return KVCache.allocate(self.num_layers, num_blocks, block_size, self.num_kv_heads,
-                                self.head_dim, self.dtype, self.device)
+        return KVCache.allocate(
+            self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim, self.dtype, self.device
+        )
 
     def forward(self, inputs_embeds: torch.Tensor, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
         """[N, H] embeddings of the packed chunks -> [M, H] final-norm hidden states of the
@@ -67,16 +77,23 @@ class PagedLlama4Text:
         freqs = self.decoder.rotary_emb(hidden, meta.positions[None])[0]
         for i in range(self.num_layers):
             # Past the last layer's K/V only the output rows matter (as in `PagedLlama`).
-            hidden = self._layer(i, hidden, freqs, meta, kv.key[i], kv.value[i],
-                                 outputs_only=i == self.num_layers - 1)
+            hidden = self._layer(i, hidden, freqs, meta, kv.key[i], kv.value[i], outputs_only=i == self.num_layers - 1)
         return self.decoder.norm(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[M, H] final hidden states -> [M, V] float32 logits."""
         return self.lm_head(hidden).float()
 
-    def _layer(self, index: int, hidden: torch.Tensor, freqs: torch.Tensor, meta: AttentionMetadata,
-               cache_k: torch.Tensor, cache_v: torch.Tensor, outputs_only: bool = False) -> torch.Tensor:
+    def _layer(
+        self,
+        index: int,
+        hidden: torch.Tensor,
+        freqs: torch.Tensor,
+        meta: AttentionMetadata,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        outputs_only: bool = False,
+    ) -> torch.Tensor:
         """Decoder layer `index` on [N, H] rows (freqs [N, D/2]) -> [N, H], or [M, H] at
         `meta.output_rows` with `outputs_only`."""
         layer: Llama4TextDecoderLayer = self.decoder.layers[index]
@@ -86,7 +103,7 @@ class PagedLlama4Text:
         k = self._position(attn, k_proj(normed), freqs, meta.positions, query=False)
         write_kv(k, v_proj(normed).view(k.shape), cache_k, cache_v, meta)
         positions = meta.positions
-        if outputs_only and meta.outputs is not None:   # from here on, the output rows alone
+        if outputs_only and meta.outputs is not None:  # from here on, the output rows alone
             rows = meta.output_rows
             hidden, normed, freqs, positions = hidden[rows], normed[rows], freqs[rows], positions[rows]
             meta = meta.outputs
@@ -94,17 +111,18 @@ class PagedLlama4Text:
         attended = paged_attention(q, cache_k, cache_v, meta, attn.scaling, self.kernels)
         hidden = hidden + o_proj(attended.flatten(1))
         ff = layer.feed_forward(layer.post_attention_layernorm(hidden))
-        if layer.is_moe_layer:   # Llama4TextMoe returns (output, router logits)
+        if layer.is_moe_layer:  # Llama4TextMoe returns (output, router logits)
             ff = ff[0]
         return hidden + ff.view(hidden.shape)
 
-    def _position(self, attn: nn.Module, x: torch.Tensor, freqs: torch.Tensor, positions: torch.Tensor,
-                  query: bool) -> torch.Tensor:
+    def _position(
+        self, attn: nn.Module, x: torch.Tensor, freqs: torch.Tensor, positions: torch.Tensor, query: bool
+    ) -> torch.Tensor:
         """[N, heads * D] query or key projections -> [N, heads, D] as `Llama4TextAttention`
         prepares them: rotary + qk-norm on RoPE layers, temperature tuning of the queries on
         NoPE layers (`positions` [N]: absolute positions)."""
         x = x.unflatten(-1, (-1, self.head_dim))
-        if attn.use_rope:   # transformers' apply_rotary_emb, for one tensor
+        if attn.use_rope:  # transformers' apply_rotary_emb, for one tensor
             pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
             x = torch.view_as_real(pairs * freqs[:, None, :]).flatten(2).type_as(x)
         if hasattr(attn, "qk_norm"):

@@ -34,12 +34,14 @@ class LlavaFamily(ModelFamily):
         patches = (vision.image_size // vision.patch_size) ** 2
         return patches + (1 if self.hf_config.vision_feature_select_strategy == "full" else 0)
 
-    def load_runner(self, dtype: torch.dtype | None, device: torch.device,
-                    kernels: CpuKernels | None = None) -> "LlavaModel":
+    def load_runner(
+        self, dtype: torch.dtype | None, device: torch.device, kernels: CpuKernels | None = None
+    ) -> "LlavaModel":
         return LlavaModel(self, dtype, device, kernels)
 
-    def load_encoder(self, dtype: torch.dtype | None, device: torch.device,
-                     kernels: CpuKernels | None = None) -> "LlavaVision":
+    def load_encoder(
+        self, dtype: torch.dtype | None, device: torch.device, kernels: CpuKernels | None = None
+    ) -> "LlavaVision":
         return LlavaVision(_vision_only(self, dtype, device), self, kernels)
 
 
@@ -53,7 +55,7 @@ class LlavaVision(MediaEncoder):
         self.device = hf.model.multi_modal_projector.linear_1.weight.device
         self.dtype = hf.model.multi_modal_projector.linear_1.weight.dtype
         _drop_unused_vision_layers(hf)
-        if kernels is not None:   # the image encoder's projections are prompt-sized GEMMs too
+        if kernels is not None:  # the image encoder's projections are prompt-sized GEMMs too
             kernels.replace_linears(hf.model.vision_tower)
             kernels.replace_linears(hf.model.multi_modal_projector)
 
@@ -74,13 +76,17 @@ class LlavaVision(MediaEncoder):
 class LlavaModel(PagedMultimodalModel):
     """CLIP tower and projector from `transformers`; the Llama decoder runs paged."""
 
-    def __init__(self, family: LlavaFamily, dtype: torch.dtype | None, device: torch.device,
-                 kernels: CpuKernels | None = None):
+    def __init__(
+        self, family: LlavaFamily, dtype: torch.dtype | None, device: torch.device, kernels: CpuKernels | None = None
+    ):
         # `transformers` maps both published key layouts (llava-hf and its own) on load.
-        self.hf = AutoModelForImageTextToText.from_pretrained(
-            family.model_dir, dtype=dtype or "auto").to(device).eval()
-        super().__init__(PagedLlama(self.hf.model.language_model, self.hf.lm_head, kernels),
-                         LlavaVision(self.hf, family, kernels), self.hf.device, self.hf.dtype)
+        self.hf = AutoModelForImageTextToText.from_pretrained(family.model_dir, dtype=dtype or "auto").to(device).eval()
+        super().__init__(
+            PagedLlama(self.hf.model.language_model, self.hf.lm_head, kernels),
+            LlavaVision(self.hf, family, kernels),
+            self.hf.device,
+            self.hf.dtype,
+        )
 
 
 def _vision_only(family: LlavaFamily, dtype: torch.dtype | None, device: torch.device) -> torch.nn.Module:
@@ -89,11 +95,12 @@ def _vision_only(family: LlavaFamily, dtype: torch.dtype | None, device: torch.d
     config = family.hf_config
     with torch.device("meta"):
         hf = AutoModelForImageTextToText.from_config(config)
-    with no_init_weights():   # every parameter is overwritten from the checkpoint below
+    with no_init_weights():  # every parameter is overwritten from the checkpoint below
         tower = AutoModel.from_config(config.vision_config)
         projector = LlavaMultiModalProjector(config)
-    load_modules(family.model_dir, {"vision_tower.": tower, "multi_modal_projector.": projector},
-                 _vision_key, dtype, device)
+    load_modules(
+        family.model_dir, {"vision_tower.": tower, "multi_modal_projector.": projector}, _vision_key, dtype, device
+    )
     hf.model.vision_tower, hf.model.multi_modal_projector = tower, projector
     return hf
 
@@ -121,5 +128,5 @@ def _drop_unused_vision_layers(hf: torch.nn.Module) -> None:
     # hidden_states[0] is the embeddings, hidden_states[i] the output of layer i.
     num_layers = len(encoder.layers)
     from_front = [i if i >= 0 else num_layers + 1 + i for i in ([chosen] if isinstance(chosen, int) else chosen)]
-    del encoder.layers[max(1, *from_front):]   # a tower of no layers returns no hidden states
+    del encoder.layers[max(1, *from_front) :]  # a tower of no layers returns no hidden states
     hf.config.vision_feature_layer = from_front[0] if isinstance(chosen, int) else from_front

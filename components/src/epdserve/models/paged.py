@@ -25,7 +25,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, use_gqa_in_sdpa
 if TYPE_CHECKING:
     from epdserve.kernels.cpu import CpuKernels
 
-MAX_RUNS = 4            # beyond this many block runs, one gather costs less than attending run by run
+MAX_RUNS = 4  # beyond this many block runs, one gather costs less than attending run by run
 MIN_RUNS_CONTEXT = 256  # below this many positions too: the gather is cheap, the merge is not
 
 
@@ -41,15 +41,19 @@ class DecodeBatch:
     context_len: torch.Tensor
 
     @classmethod
-    def build(cls, rows: list[int], tables: list[Sequence[int]], context_len: list[int],
-              block_size: int) -> DecodeBatch | None:
+    def build(
+        cls, rows: list[int], tables: list[Sequence[int]], context_len: list[int], block_size: int
+    ) -> DecodeBatch | None:
         if not rows:
             return None
         used = [-(-n // block_size) for n in context_len]
         width = max(used)
         padded = [list(t[:n]) + [0] * (width - n) for t, n in zip(tables, used)]
-        return cls(torch.tensor(rows, dtype=torch.long), torch.tensor(padded, dtype=torch.int32),
-                   torch.tensor(context_len, dtype=torch.int32))
+        return cls(
+            torch.tensor(rows, dtype=torch.long),
+            torch.tensor(padded, dtype=torch.int32),
+            torch.tensor(context_len, dtype=torch.int32),
+        )
 
 
 @dataclass
@@ -91,8 +95,13 @@ class AttentionMetadata:
         return len(self.query_len)
 
     @classmethod
-    def build(cls, chunks: Sequence[tuple[Sequence[int], int, int]], block_size: int,
-              device: torch.device | str = "cpu", samples: Sequence[bool] | None = None) -> AttentionMetadata:
+    def build(
+        cls,
+        chunks: Sequence[tuple[Sequence[int], int, int]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+        samples: Sequence[bool] | None = None,
+    ) -> AttentionMetadata:
         """Metadata for chunks given as (block_table, start, query_len) per sequence: the
         chunk holds positions start .. start+query_len-1, written into the table's blocks.
         `samples[i]`: chunk i's last token is an output row (default: every chunk's)."""
@@ -116,17 +125,26 @@ class AttentionMetadata:
         on_cpu = torch.device(device).type == "cpu"
 
         def decode_batch(rows: list[int], seqs: list[int]) -> DecodeBatch | None:
-            return DecodeBatch.build(rows, [chunks[i][0] for i in seqs], [context_len[i] for i in seqs],
-                                     block_size) if on_cpu else None
+            return (
+                DecodeBatch.build(rows, [chunks[i][0] for i in seqs], [context_len[i] for i in seqs], block_size)
+                if on_cpu
+                else None
+            )
 
         outputs = None
         if len(out) < len(chunks) or any(n > 1 for n in query_len):
             none = torch.empty(0, dtype=torch.long, device=device)
-            outputs = cls(positions=none, slot_mapping=none, query_start=list(range(len(out))),
-                          query_len=[1] * len(out), context_len=[context_len[i] for i in out],
-                          kv_blocks=[_context_blocks(kv_runs[i], 1, context_len[i], device) for i in out],
-                          masks=[None] * len(out), output_rows=torch.arange(len(out), device=device),
-                          decode=decode_batch(list(range(len(out))), out))
+            outputs = cls(
+                positions=none,
+                slot_mapping=none,
+                query_start=list(range(len(out))),
+                query_len=[1] * len(out),
+                context_len=[context_len[i] for i in out],
+                kv_blocks=[_context_blocks(kv_runs[i], 1, context_len[i], device) for i in out],
+                masks=[None] * len(out),
+                output_rows=torch.arange(len(out), device=device),
+                decode=decode_batch(list(range(len(out))), out),
+            )
         single = [i for i, n in enumerate(query_len) if n == 1]
         return cls(
             positions=torch.cat(positions).to(device),
@@ -155,15 +173,15 @@ def _runs(table: Sequence[int], count: int) -> list[slice]:
     return runs
 
 
-def _context_blocks(runs: list[slice], length: int, context: int,
-                    device: torch.device | str) -> slice | list[slice] | torch.Tensor:
+def _context_blocks(
+    runs: list[slice], length: int, context: int, device: torch.device | str
+) -> slice | list[slice] | torch.Tensor:
     """How a chunk of `length` queries over `context` positions reads the blocks `runs`:
     see `AttentionMetadata`."""
     if len(runs) == 1:
         return runs[0]
     # The merge needs the log-sum-exp that only the CPU flash kernel returns.
-    if length == 1 and len(runs) <= MAX_RUNS and context >= MIN_RUNS_CONTEXT \
-            and torch.device(device).type == "cpu":
+    if length == 1 and len(runs) <= MAX_RUNS and context >= MIN_RUNS_CONTEXT and torch.device(device).type == "cpu":
         return runs
     return _gather_index(runs, device)
 
@@ -201,35 +219,48 @@ class KVCache:
         return self.key[0].shape[0]
 
     @classmethod
-    def allocate(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
+    def allocate(
+        cls,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> KVCache:
         """One tensor holding everything; the per-layer tensors are views of it.
 
         Zero-filled, so that every page is resident from the start (as vLLM allocates its
         pool): the prefix cache keeps used blocks, so new prompts get never-used blocks until
         the whole pool has been used once, and a first write into a page costs ~1.6 ms per MB
         here (see tools/memory.py): 15-30 ms of a bench prompt's prefill."""
-        data = torch.zeros(2, num_layers, num_blocks, block_size, num_kv_heads, head_dim,
-                           dtype=dtype, device=device)
+        data = torch.zeros(2, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
         return cls(key=list(data[0]), value=list(data[1]), pool=data)
 
     @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                        dtype: torch.dtype) -> int:
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         """Bytes of one block across all layers, keys and values."""
         return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-             meta: AttentionMetadata) -> None:
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, meta: AttentionMetadata
+) -> None:
     """Write k, v [N, Hkv, D] into one layer's cache at `meta.slot_mapping`."""
     num_kv_heads, head_dim = cache_k.shape[2:]
     cache_k.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     cache_v.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
 
 
-def paged_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                    meta: AttentionMetadata, scale: float, kernels: CpuKernels | None = None) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    kernels: CpuKernels | None = None,
+) -> torch.Tensor:
     """Attend each sequence's queries (q [N, Hq, D]) to its first context_len cached tokens,
     causally (a query at absolute position p sees positions <= p). Returns [N, Hq, D].
     With `kernels` that support these tensors, all one-query chunks go through one kernel call."""
@@ -252,8 +283,8 @@ def paged_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tenso
             continue
         key, value = _context(cache_k, blocks, context), _context(cache_v, blocks, context)
         # [1, H, T, D] views of [T, H, D] rows: the layout transformers' attention sees.
-        query = q[start:start + length].transpose(0, 1)[None]
-        out[start:start + length] = _sdpa(query, key, value, meta.masks[i], groups, scale)[0].transpose(0, 1)
+        query = q[start : start + length].transpose(0, 1)[None]
+        out[start : start + length] = _sdpa(query, key, value, meta.masks[i], groups, scale)[0].transpose(0, 1)
     return out
 
 
@@ -265,13 +296,20 @@ def _context(cache: torch.Tensor, blocks: slice | torch.Tensor, n: int) -> torch
     if isinstance(blocks, torch.Tensor):
         return cache[blocks].flatten(0, 1)[:n].transpose(0, 1)[None]
     _, block_size, heads, dim = cache.shape
-    row = heads * dim   # one position's keys for every head
-    return cache.as_strided((1, heads, n, dim), (row, dim, row, 1),
-                            cache.storage_offset() + blocks.start * block_size * row)
+    row = heads * dim  # one position's keys for every head
+    return cache.as_strided(
+        (1, heads, n, dim), (row, dim, row, 1), cache.storage_offset() + blocks.start * block_size * row
+    )
 
 
-def _attend_one(query: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                blocks: slice | list[slice] | torch.Tensor, context: int, scale: float) -> torch.Tensor:
+def _attend_one(
+    query: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    blocks: slice | list[slice] | torch.Tensor,
+    context: int,
+    scale: float,
+) -> torch.Tensor:
     """Attention of one query's heads `query` [1, Hkv, G, D] (no mask) to the first `context`
     positions held in `blocks` (see `AttentionMetadata.kv_blocks`). Returns [1, Hkv, G, D]."""
     if isinstance(blocks, list):
@@ -284,8 +322,9 @@ def _attend_one(query: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tenso
     return F.scaled_dot_product_attention(query, key, value, scale=scale)
 
 
-def _merge_runs(query: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, runs: list[slice],
-                context: int, scale: float) -> torch.Tensor:
+def _merge_runs(
+    query: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, runs: list[slice], context: int, scale: float
+) -> torch.Tensor:
     """`_attend_one` over several block runs, each read in place, merged by their log-sum-exp:
     equal to attending their concatenation up to float rounding. CPU and float32 only."""
     block_size = cache_k.shape[1]
@@ -297,12 +336,13 @@ def _merge_runs(query: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tenso
         outs.append(out)
         lses.append(lse)
         seen += n
-    weights = torch.softmax(torch.stack(lses), 0)[..., None]   # each run's share of the probability mass
+    weights = torch.softmax(torch.stack(lses), 0)[..., None]  # each run's share of the probability mass
     return (torch.stack(outs) * weights).sum(0)
 
 
-def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-          groups: int, scale: float) -> torch.Tensor:
+def _sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, groups: int, scale: float
+) -> torch.Tensor:
     """The sdpa call of `transformers.integrations.sdpa_attention` for one sequence whose
     T queries are the last T of its K keys: `is_causal` for a whole prompt, no mask for one
     query, the explicit causal `mask` otherwise."""
@@ -314,4 +354,5 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: tor
         else:
             key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, scale=scale, is_causal=length == context > 1, **extra)
+        query, key, value, attn_mask=mask, scale=scale, is_causal=length == context > 1, **extra
+    )

@@ -36,8 +36,13 @@ def read_tensors(model_dir: Path, rename: Callable[[str], str | None]) -> dict[s
     return out
 
 
-def load_modules(model_dir: Path, modules: dict[str, nn.Module], rename: Callable[[str], str | None],
-                 dtype: torch.dtype | None, device: torch.device) -> None:
+def load_modules(
+    model_dir: Path,
+    modules: dict[str, nn.Module],
+    rename: Callable[[str], str | None],
+    dtype: torch.dtype | None,
+    device: torch.device,
+) -> None:
     """Load each module of `modules` strictly from the tensors `read_tensors(model_dir, rename)`
     names with its key as prefix; then move it to `device` and its floating tensors to `dtype`
     (None: the checkpoint's). Other tensors (complex rotary tables) keep their dtype, which

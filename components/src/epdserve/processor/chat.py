@@ -22,7 +22,8 @@ MEDIA_PARTS = {
 _LIST_CONTENT = re.compile(
     r"for\s+\w+\s+in\s+message\[['\"]content['\"]\]"
     r"|message\[['\"]content['\"]\]\s*\|\s*selectattr"
-    r"|content\[['\"]type['\"]\]|\.type\s*==")
+    r"|content\[['\"]type['\"]\]|\.type\s*=="
+)
 
 
 @dataclass(frozen=True)

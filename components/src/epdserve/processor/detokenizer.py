@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")   # SentencePiece byte fallback: one raw byte
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte fallback: one raw byte
 
 
 class IncrementalDetokenizer:

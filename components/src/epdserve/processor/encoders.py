@@ -16,7 +16,6 @@ from epdserve.runtime.request_plane import DEAD_SERVER_TIMEOUT, RequestPlane
 log = logging.getLogger(__name__)
 
 
-
 class EncoderRouter:
     """Picks the encode worker for a request: the live one that recently encoded most of its
     items (its cache likely holds them), else the next in round-robin.
@@ -28,7 +27,7 @@ class EncoderRouter:
     def __init__(self, pool: InstancePool, memory: int = 65536):
         self.pool = pool
         self.memory = memory
-        self._holder: OrderedDict[str, str] = OrderedDict()   # media hash -> encoder instance id
+        self._holder: OrderedDict[str, str] = OrderedDict()  # media hash -> encoder instance id
 
     def pick(self, hashes: list[str], exclude: frozenset[str] = frozenset()) -> pb.ModelCard | None:
         """None when no encoder (outside `exclude`) is alive."""
@@ -41,7 +40,7 @@ class EncoderRouter:
                 votes[holder] = votes.get(holder, 0) + 1
         if votes:
             return live[max(votes, key=votes.__getitem__)]
-        for _ in range(len(self.pool.cards())):   # round-robin, skipping excluded ones
+        for _ in range(len(self.pool.cards())):  # round-robin, skipping excluded ones
             card = self.pool.pick()
             if card.instance_id in live:
                 return card
@@ -84,8 +83,9 @@ class EncodeSession:
         while (card := self.router.pick(hashes, frozenset(tried))) is not None:
             tried.add(card.instance_id)
             first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._holder = asyncio.create_task(self._hold(card.subject, payload, first),
-                                               name=f"encode {self.request_id}")
+            self._holder = asyncio.create_task(
+                self._hold(card.subject, payload, first), name=f"encode {self.request_id}"
+            )
             await asyncio.wait([first, self._holder], return_when=asyncio.FIRST_COMPLETED)
             if first.done():
                 self.router.record(card.instance_id, hashes)
@@ -97,8 +97,9 @@ class EncodeSession:
         raise EpdError(503, "no live encode worker answered")
 
     async def _hold(self, subject: str, payload: bytes, first: asyncio.Future) -> None:
-        stream: AsyncIterator[bytes] = self.plane.stream(subject, payload, self.request_id,
-                                                         idle_timeout=DEAD_SERVER_TIMEOUT)
+        stream: AsyncIterator[bytes] = self.plane.stream(
+            subject, payload, self.request_id, idle_timeout=DEAD_SERVER_TIMEOUT
+        )
         async with contextlib.aclosing(stream):
             async for _ in stream:
                 if not first.done():
@@ -112,5 +113,5 @@ class EncodeSession:
             try:
                 await task
             except (asyncio.CancelledError, Exception):
-                pass   # the worker read the embeddings, or they are freed at the encoder now; a
-                       # failure was the request's error already, through `answered`
+                pass  # the worker read the embeddings, or they are freed at the encoder now; a
+                # failure was the request's error already, through `answered`

@@ -38,8 +38,16 @@ class ProcessorHandler:
     bounds prompt plus completion.
     """
 
-    def __init__(self, prompts: PromptBuilder, tokenizer: Any, router: Router, encoders: EncoderRouter,
-                 plane: RequestPlane, eos_token_ids: list[int], max_model_len: int):
+    def __init__(
+        self,
+        prompts: PromptBuilder,
+        tokenizer: Any,
+        router: Router,
+        encoders: EncoderRouter,
+        plane: RequestPlane,
+        eos_token_ids: list[int],
+        max_model_len: int,
+    ):
         self.prompts = prompts
         self.tokenizer = tokenizer
         self.router = router
@@ -70,12 +78,23 @@ class ProcessorHandler:
         finally:
             await encode.close()
 
-    async def _generate(self, req: ChatCompletionRequest | CompletionRequest, gen: pb.GenerateRequest,
-                        route: Route, encoded: asyncio.Future[None] | None) -> AsyncIterator[bytes]:
+    async def _generate(
+        self,
+        req: ChatCompletionRequest | CompletionRequest,
+        gen: pb.GenerateRequest,
+        route: Route,
+        encoded: asyncio.Future[None] | None,
+    ) -> AsyncIterator[bytes]:
         rid = gen.request_id
-        log.info("[%s] %d prompt tokens, %d media item(s), n=%d -> %s%s", rid, len(gen.token_ids),
-                 len(gen.media), req.n, f"{route.prefill.instance_id} then " if route.prefill else "",
-                 route.worker.instance_id)
+        log.info(
+            "[%s] %d prompt tokens, %d media item(s), n=%d -> %s%s",
+            rid,
+            len(gen.token_ids),
+            len(gen.media),
+            req.n,
+            f"{route.prefill.instance_id} then " if route.prefill else "",
+            route.worker.instance_id,
+        )
         choices = [_Choice(IncrementalDetokenizer(self.tokenizer), StopStrings(req.stop_strings)) for _ in range(req.n)]
         completion_tokens, first, cut = 0, True, False
         stream = _failing_with(self.router.tokens(route, gen), encoded)
@@ -84,7 +103,7 @@ class ProcessorHandler:
                 delta = pb.TokenDelta.FromString(data)
                 choice = choices[delta.index]
                 if choice.done:
-                    continue   # cut by a stop string while the backend went on, or the end frame follows
+                    continue  # cut by a stop string while the backend went on, or the end frame follows
                 completion_tokens += len(delta.token_ids)
                 piece = choice.detok.add(list(delta.token_ids))
                 if delta.finish_reason:
@@ -93,8 +112,9 @@ class ProcessorHandler:
                 finish = "stop" if hit else delta.finish_reason
                 if finish and not hit:
                     text += choice.stops.flush()
-                out = pb.TextDelta(index=delta.index, text=text, finish_reason=finish,
-                                   logprobs=map(self._named, delta.logprobs))
+                out = pb.TextDelta(
+                    index=delta.index, text=text, finish_reason=finish, logprobs=map(self._named, delta.logprobs)
+                )
                 if req.return_token_ids:
                     out.token_ids.extend(delta.token_ids)
                     if first:
@@ -102,19 +122,22 @@ class ProcessorHandler:
                 first = False
                 if finish:
                     choice.done = True
-                    out.usage.CopyFrom(pb.Usage(prompt_tokens=len(gen.token_ids),
-                                                completion_tokens=completion_tokens))
+                    out.usage.CopyFrom(pb.Usage(prompt_tokens=len(gen.token_ids), completion_tokens=completion_tokens))
                 cut |= hit
                 yield out.SerializeToString()
                 if cut and all(c.done for c in choices):
-                    return   # the backend may still be generating: closing the stream cancels it
+                    return  # the backend may still be generating: closing the stream cancels it
         if not all(c.done for c in choices):
             raise EpdError(500, "the backend ended the stream without a finish reason")
 
     def _named(self, lp: pb.Logprob) -> pb.Logprob:
         """The logprob with token texts filled in, for clients."""
-        return pb.Logprob(token_id=lp.token_id, token=self.tokenizer.decode([lp.token_id]), logprob=lp.logprob,
-                          top=map(self._named, lp.top))
+        return pb.Logprob(
+            token_id=lp.token_id,
+            token=self.tokenizer.decode([lp.token_id]),
+            logprob=lp.logprob,
+            top=map(self._named, lp.top),
+        )
 
     def _sampling(self, req: ChatCompletionRequest | CompletionRequest, prompt_len: int) -> pb.SamplingParams:
         room = self.max_model_len - prompt_len
@@ -122,23 +145,29 @@ class ProcessorHandler:
         if room <= 0:
             raise EpdError.bad_request(
                 f"this model's maximum context length is {self.max_model_len} tokens; "
-                f"the prompt has {prompt_len} tokens", param=prompt_param)
+                f"the prompt has {prompt_len} tokens",
+                param=prompt_param,
+            )
         max_tokens = req.token_limit or room
         if max_tokens > room:
             raise EpdError.bad_request(
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
-                f"{prompt_len} tokens and max_tokens asks for {max_tokens} more", param="max_tokens")
+                f"{prompt_len} tokens and max_tokens asks for {max_tokens} more",
+                param="max_tokens",
+            )
         extra_stops = req.stop_token_ids or []
         if any(not 0 <= t < self.prompts.vocab_size for t in extra_stops):
-            raise EpdError.bad_request(f"stop_token_ids must be in [0, {self.prompts.vocab_size})",
-                                       param="stop_token_ids")
+            raise EpdError.bad_request(
+                f"stop_token_ids must be in [0, {self.prompts.vocab_size})", param="stop_token_ids"
+            )
         params = pb.SamplingParams(
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=min(max(req.top_k or 0, 0), self.prompts.vocab_size),
             max_tokens=max_tokens,
             stop_token_ids=sorted(set([] if req.ignore_eos else self.eos_token_ids) | set(extra_stops)),
-            repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+            repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
         )
         if req.num_logprobs is not None:
@@ -164,7 +193,7 @@ async def _failing_with(stream: AsyncIterator[bytes], guard: asyncio.Future[None
                 except StopAsyncIteration:
                     return
             finally:
-                if not first.done():   # it must be off `stream` before that closes
+                if not first.done():  # it must be off `stream` before that closes
                     first.cancel()
                     await asyncio.wait([first])
         async for item in stream:

@@ -40,8 +40,15 @@ class _Media:
 class PromptBuilder:
     """Chat template, tokenization, media fetch and placeholder expansion for one model."""
 
-    def __init__(self, family: ModelFamily, tokenizer: Any, templater: Any,
-                 media: MediaConfig, enable_multimodal: bool, fetcher: MediaFetcher):
+    def __init__(
+        self,
+        family: ModelFamily,
+        tokenizer: Any,
+        templater: Any,
+        media: MediaConfig,
+        enable_multimodal: bool,
+        fetcher: MediaFetcher,
+    ):
         """`templater` is the HF processor (or tokenizer) whose `chat_template` and
         `apply_chat_template` render prompts exactly as `transformers` users do."""
         self.family = family
@@ -64,7 +71,7 @@ class PromptBuilder:
         refs = attach_uuids(refs, req.multi_modal_uuids)
         try:
             text = self.templater.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except jinja2.TemplateError as exc:   # e.g. the template's raise_exception on role order
+        except jinja2.TemplateError as exc:  # e.g. the template's raise_exception on role order
             raise EpdError.bad_request(f"the chat template rejected the messages: {exc}", param="messages") from exc
         return self._expand(self._tokenize(text), await self._load_all(refs))
 
@@ -97,24 +104,28 @@ class PromptBuilder:
         if not ids:
             raise EpdError.bad_request("the prompt is empty", param="prompt")
         if any(t in self.placeholders for t in ids):
-            raise EpdError.bad_request("completion prompts cannot carry media placeholders; "
-                                       "use /v1/chat/completions with media parts", param="prompt")
+            raise EpdError.bad_request(
+                "completion prompts cannot carry media placeholders; use /v1/chat/completions with media parts",
+                param="prompt",
+            )
         return ids
 
     def _check_media_allowed(self, refs: list[MediaRef]) -> None:
         if not refs:
             return
         if not self.enable_multimodal:
-            raise EpdError.bad_request("this model was deployed without --enable-multimodal; "
-                                       "requests may not carry media", param="messages")
+            raise EpdError.bad_request(
+                "this model was deployed without --enable-multimodal; requests may not carry media", param="messages"
+            )
         for modality in {r.modality for r in refs}:
             count = sum(r.modality == modality for r in refs)
             if modality not in self.family.modalities:
                 raise EpdError.bad_request(f"this model does not accept {modality} input", param="messages")
             limit = self.media.limit_per_prompt.get(modality, 0)
             if count > limit:
-                raise EpdError.bad_request(f"at most {limit} {modality}(s) may be provided in one prompt; "
-                                           f"got {count}", param="messages")
+                raise EpdError.bad_request(
+                    f"at most {limit} {modality}(s) may be provided in one prompt; got {count}", param="messages"
+                )
 
     async def _load(self, ref: MediaRef) -> _Media:
         data = await self.fetcher.fetch(ref.url, ref.modality)
@@ -137,8 +148,16 @@ class PromptBuilder:
                 raise EpdError.bad_request(f"the prompt has more {modality} placeholders than {modality}s")
             item = queues[modality].pop(0)
             tokens, mask = self.family.expand_placeholder(modality, item.info)
-            media.append(pb.MediaItem(modality=modality, hash=item.hash, offset=len(out), length=len(tokens),
-                                      data=item.data, embed_mask=bytes(mask) if mask is not None else b""))
+            media.append(
+                pb.MediaItem(
+                    modality=modality,
+                    hash=item.hash,
+                    offset=len(out),
+                    length=len(tokens),
+                    data=item.data,
+                    embed_mask=bytes(mask) if mask is not None else b"",
+                )
+            )
             out.extend(tokens)
         if any(queues.values()):
             raise EpdError.bad_request("the chat template placed fewer media placeholders than media items")

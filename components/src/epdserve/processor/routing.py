@@ -63,8 +63,9 @@ class Router:
 
     async def _disaggregated(self, route: Route, gen: pb.GenerateRequest) -> AsyncIterator[bytes]:
         rid = gen.request_id
-        prefill = self.plane.stream(route.prefill.subject, gen.SerializeToString(), rid,
-                                    idle_timeout=DEAD_SERVER_TIMEOUT)
+        prefill = self.plane.stream(
+            route.prefill.subject, gen.SerializeToString(), rid, idle_timeout=DEAD_SERVER_TIMEOUT
+        )
         # Open until the decode side is done: closing it frees the KV at the prefill worker, if
         # the decode worker's READ has not already.
         async with contextlib.aclosing(prefill):
@@ -77,11 +78,14 @@ class Router:
                 return
             if not first.HasField("kv"):
                 raise EpdError(500, f"prefill worker {route.prefill.instance_id} sent no KV handoff")
-            log.info("[%s] prefilled by %s, decoding on %s", rid, route.prefill.instance_id,
-                     route.worker.instance_id)
+            log.info("[%s] prefilled by %s, decoding on %s", rid, route.prefill.instance_id, route.worker.instance_id)
             # No retry on another decode worker: a READ that completed freed the KV there.
-            decode = self.plane.stream(route.worker.subject, decode_request(gen, first.kv).SerializeToString(),
-                                       rid, idle_timeout=DEAD_SERVER_TIMEOUT)
+            decode = self.plane.stream(
+                route.worker.subject,
+                decode_request(gen, first.kv).SerializeToString(),
+                rid,
+                idle_timeout=DEAD_SERVER_TIMEOUT,
+            )
             async with contextlib.aclosing(decode):
                 async for data in decode:
                     yield data

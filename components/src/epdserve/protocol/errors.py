@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from epdserve.protocol import epdserve_pb2 as pb
 
-_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "BadRequestError",
-          429: "RateLimitError", 503: "ServiceUnavailableError"}
+_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    413: "BadRequestError",
+    429: "RateLimitError",
+    503: "ServiceUnavailableError",
+}
 
 
 class EpdError(Exception):
@@ -35,5 +40,4 @@ class EpdError(Exception):
 
     def to_openai(self) -> dict:
         """The body OpenAI clients expect: {"error": {message, type, param, code}}."""
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param or None, "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param or None, "code": self.code}}

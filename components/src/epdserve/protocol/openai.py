@@ -44,8 +44,8 @@ class SamplingFields(_Lenient):
     n: int = Field(default=1, ge=1, le=16)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)   # vLLM extension
-    return_token_ids: bool = False   # vLLM extension: token ids alongside the text
+    repetition_penalty: float = Field(default=1.0, gt=0.0)  # vLLM extension
+    return_token_ids: bool = False  # vLLM extension: token ids alongside the text
 
     @property
     def stop_strings(self) -> list[str]:
@@ -57,7 +57,7 @@ class SamplingFields(_Lenient):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    multi_modal_uuids: dict[str, list[str | None]] | None = None   # vLLM extension
+    multi_modal_uuids: dict[str, list[str | None]] | None = None  # vLLM extension
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
@@ -81,12 +81,15 @@ class CompletionRequest(SamplingFields):
 
     @property
     def token_limit(self) -> int:
-        return self.max_tokens or 16   # OpenAI's default for completions
+        return self.max_tokens or 16  # OpenAI's default for completions
 
 
 # Fields that change results and are not implemented yet: refused unless left at a default.
 _NOT_YET = {
-    "echo": (None, False), "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, ""),
+    "echo": (None, False),
+    "logit_bias": (None, {}),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
     "response_format": (None, {"type": "text"}),
 }
 
@@ -101,6 +104,7 @@ ENDPOINTS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
     "chat": ChatCompletionRequest,
     "completions": CompletionRequest,
 }
+
 
 def parse_request(endpoint: str, body: bytes | dict) -> ChatCompletionRequest | CompletionRequest:
     """Validate a request body; any problem is a 400 naming the offending field."""

@@ -41,10 +41,16 @@ class Runtime:
         """Serve `handler` on this instance's subject and announce it; returns the subject."""
         subject = self.subject(component, endpoint)
         await self.plane.serve(subject, handler)
-        info = pb.InstanceInfo(instance_id=self.instance_id, component=component, endpoint=endpoint,
-                               subject=subject, host=socket.gethostname())
-        await self.discovery.register(self.discovery.key("instances", component, endpoint, self.instance_id),
-                                      info.SerializeToString())
+        info = pb.InstanceInfo(
+            instance_id=self.instance_id,
+            component=component,
+            endpoint=endpoint,
+            subject=subject,
+            host=socket.gethostname(),
+        )
+        await self.discovery.register(
+            self.discovery.key("instances", component, endpoint, self.instance_id), info.SerializeToString()
+        )
         log.info("serving %s/%s as %s", component, endpoint, subject)
         return subject
 

@@ -172,8 +172,7 @@ class Watch:
     async def _resync(self):
         """List the prefix, replace the snapshot, and watch from the revision after the list."""
         listing = await self._client.get_prefix(self._prefix)
-        stream = await self._client.watch_prefix(self._prefix,
-                                                 start_revision=listing.header.revision + 1)
+        stream = await self._client.watch_prefix(self._prefix, start_revision=listing.header.revision + 1)
         items = {kv.key.decode(): kv.value for kv in listing}
         if items != self._items:
             self._items.clear()  # in place: callers may hold the dict items() returned

@@ -28,7 +28,7 @@ class Mailbox:
     def __init__(self, ttl: float = 60.0):
         self.ttl = ttl
         self._waiting: dict[str, asyncio.Future[bytes]] = {}
-        self._unclaimed: dict[str, tuple[float, bytes]] = {}   # request id -> (arrived, payload)
+        self._unclaimed: dict[str, tuple[float, bytes]] = {}  # request id -> (arrived, payload)
 
     def put(self, request_id: str, payload: bytes) -> None:
         self._expire()

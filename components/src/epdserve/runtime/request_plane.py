@@ -44,8 +44,7 @@ PARTIAL_TTL = 60.0  # seconds an incomplete chunked request is kept before it is
 REQUEST_ID, CHUNK, CHUNKS = "Epd-Request-Id", "Epd-Chunk", "Epd-Chunks"
 
 
-async def _publish(nc: nats.NATS, subject: str, payload: bytes, request_id: str,
-                   reply: str = "") -> None:
+async def _publish(nc: nats.NATS, subject: str, payload: bytes, request_id: str, reply: str = "") -> None:
     """Publish `payload`, in ordered chunks if it exceeds what the server accepts."""
     size = nc.max_payload - HEADER_MARGIN
     count = max(1, -(-len(payload) // size))
@@ -55,8 +54,7 @@ async def _publish(nc: nats.NATS, subject: str, payload: bytes, request_id: str,
     view = memoryview(payload)
     for i in range(count):
         headers = {REQUEST_ID: request_id, CHUNK: str(i), CHUNKS: str(count)}
-        await nc.publish(subject, bytes(view[i * size:(i + 1) * size]), reply=reply,
-                         headers=headers)
+        await nc.publish(subject, bytes(view[i * size : (i + 1) * size]), reply=reply, headers=headers)
 
 
 async def round_trip(nc: nats.NATS, timeout: float = 5.0) -> None:
@@ -149,8 +147,8 @@ class RequestPlane:
                 return
             request_id = (msg.headers or {}).get(REQUEST_ID, "")
             self._tasks[msg.reply] = asyncio.create_task(
-                self._run(subject, handler, payload, msg.reply, request_id),
-                name=f"{subject} {request_id}")
+                self._run(subject, handler, payload, msg.reply, request_id), name=f"{subject} {request_id}"
+            )
 
         async def on_cancel(msg: Msg) -> None:
             inbox = msg.data.decode()
@@ -197,8 +195,7 @@ class RequestPlane:
     async def _send(self, inbox: str, request_id: str, frame: pb.Frame) -> None:
         await _publish(self._nc, inbox, frame.SerializeToString(), request_id)
 
-    async def _run(self, subject: str, handler: Handler, payload: bytes, inbox: str,
-                   request_id: str) -> None:
+    async def _run(self, subject: str, handler: Handler, payload: bytes, inbox: str, request_id: str) -> None:
         """Run one request: ack, data*, then end or error; its task is cancelled on cancel."""
         items = None
         try:
@@ -245,9 +242,9 @@ class RequestPlane:
                 except nats.errors.Error as e:
                     log.warning("heartbeat to %s failed: %s", inbox, e)
 
-    async def stream(self, subject: str, payload: bytes, request_id: str, *,
-                     ack_timeout: float = 5.0, idle_timeout: float = 30.0
-                     ) -> AsyncIterator[bytes]:
+    async def stream(
+        self, subject: str, payload: bytes, request_id: str, *, ack_timeout: float = 5.0, idle_timeout: float = 30.0
+    ) -> AsyncIterator[bytes]:
         """Send `payload` to the server of `subject` and yield each response item.
 
         Raises EpdError(503) if no server acks within `ack_timeout` or the stream is silent
@@ -271,8 +268,9 @@ class RequestPlane:
                 except nats.errors.TimeoutError:
                     if not acked:
                         raise EpdError(503, f"no worker answered on {subject}") from None
-                    raise EpdError(503, f"worker on {subject} went silent for "
-                                        f"{idle_timeout}s (request {request_id})") from None
+                    raise EpdError(
+                        503, f"worker on {subject} went silent for {idle_timeout}s (request {request_id})"
+                    ) from None
                 if (msg.headers or {}).get("Status") == "503":  # NATS: nobody subscribes
                     raise EpdError(503, f"no worker answered on {subject}")
                 try:

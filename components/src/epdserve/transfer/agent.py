@@ -58,8 +58,10 @@ class _EventDrivenConfig(_WrapperConfig):
     """The agent config `nixl_agent` builds, except that its `pthrDelay = 0` (a spinning
     progress thread) becomes PROGRESS_POLL_TIMEOUT_US."""
 
-    pthrDelay = property(lambda self: _WrapperConfig.pthrDelay.__get__(self),
-                         lambda self, _: _WrapperConfig.pthrDelay.__set__(self, PROGRESS_POLL_TIMEOUT_US))
+    pthrDelay = property(
+        lambda self: _WrapperConfig.pthrDelay.__get__(self),
+        lambda self, _: _WrapperConfig.pthrDelay.__set__(self, PROGRESS_POLL_TIMEOUT_US),
+    )
 
 
 _config_swap = threading.Lock()
@@ -67,7 +69,7 @@ _config_swap = threading.Lock()
 
 def _ucx_agent(name: str) -> nixl_agent:
     """A UCX-only agent whose progress thread sleeps in poll() while its worker is idle."""
-    with _config_swap:   # `nixl_agent` builds its config from the module attribute
+    with _config_swap:  # `nixl_agent` builds its config from the module attribute
         nixl_api.nixlBind.nixlAgentConfig = _EventDrivenConfig
         try:
             return nixl_agent(name, nixl_agent_config(enable_prog_thread=True, backends=["UCX"]))
@@ -102,7 +104,7 @@ class TransferAgent:
     def __init__(self, name: str, capacity: int, device: torch.device):
         self.name = name
         self._nixl = _ucx_agent(name)
-        if "UCX" not in self._nixl.backends:   # nixl only warns when the plugin fails to load
+        if "UCX" not in self._nixl.backends:  # nixl only warns when the plugin fails to load
             raise OSError("NIXL could not create its UCX backend (is the UCX plugin installed?)")
         self.region = torch.empty(capacity, dtype=torch.uint8, device=device)
         if not self.region.is_cuda:
@@ -130,28 +132,34 @@ class TransferAgent:
     def view(self, span: Span, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """`shape` of `dtype` at the start of `span`, aliasing the registered memory."""
         nbytes = _nbytes(dtype, shape)
-        return self.region[span.offset:span.offset + nbytes].view(dtype).view(shape)
+        return self.region[span.offset : span.offset + nbytes].view(dtype).view(shape)
 
     def remote_tensor(self, span: Span, dtype: torch.dtype, shape: tuple[int, ...]) -> pb.RemoteTensor:
         """How a peer addresses `view(span, dtype, shape)`."""
-        return pb.RemoteTensor(addr=self.region.data_ptr() + span.offset, nbytes=_nbytes(dtype, shape),
-                               dtype=str(dtype).removeprefix("torch."), shape=shape)
+        return pb.RemoteTensor(
+            addr=self.region.data_ptr() + span.offset,
+            nbytes=_nbytes(dtype, shape),
+            dtype=str(dtype).removeprefix("torch."),
+            shape=shape,
+        )
 
     def handoff(self, notif: bytes) -> pb.EmbeddingHandoff:
-        return pb.EmbeddingHandoff(agent=self.name, agent_metadata=self.metadata, notif=notif,
-                                   mem_type=self.mem_type, device_id=self.device_id)
+        return pb.EmbeddingHandoff(
+            agent=self.name, agent_metadata=self.metadata, notif=notif, mem_type=self.mem_type, device_id=self.device_id
+        )
 
     def register(self, tensor: torch.Tensor) -> None:
         """Register `tensor` (contiguous, on this agent's device) for transfers until `close`."""
         if not tensor.is_contiguous() or tensor.device != self.region.device:
             raise ValueError("a registered tensor must be contiguous and on the agent's device")
         self._registrations.append(self._nixl.register_memory(tensor))
-        self.metadata = self._nixl.get_agent_metadata()   # peers need the new memory's keys
+        self.metadata = self._nixl.get_agent_metadata()  # peers need the new memory's keys
 
     # ------------------------------------------------------------------ transfers
 
-    async def read(self, handoff: pb.EmbeddingHandoff, tensors: list[pb.RemoteTensor], into: Span,
-                   timeout: float) -> list[int]:
+    async def read(
+        self, handoff: pb.EmbeddingHandoff, tensors: list[pb.RemoteTensor], into: Span, timeout: float
+    ) -> list[int]:
         """READ `tensors` of the peer named in `handoff` back to back into `into`, as one transfer,
         then send the peer `handoff.notif`; returns each tensor's offset in `into`.
 
@@ -170,8 +178,9 @@ class TransferAgent:
         await self.read_ranges(handoff, local, remote, timeout)
         return offsets
 
-    async def read_ranges(self, handoff: pb.EmbeddingHandoff, local: list[tuple[int, int]],
-                          remote: list[tuple[int, int]], timeout: float) -> None:
+    async def read_ranges(
+        self, handoff: pb.EmbeddingHandoff, local: list[tuple[int, int]], remote: list[tuple[int, int]], timeout: float
+    ) -> None:
         """READ each `remote[i]` (address, bytes) of the peer named in `handoff` into `local[i]`
         of our registered memory, as one transfer, then send the peer `handoff.notif`. Errors
         and cancelling as `read`."""
@@ -181,9 +190,11 @@ class TransferAgent:
         try:
             self._connect(handoff)
             handle = self._nixl.initialize_xfer(
-                "READ", self._nixl.get_xfer_descs([(a, n, self.device_id) for a, n in local], self.mem_type),
-                self._nixl.get_xfer_descs([(a, n, handoff.device_id) for a, n in remote],
-                                          handoff.mem_type or "DRAM"), peer)
+                "READ",
+                self._nixl.get_xfer_descs([(a, n, self.device_id) for a, n in local], self.mem_type),
+                self._nixl.get_xfer_descs([(a, n, handoff.device_id) for a, n in remote], handoff.mem_type or "DRAM"),
+                peer,
+            )
             self._live_transfers += 1
             state = self._nixl.transfer(handle)
             deadline = time.monotonic() + timeout
@@ -198,7 +209,7 @@ class TransferAgent:
         except EpdError:
             self._forget_remote(peer)
             raise
-        except Exception as exc:   # nixlRemoteDisconnectError and friends: the peer died
+        except Exception as exc:  # nixlRemoteDisconnectError and friends: the peer died
             self._forget_remote(peer)
             raise EpdError(503, f"reading from {peer} failed: {type(exc).__name__}: {exc}") from exc
         finally:
@@ -267,13 +278,15 @@ class TransferAgent:
     # ------------------------------------------------------------------ lifecycle
 
     def stats(self) -> dict[str, int]:
-        return {"nixl_registrations": len(self._registrations),
-                "nixl_live_transfers": self._live_transfers,
-                "nixl_remote_agents": len(self._remotes),
-                "nixl_expected_notifs": len(self._expected),
-                "region_bytes": self.allocator.capacity,
-                "region_allocated_bytes": self.allocator.allocated_bytes,
-                "region_allocations": self.allocator.allocations}
+        return {
+            "nixl_registrations": len(self._registrations),
+            "nixl_live_transfers": self._live_transfers,
+            "nixl_remote_agents": len(self._remotes),
+            "nixl_expected_notifs": len(self._expected),
+            "region_bytes": self.allocator.capacity,
+            "region_allocated_bytes": self.allocator.allocated_bytes,
+            "region_allocations": self.allocator.allocations,
+        }
 
     def close(self) -> None:
         """Deregister the region and drop the agent: its progress thread stops and peers see
@@ -287,7 +300,7 @@ class TransferAgent:
         for registration in self._registrations:
             self._nixl.deregister_memory(registration)
         self._registrations = []
-        del self._nixl   # the last reference: the C++ agent is destroyed here
+        del self._nixl  # the last reference: the C++ agent is destroyed here
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from epdserve.models.paged import KVCache
 from epdserve.protocol import epdserve_pb2 as pb
 
-Range = tuple[int, int]   # (address, bytes)
+Range = tuple[int, int]  # (address, bytes)
 
 
 @dataclass(frozen=True)
@@ -33,22 +33,24 @@ class KVLayout:
         return cls(msg.base, msg.num_layers, msg.num_blocks, msg.block_bytes)
 
     def to_proto(self) -> pb.KVLayout:
-        return pb.KVLayout(base=self.base, num_layers=self.num_layers, num_blocks=self.num_blocks,
-                           block_bytes=self.block_bytes)
+        return pb.KVLayout(
+            base=self.base, num_layers=self.num_layers, num_blocks=self.num_blocks, block_bytes=self.block_bytes
+        )
 
     def addr(self, kv: int, layer: int, block: int) -> int:
         return self.base + ((kv * self.num_layers + layer) * self.num_blocks + block) * self.block_bytes
 
 
-def paired_ranges(local: KVLayout, local_blocks: list[int], remote: KVLayout, remote_blocks: list[int]
-                  ) -> tuple[list[Range], list[Range]]:
+def paired_ranges(
+    local: KVLayout, local_blocks: list[int], remote: KVLayout, remote_blocks: list[int]
+) -> tuple[list[Range], list[Range]]:
     """Ranges reading `remote_blocks[i]` into `local_blocks[i]`, every layer's K and V; blocks
     consecutive on both sides go as one range. Both pools hold the same model's KV."""
     if len(local_blocks) != len(remote_blocks):
         raise ValueError(f"{len(local_blocks)} local blocks for {len(remote_blocks)} remote ones")
     if (local.num_layers, local.block_bytes) != (remote.num_layers, remote.block_bytes):
         raise ValueError("the KV pools differ in layers or block size")
-    runs: list[tuple[int, int, int]] = []   # (local start, remote start, length)
+    runs: list[tuple[int, int, int]] = []  # (local start, remote start, length)
     for lb, rb in zip(local_blocks, remote_blocks):
         if runs and runs[-1][0] + runs[-1][2] == lb and runs[-1][1] + runs[-1][2] == rb:
             runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-ALIGNMENT = 256   # every span starts on a cache-line and DMA-friendly boundary
+ALIGNMENT = 256  # every span starts on a cache-line and DMA-friendly boundary
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class RegionAllocator:
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._free: list[tuple[int, int]] = [(0, capacity)] if capacity > 0 else []   # sorted (offset, size)
+        self._free: list[tuple[int, int]] = [(0, capacity)] if capacity > 0 else []  # sorted (offset, size)
         self.allocated_bytes = 0
         self.allocations = 0
 
@@ -43,9 +43,9 @@ class RegionAllocator:
     def free(self, span: Span) -> None:
         i = bisect.bisect_left(self._free, (span.offset, 0))
         offset, size = span.offset, span.nbytes
-        if i < len(self._free) and offset + size == self._free[i][0]:   # merge with the next hole
+        if i < len(self._free) and offset + size == self._free[i][0]:  # merge with the next hole
             size += self._free.pop(i)[1]
-        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == offset:   # and the previous
+        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == offset:  # and the previous
             offset, size = self._free[i - 1][0], self._free[i - 1][1] + size
             self._free[i - 1] = (offset, size)
         else:

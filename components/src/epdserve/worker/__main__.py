@@ -58,7 +58,7 @@ def main() -> None:
     keep_freed_memory()
     try:
         uvloop.run(run(config))
-    except (ValueError, OSError) as exc:   # unusable model directory, unreachable etcd/NATS
+    except (ValueError, OSError) as exc:  # unusable model directory, unreachable etcd/NATS
         log.error("cannot start: %s", exc)
         sys.exit(f"epdserve.worker: {exc}")
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from epdserve.tools.files import atomic_target
 
 _KEY = "embedding"
-_PLAIN = re.compile(r"[0-9a-f]{64}")   # content hashes name their file as they are
+_PLAIN = re.compile(r"[0-9a-f]{64}")  # content hashes name their file as they are
 
 
 class EmbeddingStorage:

@@ -31,7 +31,7 @@ class EmbeddingCache:
 
     def __init__(self, agent: TransferAgent):
         self.agent = agent
-        self._entries: OrderedDict[str, CachedEmbedding] = OrderedDict()   # LRU first
+        self._entries: OrderedDict[str, CachedEmbedding] = OrderedDict()  # LRU first
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -50,7 +50,7 @@ class EmbeddingCache:
     def insert(self, key: str, embedding: torch.Tensor) -> CachedEmbedding:
         """Copy `embedding` into the region as `key`'s entry, pinned; evicts unpinned entries
         from the least recent on until it fits. 503 when pinned entries leave no room."""
-        if (entry := self._entries.get(key)) is not None:   # another request encoded it meanwhile
+        if (entry := self._entries.get(key)) is not None:  # another request encoded it meanwhile
             self._entries.move_to_end(key)
             entry.pins += 1
             return entry
@@ -59,8 +59,11 @@ class EmbeddingCache:
         while span is None:
             victim = next((e for e in self._entries.values() if not e.pins), None)
             if victim is None:
-                raise EpdError(503, f"the encoder cache ({self.agent.allocator.capacity} bytes) is full of "
-                                    f"embeddings in flight; raise --encoder-cache-bytes (this one needs {nbytes})")
+                raise EpdError(
+                    503,
+                    f"the encoder cache ({self.agent.allocator.capacity} bytes) is full of "
+                    f"embeddings in flight; raise --encoder-cache-bytes (this one needs {nbytes})",
+                )
             self._evict(victim)
             span = self.agent.alloc(nbytes)
         shape = tuple(embedding.shape)
@@ -80,6 +83,10 @@ class EmbeddingCache:
         self.evictions += 1
 
     def stats(self) -> dict[str, int]:
-        return {"cache_entries": len(self._entries), "cache_hits": self.hits, "cache_misses": self.misses,
-                "cache_evictions": self.evictions,
-                "cache_pinned": sum(e.pins for e in self._entries.values())}
+        return {
+            "cache_entries": len(self._entries),
+            "cache_hits": self.hits,
+            "cache_misses": self.misses,
+            "cache_evictions": self.evictions,
+            "cache_pinned": sum(e.pins for e in self._entries.values()),
+        }

@@ -28,7 +28,7 @@ from epdserve.worker.media_inputs import media_features
 
 log = logging.getLogger(__name__)
 
-Post = Callable[[str, bytes, str], Awaitable[None]]   # (subject, payload, request id), as RequestPlane.post
+Post = Callable[[str, bytes, str], Awaitable[None]]  # (subject, payload, request id), as RequestPlane.post
 
 
 class MediaEmbedder:
@@ -51,13 +51,16 @@ class MediaEmbedder:
         return await asyncio.shield(future)
 
     def stats(self) -> dict[str, int]:
-        return {"encoded_items": self.encoded_items, "encoder_calls": self.batcher.calls,
-                "encode_us": round(self.batcher.busy_s * 1e6)}
+        return {
+            "encoded_items": self.encoded_items,
+            "encoder_calls": self.batcher.calls,
+            "encode_us": round(self.batcher.busy_s * 1e6),
+        }
 
     def _drop(self, key: str, future: asyncio.Future) -> None:
         self._in_flight.pop(key, None)
         if not future.cancelled():
-            future.exception()   # retrieved here: every waiter may have left
+            future.exception()  # retrieved here: every waiter may have left
 
     async def _encode(self, item: pb.MediaItem) -> torch.Tensor:
         if item.WhichOneof("source") != "data" or not item.data:
@@ -68,12 +71,12 @@ class MediaEmbedder:
             embedding = await self.batcher.encode(item.modality, features)
         rows = embedding_rows(item.length, item.embed_mask)
         if embedding.shape[0] != rows:
-            raise EpdError(500, f"media item {item.hash[:16]} gave {embedding.shape[0]} embeddings "
-                                f"for {rows} placeholders")
+            raise EpdError(
+                500, f"media item {item.hash[:16]} gave {embedding.shape[0]} embeddings for {rows} placeholders"
+            )
         return embedding
 
-    def _preprocess_and_maybe_encode(self, item: pb.MediaItem
-                                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    def _preprocess_and_maybe_encode(self, item: pb.MediaItem) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """In a worker thread: the item's encoder inputs, and its embedding when the encoder
         was idle (one thread hop instead of three)."""
         features = media_features(self.encoder, item.modality, item.data)
@@ -100,8 +103,14 @@ class NixlEncodeHandler:
     cancelled, or `handoff_timeout` seconds pass; then the stream ends.
     """
 
-    def __init__(self, embedder: MediaEmbedder, cache: EmbeddingCache, agent: TransferAgent, post: Post,
-                 handoff_timeout: float = 30.0):
+    def __init__(
+        self,
+        embedder: MediaEmbedder,
+        cache: EmbeddingCache,
+        agent: TransferAgent,
+        post: Post,
+        handoff_timeout: float = 30.0,
+    ):
         self.embedder = embedder
         self.cache = cache
         self.agent = agent
@@ -123,8 +132,9 @@ class NixlEncodeHandler:
             try:
                 await asyncio.wait_for(read, self.handoff_timeout)
             except TimeoutError:
-                log.warning("[%s] nobody read the embeddings in %.0f s; freeing them", req.request_id,
-                            self.handoff_timeout)
+                log.warning(
+                    "[%s] nobody read the embeddings in %.0f s; freeing them", req.request_id, self.handoff_timeout
+                )
         finally:
             self.agent.forget(notif)
             for entry in entries:
@@ -132,6 +142,7 @@ class NixlEncodeHandler:
 
     async def _pinned_entries(self, items: list[pb.MediaItem]) -> list[CachedEmbedding]:
         """Each item's cache entry, pinned: hits as they are, misses encoded (concurrently)."""
+
         async def entry(item: pb.MediaItem) -> CachedEmbedding:
             if (hit := self.cache.lookup(item.hash)) is not None:
                 return hit

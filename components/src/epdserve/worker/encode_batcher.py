@@ -39,9 +39,9 @@ class EncodeBatcher:
         self.max_items = max_items
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._task: asyncio.Task | None = None
-        self._encoder_busy = threading.Lock()   # held by whichever thread runs the encoder
+        self._encoder_busy = threading.Lock()  # held by whichever thread runs the encoder
         self.calls = 0
-        self.busy_s = 0.0   # wall time inside the encoder, cumulative
+        self.busy_s = 0.0  # wall time inside the encoder, cumulative
 
     async def encode(self, modality: str, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """The item's `[length, H]` embedding on the encoder's device."""
@@ -71,12 +71,12 @@ class EncodeBatcher:
                 shapes = tuple((k, tuple(v.shape[1:])) for k, v in sorted(job.features.items()))
                 groups.setdefault((job.modality, shapes), []).append(job)
             for (modality, _), group in groups.items():
-                live = [j for j in group if not j.done.done()]   # skip items whose requests left
+                live = [j for j in group if not j.done.done()]  # skip items whose requests left
                 if not live:
                     continue
                 try:
                     outs = await asyncio.to_thread(self._encode, modality, live)
-                except Exception as exc:   # fails these items' requests, not the worker
+                except Exception as exc:  # fails these items' requests, not the worker
                     log.exception("encoding %d %s item(s) failed", len(live), modality)
                     for job in live:
                         if not job.done.done():

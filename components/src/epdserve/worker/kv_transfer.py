@@ -32,15 +32,20 @@ class KVTransfer:
         self.layout = KVLayout.of(kv)
         self.read_timeout = read_timeout
         self.blocks_read = 0
-        self.blocks_cached = 0     # blocks a load skipped: the decode side's prefix cache had them
+        self.blocks_cached = 0  # blocks a load skipped: the decode side's prefix cache had them
         self.bytes_read = 0
         self.read_s = 0.0
 
     def handoff(self, notif: bytes, blocks: list[int], first_token: int, hold_s: float) -> pb.KVHandoff:
         """How a decode worker finds `blocks` (a prompt's KV, in order) here, held for `hold_s`
         seconds from now; its READ sends `notif` back."""
-        return pb.KVHandoff(holder=self.agent.handoff(notif), layout=self.layout.to_proto(), blocks=blocks,
-                            first_token=first_token, hold_ms=round(hold_s * 1000))
+        return pb.KVHandoff(
+            holder=self.agent.handoff(notif),
+            layout=self.layout.to_proto(),
+            blocks=blocks,
+            first_token=first_token,
+            hold_ms=round(hold_s * 1000),
+        )
 
     async def load(self, handoff: pb.KVHandoff, blocks: list[int], cached: int, received: float) -> None:
         """READ the prompt KV `handoff` names into `blocks` (ours, in order), except the first
@@ -49,18 +54,25 @@ class KVTransfer:
         READ fails, or the holder's hold may have run out (it may have reused the blocks);
         500 when the pools do not match."""
         if time.monotonic() - received > handoff.hold_ms / 1000 - HOLD_MARGIN_S:
-            raise EpdError(503, f"the prefill worker's hold on the prompt's KV ({handoff.hold_ms} ms) ran out "
-                                "before this worker could read it; the decode workers are overloaded")
+            raise EpdError(
+                503,
+                f"the prefill worker's hold on the prompt's KV ({handoff.hold_ms} ms) ran out "
+                "before this worker could read it; the decode workers are overloaded",
+            )
         if len(blocks) != len(handoff.blocks):
-            raise EpdError(500, f"the prefill worker holds {len(handoff.blocks)} KV blocks of the prompt, "
-                                f"this worker gave it {len(blocks)}")
+            raise EpdError(
+                500,
+                f"the prefill worker holds {len(handoff.blocks)} KV blocks of the prompt, "
+                f"this worker gave it {len(blocks)}",
+            )
         self.blocks_cached += cached
         if cached == len(blocks):
             self.agent.notify(handoff.holder)
             return
         try:
-            mine, theirs = paired_ranges(self.layout, blocks[cached:], KVLayout.from_proto(handoff.layout),
-                                         list(handoff.blocks[cached:]))
+            mine, theirs = paired_ranges(
+                self.layout, blocks[cached:], KVLayout.from_proto(handoff.layout), list(handoff.blocks[cached:])
+            )
         except ValueError as exc:
             raise EpdError(500, f"the prefill worker's KV cache does not match this worker's: {exc}") from None
         start = time.perf_counter()
@@ -70,5 +82,9 @@ class KVTransfer:
         self.bytes_read += sum(n for _, n in mine)
 
     def stats(self) -> dict[str, int]:
-        return {"kv_blocks_read": self.blocks_read, "kv_blocks_cached": self.blocks_cached,
-                "kv_bytes_read": self.bytes_read, "kv_read_us": round(self.read_s * 1e6)}
+        return {
+            "kv_blocks_read": self.blocks_read,
+            "kv_blocks_cached": self.blocks_cached,
+            "kv_bytes_read": self.bytes_read,
+            "kv_read_us": round(self.read_s * 1e6),
+        }

@@ -48,8 +48,9 @@ def apply_encode_result(req: pb.GenerateRequest, result: pb.EncodeResult) -> Non
 def placed_input(item: pb.MediaItem) -> MultiModalInput:
     """`item`'s place in the prompt (positions, hash, embed mask) as an engine input, still
     without its features or embeddings."""
-    return MultiModalInput(item.modality, item.hash, item.offset, item.length,
-                           embed_mask=embed_mask_from_bytes(item.embed_mask))
+    return MultiModalInput(
+        item.modality, item.hash, item.offset, item.length, embed_mask=embed_mask_from_bytes(item.embed_mask)
+    )
 
 
 class MediaResolver:
@@ -59,8 +60,15 @@ class MediaResolver:
     READ; `encoder_timeout` the wait for an encoder's result, a backstop: the processor cancels
     the request when its encode fails."""
 
-    def __init__(self, model: MediaEncoder, agent: TransferAgent | None, storage: EmbeddingStorage | None,
-                 mailbox: Mailbox | None = None, read_timeout: float = 10.0, encoder_timeout: float = 60.0):
+    def __init__(
+        self,
+        model: MediaEncoder,
+        agent: TransferAgent | None,
+        storage: EmbeddingStorage | None,
+        mailbox: Mailbox | None = None,
+        read_timeout: float = 10.0,
+        encoder_timeout: float = 60.0,
+    ):
         self.model = model
         self.agent = agent
         self.storage = storage
@@ -95,8 +103,9 @@ class MediaResolver:
         try:
             result = await self.mailbox.take(req.request_id, self.encoder_timeout)
         except TimeoutError:
-            raise EpdError(503, f"no encode worker delivered the media of request {req.request_id} "
-                                f"in {self.encoder_timeout:.0f} s") from None
+            raise EpdError(
+                503, f"no encode worker delivered the media of request {req.request_id} in {self.encoder_timeout:.0f} s"
+            ) from None
         apply_encode_result(req, pb.EncodeResult.FromString(result))
 
     def _inputs(self, req: pb.GenerateRequest, embeddings: dict[int, torch.Tensor]) -> list[MultiModalInput]:
@@ -121,12 +130,10 @@ class MediaResolver:
         rows = embedding_rows(item.length, item.embed_mask)
         embedding = self.storage.load(item.hash, rows)
         if embedding is None:
-            raise EpdError(503, f"embedding of media item {item.hash[:16]} ({rows} rows) is not "
-                                f"in {self.storage.root}")
+            raise EpdError(503, f"embedding of media item {item.hash[:16]} ({rows} rows) is not in {self.storage.root}")
         return embedding.to(self.model.device)
 
-    async def _read(self, req: pb.GenerateRequest, items: list[pb.MediaItem]
-                    ) -> tuple[list[torch.Tensor], Span | None]:
+    async def _read(self, req: pb.GenerateRequest, items: list[pb.MediaItem]) -> tuple[list[torch.Tensor], Span | None]:
         """The items' embeddings, and the staging span they alias (None: copied out, freed)."""
         if self.agent is None:
             raise EpdError(503, "this worker cannot receive embeddings over NIXL")
@@ -134,8 +141,9 @@ class MediaResolver:
         for item, t in zip(items, tensors):
             rows = embedding_rows(item.length, item.embed_mask)
             if len(t.shape) != 2 or t.shape[0] != rows:
-                raise EpdError(500, f"embedding of media item {item.hash[:16]} has shape {list(t.shape)} "
-                                    f"for {rows} placeholders")
+                raise EpdError(
+                    500, f"embedding of media item {item.hash[:16]} has shape {list(t.shape)} for {rows} placeholders"
+                )
         deadline = time.monotonic() + self.read_timeout
         nbytes = sum(t.nbytes for t in tensors)
         allocator = self.agent.allocator
@@ -143,8 +151,10 @@ class MediaResolver:
         span = await self._alloc(nbytes, deadline)
         try:
             offsets = await self.agent.read(req.handoff, tensors, span, max(deadline - time.monotonic(), 0.001))
-            views = [self.agent.view(Span(span.offset + off, t.nbytes), torch_dtype(t.dtype), tuple(t.shape))
-                     for off, t in zip(offsets, tensors)]
+            views = [
+                self.agent.view(Span(span.offset + off, t.nbytes), torch_dtype(t.dtype), tuple(t.shape))
+                for off, t in zip(offsets, tensors)
+            ]
         except BaseException:
             self._release(span)
             raise
@@ -161,8 +171,11 @@ class MediaResolver:
     async def _alloc(self, nbytes: int, deadline: float) -> Span:
         """A staging span, waiting for other requests' reads to free room until `deadline`."""
         if nbytes > self.agent.allocator.capacity:
-            raise EpdError(503, f"the request's embeddings ({nbytes} bytes) exceed this worker's "
-                                f"--embedding-buffer-bytes ({self.agent.allocator.capacity})")
+            raise EpdError(
+                503,
+                f"the request's embeddings ({nbytes} bytes) exceed this worker's "
+                f"--embedding-buffer-bytes ({self.agent.allocator.capacity})",
+            )
         while (span := self.agent.alloc(nbytes)) is None:
             self._freed.clear()
             try:

@@ -26,22 +26,34 @@ log = logging.getLogger(__name__)
 
 
 def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
-    return SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                          seed=p.seed if p.HasField("seed") else None,
-                          max_tokens=p.max_tokens, stop_token_ids=tuple(p.stop_token_ids),
-                          repetition_penalty=p.repetition_penalty or 1.0, presence_penalty=p.presence_penalty,
-                          frequency_penalty=p.frequency_penalty,
-                          logprobs=p.logprobs if p.HasField("logprobs") else None, n=max(p.n, 1))
+    return SamplingParams(
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        seed=p.seed if p.HasField("seed") else None,
+        max_tokens=p.max_tokens,
+        stop_token_ids=tuple(p.stop_token_ids),
+        repetition_penalty=p.repetition_penalty or 1.0,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        logprobs=p.logprobs if p.HasField("logprobs") else None,
+        n=max(p.n, 1),
+    )
 
 
 def logprob_to_proto(lp: TokenLogprob) -> pb.Logprob:
-    return pb.Logprob(token_id=lp.token_id, logprob=lp.logprob,
-                      top=[pb.Logprob(token_id=t, logprob=v) for t, v in lp.top])
+    return pb.Logprob(
+        token_id=lp.token_id, logprob=lp.logprob, top=[pb.Logprob(token_id=t, logprob=v) for t, v in lp.top]
+    )
 
 
 def _delta(out: EngineOutput, finish_reason: str | None) -> pb.TokenDelta:
-    return pb.TokenDelta(token_ids=out.new_token_ids, finish_reason=finish_reason or "", index=out.index,
-                         logprobs=[logprob_to_proto(lp) for lp in out.logprobs or ()])
+    return pb.TokenDelta(
+        token_ids=out.new_token_ids,
+        finish_reason=finish_reason or "",
+        index=out.index,
+        logprobs=[logprob_to_proto(lp) for lp in out.logprobs or ()],
+    )
 
 
 async def _outputs(engine: AsyncEngine, request: EngineRequest) -> AsyncIterator[EngineOutput]:
@@ -89,10 +101,15 @@ class PDHandler:
         received = time.monotonic()
         # The media items come without data: the prompt's blocks are keyed by their hashes (a
         # prefix cache hit needs the same media), never computed here.
-        ereq = EngineRequest(req.request_id, list(req.token_ids), sampling, [placed_input(m) for m in req.media],
-                             prefilled_token=req.kv.first_token)
+        ereq = EngineRequest(
+            req.request_id,
+            list(req.token_ids),
+            sampling,
+            [placed_input(m) for m in req.media],
+            prefilled_token=req.kv.first_token,
+        )
         async for out in _outputs(self.engine, ereq):
-            if out.kv_blocks is not None:   # admitted: its blocks wait for the prompt's KV
+            if out.kv_blocks is not None:  # admitted: its blocks wait for the prompt's KV
                 await self.kv.load(req.kv, out.kv_blocks, out.kv_cached_blocks, received)
                 self.engine.kv_loaded(req.request_id)
                 continue
@@ -118,8 +135,7 @@ class PrefillHandler:
         notif = f"{rid}/{uuid.uuid4().hex[:8]}".encode()
         try:
             async with self.media.resolve(req) as mm_inputs:
-                ereq = EngineRequest(rid, list(req.token_ids), replace(sampling, max_tokens=1), mm_inputs,
-                                     hold_kv=True)
+                ereq = EngineRequest(rid, list(req.token_ids), replace(sampling, max_tokens=1), mm_inputs, hold_kv=True)
                 (out,) = [o async for o in _outputs(self.engine, ereq)]
             # The engine stopped at one token: the request ends here only if the token did.
             finished = out.finish_reason == "stop" or sampling.max_tokens <= 1

@@ -58,11 +58,19 @@ class Service(ABC):
     def card(self, input: str, component: str, subject: str) -> pb.ModelCard:
         c = self.config
         return pb.ModelCard(
-            served_model_name=c.served_model_name, model_path=c.model, model_type=self.family.hf_config.model_type,
-            input=input, context_length=self.max_model_len, enable_multimodal=c.enable_multimodal,
+            served_model_name=c.served_model_name,
+            model_path=c.model,
+            model_type=self.family.hf_config.model_type,
+            input=input,
+            context_length=self.max_model_len,
+            enable_multimodal=c.enable_multimodal,
             modalities=self.family.modalities if c.enable_multimodal else [],
             limit_mm_per_prompt=dict(c.media.limit_per_prompt) if c.enable_multimodal else {},
-            subject=subject, instance_id=self.runtime.instance_id, component=component, created=int(time.time()))
+            subject=subject,
+            instance_id=self.runtime.instance_id,
+            component=component,
+            created=int(time.time()),
+        )
 
     @abstractmethod
     async def start(self) -> None: ...
@@ -72,8 +80,10 @@ class Service(ABC):
 
     async def serve_stats(self, component: str, counters: Callable[[], dict[str, int]]) -> None:
         """Serve `counters()` as `WorkerStats` on this instance's `stats` endpoint."""
+
         async def stats(_: bytes) -> AsyncIterator[bytes]:
             yield pb.WorkerStats(counters=counters()).SerializeToString()
+
         await self.runtime.serve(component, "stats", stats)
 
 
@@ -90,15 +100,25 @@ class ProcessorService(Service):
         watch = await self.runtime.watch_cards(c.served_model_name)
 
         def pool(component: str, what: str) -> InstancePool:
-            return InstancePool(watch, what=f"{what} for model {c.served_model_name!r}",
-                                accept=lambda card: card.served_model_name == c.served_model_name
-                                and card.component == component)
+            return InstancePool(
+                watch,
+                what=f"{what} for model {c.served_model_name!r}",
+                accept=lambda card: card.served_model_name == c.served_model_name and card.component == component,
+            )
 
-        self.router = Router(self.runtime.plane, pool(BACKEND, "worker"), pool(PREFILL, "prefill worker"),
-                             pool(DECODE, "decode worker"))
+        self.router = Router(
+            self.runtime.plane, pool(BACKEND, "worker"), pool(PREFILL, "prefill worker"), pool(DECODE, "decode worker")
+        )
         encoders = EncoderRouter(pool(ENCODER, "encode worker"))
-        handler = ProcessorHandler(prompts, tokenizer, self.router, encoders, self.runtime.plane,
-                                   _eos_token_ids(c.model, tokenizer), self.max_model_len)
+        handler = ProcessorHandler(
+            prompts,
+            tokenizer,
+            self.router,
+            encoders,
+            self.runtime.plane,
+            _eos_token_ids(c.model, tokenizer),
+            self.max_model_len,
+        )
         subject = await self.runtime.serve(PROCESSOR, "generate", handler.generate)
         self._card = self.card("text", PROCESSOR, subject)
         self._changed = asyncio.Event()
@@ -115,12 +135,14 @@ class ProcessorService(Service):
                         await self.runtime.publish_card(self._card)
                     else:
                         await self.runtime.withdraw_card(self._card)
-                except Exception:   # an etcd hiccup must not freeze the announcement
+                except Exception:  # an etcd hiccup must not freeze the announcement
                     log.warning("updating the model card failed; retrying", exc_info=True)
                     await asyncio.sleep(1)
                     continue
                 announced = alive
-                log.info("model %r %s", self.config.served_model_name, "announced" if alive else "withdrawn: no backend")
+                log.info(
+                    "model %r %s", self.config.served_model_name, "announced" if alive else "withdrawn: no backend"
+                )
             await self._changed.wait()
             self._changed.clear()
 
@@ -148,14 +170,20 @@ class PDService(Service):
         component = self.COMPONENTS.get(c.role, BACKEND)
         # Registered once here (staging region, KV pool), so that the first request does not pay
         # for it. Prefill and decode roles are multimodal roles: they have an agent.
-        self.agent = TransferAgent(f"{component}-{self.runtime.instance_id}", c.embedding_buffer_bytes,
-                                   model.device) if c.enable_multimodal else None
+        self.agent = (
+            TransferAgent(f"{component}-{self.runtime.instance_id}", c.embedding_buffer_bytes, model.device)
+            if c.enable_multimodal
+            else None
+        )
         self.kv = KVTransfer(self.agent, paged.kv) if component != BACKEND else None
         storage = EmbeddingStorage(c.ec_storage_path) if c.ec_storage_path else None
-        self.mailbox = Mailbox() if c.enable_multimodal else None   # encode workers post results here
+        self.mailbox = Mailbox() if c.enable_multimodal else None  # encode workers post results here
         media = MediaResolver(model, self.agent, storage, self.mailbox)
-        handler = PrefillHandler(self.engine, media, self.kv, c.kv_handoff_timeout) if component == PREFILL \
+        handler = (
+            PrefillHandler(self.engine, media, self.kv, c.kv_handoff_timeout)
+            if component == PREFILL
             else PDHandler(self.engine, media, self.kv)
+        )
         subject = await self.runtime.serve(component, "generate", handler.generate)
         if self.mailbox is not None:
             await self.runtime.plane.listen(mailbox_subject(subject), self.mailbox.put)
@@ -187,8 +215,7 @@ class EncodeService(Service):
         if c.role is Role.NATIVE_ENCODER:
             handler = StorageEncodeHandler(embedder, EmbeddingStorage(c.ec_storage_path), self.runtime.plane.post)
         else:
-            self.agent = TransferAgent(f"{ENCODER}-{self.runtime.instance_id}", c.encoder_cache_bytes,
-                                       encoder.device)
+            self.agent = TransferAgent(f"{ENCODER}-{self.runtime.instance_id}", c.encoder_cache_bytes, encoder.device)
             handler = NixlEncodeHandler(embedder, EmbeddingCache(self.agent), self.agent, self.runtime.plane.post)
         subject = await self.runtime.serve(ENCODER, "encode", handler.encode)
         await self.serve_stats(ENCODER, handler.stats)
@@ -203,8 +230,9 @@ class EncodeService(Service):
 def _placement(c: WorkerConfig) -> tuple[torch.dtype | None, torch.device, CpuKernels | None]:
     """(dtype, device, CPU kernels) the worker's flags name; None dtype keeps the checkpoint's."""
     dtype = None if c.dtype == "auto" else getattr(torch, c.dtype)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" \
-        else torch.device(c.device)
+    device = (
+        torch.device("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else torch.device(c.device)
+    )
     kernels = load_cpu_kernels(c.kernel_cache_dir) if c.cpu_kernels and device.type == "cpu" else None
     return dtype, device, kernels
 
@@ -221,10 +249,14 @@ def load_encoder(c: WorkerConfig, family: ModelFamily) -> MediaEncoder:
 
 def engine_config(c: WorkerConfig, max_model_len: int) -> EngineConfig:
     """The paged engine's settings from the worker's flags."""
-    return EngineConfig(block_size=c.block_size, num_kv_blocks=c.num_kv_blocks, kv_cache_memory=c.kv_cache_memory,
-                        scheduler=SchedulerConfig(max_num_seqs=c.max_num_seqs,
-                                                  max_num_batched_tokens=c.max_num_batched_tokens,
-                                                  max_model_len=max_model_len))
+    return EngineConfig(
+        block_size=c.block_size,
+        num_kv_blocks=c.num_kv_blocks,
+        kv_cache_memory=c.kv_cache_memory,
+        scheduler=SchedulerConfig(
+            max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens, max_model_len=max_model_len
+        ),
+    )
 
 
 def _eos_token_ids(model_dir: str, tokenizer) -> list[int]:
