@@ -125,8 +125,8 @@ class RawHolder:
 def _kv_pool(kv: dict[str, Any]) -> Any:
     """A zero-filled `KVCache` of `kv`'s shape, allocated as a worker allocates its pool: after
     `keep_freed_memory` (its start-up), so from the same kind of memory."""
-    from epdserve.models.paged import KVCache
-    from epdserve.tools.memory import keep_freed_memory
+    from epdserve.attention.kv_cache import KVCache
+    from epdserve.utils.memory import keep_freed_memory
     keep_freed_memory()
     return KVCache.allocate(kv["num_layers"], kv["num_blocks"], kv["block_size"], kv["num_kv_heads"],
                             kv["head_dim"], getattr(torch, kv["dtype"]), "cpu")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from epdserve.kernels import cpu
 from epdserve.kernels import linear
 from epdserve.kernels.cpu import CpuKernels, load_cpu_kernels
-from epdserve.models.paged import AttentionMetadata, paged_attention
+from epdserve.attention.paged import AttentionMetadata, paged_attention
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
-"""tools.memory: serving processes keep freed memory instead of faulting it in again."""
+"""utils.memory: serving processes keep freed memory instead of faulting it in again."""
 
 import subprocess
 import sys
 
 PROBE = """
 import sys, torch
-from epdserve.tools.memory import keep_freed_memory
+from epdserve.utils.memory import keep_freed_memory
 
 def rss_mib():
     with open("/proc/self/status") as f:

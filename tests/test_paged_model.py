@@ -19,7 +19,8 @@ from transformers import AutoModelForImageTextToText, DynamicCache
 
 from epdserve.kernels.cpu import CpuKernels, load_cpu_kernels
 from epdserve.models.llama import PagedLlama
-from epdserve.models.paged import AttentionMetadata, KVCache
+from epdserve.attention.paged import AttentionMetadata
+from epdserve.attention.kv_cache import KVCache
 from epdserve.tools.tiny_model import build_tiny_model
 
 BLOCK = 4

@@ -19,9 +19,10 @@ def test_generated_code_is_current(tmp_path):
     # In a child process: grpc_tools' protobuf runtime and NIXL's abort when both load in one.
     subprocess.run([sys.executable, "-m", "epdserve.protocol.codegen",
                     "--proto", str(ROOT / "protos" / "epdserve.proto"), "--out-dir", str(tmp_path)], check=True)
-    checked_in = Path(epdserve_pb2.__file__)
-    assert (tmp_path / "epdserve_pb2.py").read_text() == checked_in.read_text(), \
-        "run: python -m epdserve.protocol.codegen"
+    checked_in = Path(epdserve_pb2.__file__).parent
+    for name in ("epdserve_pb2.py", "epdserve_pb2.pyi"):
+        assert (tmp_path / name).read_text() == (checked_in / name).read_text(), \
+            "run: python -m epdserve.protocol.codegen"
 
 
 @pytest.mark.parametrize("body, param", [

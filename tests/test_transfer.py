@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from epdserve.models.paged import KVCache
+from epdserve.attention.kv_cache import KVCache
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
 from epdserve.transfer.agent import TransferAgent, torch_dtype

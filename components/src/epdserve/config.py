@@ -10,11 +10,11 @@ import argparse
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     PROCESSOR = "processor"
     PD = "pd"  # encode (EPD) + prefill + decode
     PREFILL = "prefill"

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from epdserve.attention.kv_cache import KVCache
+from epdserve.attention.paged import AttentionMetadata
 from epdserve.engine.base import TokenLogprob
 from epdserve.engine.sampling import apply_penalties, sample, token_logprob
 from epdserve.engine.scheduler import ScheduledChunk
 from epdserve.models.base import MultimodalModel
-from epdserve.models.paged import AttentionMetadata, KVCache
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class ModelRunner:
         sampling = [c for c in ready if c.samples]
         if sampling:
             logits = self.model.compute_logits(hidden)
-            for chunk, raw in zip(sampling, logits):
+            for chunk, raw in zip(sampling, logits, strict=True):
                 seq, params = chunk.seq, chunk.seq.request.sampling
                 adjusted = apply_penalties(raw, params, seq.token_ids, seq.num_prompt_tokens)
                 token = sample(adjusted, params, seq.generator)
@@ -93,7 +94,7 @@ class ModelRunner:
             if any(f is None for f in feats):
                 raise ValueError(f"{modality} item without features or embeddings")
             batch = {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
-            for i, emb in zip(idx, self.model.encode(modality, batch)):
+            for i, emb in zip(idx, self.model.encode(modality, batch), strict=True):
                 if emb.shape[0] != seq.media[i].num_embeddings:
                     raise ValueError(
                         f"media item {seq.media[i].hash} gave {emb.shape[0]} embeddings "

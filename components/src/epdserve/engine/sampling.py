@@ -65,5 +65,5 @@ def token_logprob(raw_logits: torch.Tensor, token: int, top: int) -> TokenLogpro
     distribution (before penalties and temperature, as vLLM reports by default)."""
     logprobs = torch.log_softmax(raw_logits.float(), dim=-1)
     best = torch.topk(logprobs, top) if top > 0 else None
-    pairs = tuple(zip(best.indices.tolist(), best.values.tolist())) if best is not None else ()
+    pairs = tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else ()
     return TokenLogprob(token, float(logprobs[token]), pairs)

@@ -13,7 +13,7 @@ from epdserve.config import FrontendConfig, parse_frontend_args
 from epdserve.frontend.app import create_app
 from epdserve.frontend.models import ModelDirectory
 from epdserve.runtime.component import Runtime
-from epdserve.tools.memory import keep_freed_memory
+from epdserve.utils.memory import keep_freed_memory
 
 log = logging.getLogger("epdserve.frontend")
 

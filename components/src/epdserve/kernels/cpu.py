@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from epdserve.kernels.decode_batch import DecodeBatch
 from epdserve.kernels.linear import FastLinear, Gemm, LinearChooser, float32_cpu, onednn_gemm
-from epdserve.models.paged import DecodeBatch
-from epdserve.tools.files import atomic_target
+from epdserve.utils.files import atomic_target
 
 log = logging.getLogger(__name__)
 

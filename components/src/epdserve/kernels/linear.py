@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from epdserve.tools.files import atomic_target
+from epdserve.utils.files import atomic_target
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from epdserve.attention.kv_cache import KVCache
+from epdserve.attention.paged import AttentionMetadata
 from epdserve.kernels.cpu import CpuKernels
+from epdserve.media.decode import decode_media
 from epdserve.media.types import MediaInfo
-from epdserve.models.paged import AttentionMetadata, KVCache
 
 
 class ModelFamily(ABC):
@@ -63,14 +65,14 @@ class ModelFamily(ABC):
 
     def load_runner(
         self, dtype: torch.dtype | None, device: torch.device, kernels: CpuKernels | None = None
-    ) -> "MultimodalModel":
+    ) -> MultimodalModel:
         """Load the weights for a worker onto `device`. `dtype=None` keeps the checkpoint's
         dtype. `kernels`: CPU kernels the model may use where they support its tensors."""
         raise NotImplementedError(f"{type(self).__name__} has no worker-side model yet")
 
     def load_encoder(
         self, dtype: torch.dtype | None, device: torch.device, kernels: CpuKernels | None = None
-    ) -> "MediaEncoder":
+    ) -> MediaEncoder:
         """Load only the media encoder (towers and projectors, no text decoder weights) for an
         encode worker; arguments as for `load_runner`."""
         raise NotImplementedError(f"{type(self).__name__} has no separate encoder")
@@ -89,6 +91,11 @@ class MediaEncoder(ABC):
     def preprocess(self, modality: str, items: list[Image.Image]) -> dict[str, torch.Tensor]:
         """Turn decoded media into encoder inputs (e.g. `pixel_values`), batched along dim 0:
         the features of several calls concatenate (`torch.cat` per key) into one batch."""
+
+    def features(self, modality: str, data: bytes) -> dict[str, torch.Tensor]:
+        """Decode one encoded item and preprocess it as the model's HF processor does; 400 for
+        media that cannot be decoded. Tens of ms for a photo: call it off the event loop."""
+        return self.preprocess(modality, [decode_media(modality, data)])
 
     @abstractmethod
     def encode(self, modality: str, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -3,7 +3,7 @@
 The weights and sub-modules (norms, projections, MLP, rotary embedding) are the loaded
 `LlamaModel`'s own; only the attention plumbing is ours, so each op runs as `transformers`
 runs it and greedy outputs stay equal to its `generate()` (logits to float rounding: see
-`epdserve.models.paged`).
+`epdserve.attention.paged`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel, rotate_half
 
+from epdserve.attention.kv_cache import KVCache
+from epdserve.attention.paged import AttentionMetadata, paged_attention, write_kv
 from epdserve.kernels.cpu import CpuKernels
-from epdserve.models.paged import AttentionMetadata, KVCache, paged_attention, write_kv
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 

@@ -3,7 +3,7 @@
 The weights and sub-modules (norms, projections, qk-norm, rotary table, the MoE and dense
 feed-forwards) are the loaded `Llama4TextModel`'s own; only the attention plumbing is ours,
 so each op runs as `Llama4TextAttention` / `Llama4TextDecoderLayer` run it and greedy outputs
-stay equal to `generate()` (logits to float rounding: see `epdserve.models.paged`).
+stay equal to `generate()` (logits to float rounding: see `epdserve.attention.paged`).
 
 Per layer, as `transformers` does: RoPE layers (`no_rope_layers[i] == 1`) rotate q and k with
 the complex (interleaved-pair) rotary and then L2-normalise them (`use_qk_norm`); NoPE layers
@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from transformers.models.llama4.modeling_llama4 import Llama4TextDecoderLayer, Llama4TextModel
 
+from epdserve.attention.kv_cache import KVCache
+from epdserve.attention.paged import AttentionMetadata, paged_attention, write_kv
 from epdserve.kernels.cpu import CpuKernels
-from epdserve.models.paged import AttentionMetadata, KVCache, paged_attention, write_kv
 
 
 class PagedLlama4Text:

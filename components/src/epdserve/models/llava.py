@@ -11,9 +11,9 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from epdserve.kernels.cpu import CpuKernels
 from epdserve.media.types import MediaInfo
 from epdserve.models.base import MediaEncoder, ModelFamily
-from epdserve.models.weights import load_modules
 from epdserve.models.llama import PagedLlama
 from epdserve.models.multimodal import PagedMultimodalModel
+from epdserve.models.weights import load_modules
 
 
 class LlavaFamily(ModelFamily):
@@ -36,12 +36,12 @@ class LlavaFamily(ModelFamily):
 
     def load_runner(
         self, dtype: torch.dtype | None, device: torch.device, kernels: CpuKernels | None = None
-    ) -> "LlavaModel":
+    ) -> LlavaModel:
         return LlavaModel(self, dtype, device, kernels)
 
     def load_encoder(
         self, dtype: torch.dtype | None, device: torch.device, kernels: CpuKernels | None = None
-    ) -> "LlavaVision":
+    ) -> LlavaVision:
         return LlavaVision(_vision_only(self, dtype, device), self, kernels)
 
 

@@ -7,8 +7,9 @@ from typing import Protocol
 import torch
 from PIL import Image
 
+from epdserve.attention.kv_cache import KVCache
+from epdserve.attention.paged import AttentionMetadata
 from epdserve.models.base import MediaEncoder, MultimodalModel
-from epdserve.models.paged import AttentionMetadata, KVCache
 
 
 class PagedDecoder(Protocol):

@@ -30,7 +30,7 @@ def read_tensors(model_dir: Path, rename: Callable[[str], str | None]) -> dict[s
     out: dict[str, torch.Tensor] = {}
     for name in files:
         with safe_open(str(model_dir / name), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 if (new := rename(key)) is not None:
                     out[new] = f.get_tensor(key)
     return out

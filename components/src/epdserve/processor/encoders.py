@@ -110,8 +110,7 @@ class EncodeSession:
             if task is None:
                 continue
             task.cancel()
-            try:
+            # The worker read the embeddings, or they are freed at the encoder now; a failure
+            # was the request's error already, through `answered`.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-            except (asyncio.CancelledError, Exception):
-                pass  # the worker read the embeddings, or they are freed at the encoder now; a
-                # failure was the request's error already, through `answered`

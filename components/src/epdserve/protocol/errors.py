@@ -28,14 +28,14 @@ class EpdError(Exception):
         self.type = type or _TYPES.get(code, "InternalServerError")
 
     @classmethod
-    def bad_request(cls, message: str, param: str = "") -> "EpdError":
+    def bad_request(cls, message: str, param: str = "") -> EpdError:
         return cls(400, message, param)
 
     def to_proto(self) -> pb.Error:
         return pb.Error(code=self.code, type=self.type, message=self.message, param=self.param)
 
     @classmethod
-    def from_proto(cls, err: pb.Error) -> "EpdError":
+    def from_proto(cls, err: pb.Error) -> EpdError:
         return cls(err.code or 500, err.message, err.param, err.type)
 
     def to_openai(self) -> dict:

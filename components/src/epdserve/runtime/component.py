@@ -29,7 +29,7 @@ class Runtime:
         self.instance_id = uuid.uuid4().hex[:12]
 
     @classmethod
-    async def connect(cls, config: RuntimeConfig) -> "Runtime":
+    async def connect(cls, config: RuntimeConfig) -> Runtime:
         discovery = await Discovery.connect(config.etcd_endpoints, config.namespace, config.lease_ttl)
         plane = await RequestPlane.connect(config.nats_server)
         return cls(config, discovery, plane)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import aetcd
@@ -39,7 +39,7 @@ class Discovery:
         self._closed = False
 
     @classmethod
-    async def connect(cls, endpoints: str, namespace: str, lease_ttl: float = 10.0) -> "Discovery":
+    async def connect(cls, endpoints: str, namespace: str, lease_ttl: float = 10.0) -> Discovery:
         """Connect to the first of `endpoints` and grant the lease (fails if etcd is down)."""
         host, port = _parse_endpoint(endpoints)
         client = aetcd.Client(host, port, timeout=RPC_TIMEOUT)
@@ -74,7 +74,7 @@ class Discovery:
             self._registered.pop(key, None)
             await self._client.delete(key.encode())
 
-    async def watch(self, prefix: str) -> "Watch":
+    async def watch(self, prefix: str) -> Watch:
         """A live snapshot of all keys starting with the full key `prefix` (see `key()`)."""
         watch = Watch(self._client, prefix, self._watches.discard)
         await watch._start()
@@ -127,7 +127,7 @@ class Watch:
     next revision (no gap, no polling). A dropped watch stream is healed by re-listing and
     re-watching; listeners are told whenever the snapshot changes."""
 
-    def __init__(self, client: aetcd.Client, prefix: str, on_close: Callable[["Watch"], None]):
+    def __init__(self, client: aetcd.Client, prefix: str, on_close: Callable[[Watch], None]):
         self._client = client
         self._prefix = prefix.encode()
         self._on_close = on_close

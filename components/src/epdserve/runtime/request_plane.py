@@ -21,9 +21,10 @@ cancels of a request must reach the instance that serves it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 import nats
 import nats.errors
@@ -121,7 +122,7 @@ class RequestPlane:
         self._heartbeat: asyncio.Task | None = None
 
     @classmethod
-    async def connect(cls, url: str, name: str = "epdserve") -> "RequestPlane":
+    async def connect(cls, url: str, name: str = "epdserve") -> RequestPlane:
         """Connect to NATS at `url`; reconnects forever after the first success."""
         nc = await nats.connect(url, name=name, max_reconnect_attempts=-1, connect_timeout=5)
         return cls(nc)
@@ -298,10 +299,8 @@ class RequestPlane:
                     await self._nc.publish(f"{subject}.cancel", inbox.encode())
                 except nats.errors.Error as e:
                     log.warning("could not cancel request %s: %s", request_id, e)
-            try:
+            with contextlib.suppress(nats.errors.Error):  # a closed connection took the subscription along
                 await sub.unsubscribe()
-            except nats.errors.Error:
-                pass  # connection already closed: the subscription is gone with it
 
     async def close(self, drain_timeout: float = 30.0) -> None:
         """Stop taking requests, let in-flight handlers finish (cancel them after

@@ -25,7 +25,7 @@ class StatsReader:
         self.plane = plane
 
     @classmethod
-    async def connect(cls, config: RuntimeConfig) -> "StatsReader":
+    async def connect(cls, config: RuntimeConfig) -> StatsReader:
         discovery = await Discovery.connect(config.etcd_endpoints, config.namespace, config.lease_ttl)
         try:
             return cls(discovery, await RequestPlane.connect(config.nats_server))
@@ -33,7 +33,7 @@ class StatsReader:
             await discovery.close()
             raise
 
-    async def __aenter__(self) -> "StatsReader":
+    async def __aenter__(self) -> StatsReader:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

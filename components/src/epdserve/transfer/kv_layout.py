@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from epdserve.models.paged import KVCache
+from epdserve.attention.kv_cache import KVCache
 from epdserve.protocol import epdserve_pb2 as pb
 
 Range = tuple[int, int]  # (address, bytes)
@@ -51,7 +51,7 @@ def paired_ranges(
     if (local.num_layers, local.block_bytes) != (remote.num_layers, remote.block_bytes):
         raise ValueError("the KV pools differ in layers or block size")
     runs: list[tuple[int, int, int]] = []  # (local start, remote start, length)
-    for lb, rb in zip(local_blocks, remote_blocks):
+    for lb, rb in zip(local_blocks, remote_blocks, strict=True):
         if runs and runs[-1][0] + runs[-1][2] == lb and runs[-1][1] + runs[-1][2] == rb:
             runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
         else:

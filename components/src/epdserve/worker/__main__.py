@@ -12,9 +12,11 @@ import uvloop
 
 from epdserve.config import Role, WorkerConfig, parse_worker_args
 from epdserve.models.registry import load_family
+from epdserve.processor.service import ProcessorService
 from epdserve.runtime.component import Runtime
-from epdserve.tools.memory import keep_freed_memory
-from epdserve.worker.services import EncodeService, PDService, ProcessorService, Service
+from epdserve.runtime.service import Service
+from epdserve.utils.memory import keep_freed_memory
+from epdserve.worker.services import EncodeService, PDService
 
 log = logging.getLogger("epdserve.worker")
 

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from epdserve.tools.files import atomic_target
+from epdserve.utils.files import atomic_target
 
 _KEY = "embedding"
 _PLAIN = re.compile(r"[0-9a-f]{64}")  # content hashes name their file as they are

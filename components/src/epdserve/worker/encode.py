@@ -24,7 +24,6 @@ from epdserve.transfer.agent import TransferAgent
 from epdserve.worker.ec_storage import EmbeddingStorage
 from epdserve.worker.embedding_cache import CachedEmbedding, EmbeddingCache
 from epdserve.worker.encode_batcher import EncodeBatcher
-from epdserve.worker.media_inputs import media_features
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ class MediaEmbedder:
     def _preprocess_and_maybe_encode(self, item: pb.MediaItem) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """In a worker thread: the item's encoder inputs, and its embedding when the encoder
         was idle (one thread hop instead of three)."""
-        features = media_features(self.encoder, item.modality, item.data)
+        features = self.encoder.features(item.modality, item.data)
         return features, self.batcher.encode_if_idle(item.modality, features)
 
 
@@ -124,7 +123,7 @@ class NixlEncodeHandler:
         read = self.agent.expect(notif)
         try:
             result = pb.EncodeResult(handoff=self.agent.handoff(notif))
-            for item, entry in zip(req.media, entries):
+            for item, entry in zip(req.media, entries, strict=True):
                 out = _result_item(item)
                 out.embedding.CopyFrom(self.cache.remote(entry))
                 result.media.append(out)

@@ -82,7 +82,7 @@ class EncodeBatcher:
                         if not job.done.done():
                             job.done.set_exception(exc)
                     continue
-                for job, out in zip(live, outs):
+                for job, out in zip(live, outs, strict=True):
                     if not job.done.done():
                         job.done.set_result(out)
 

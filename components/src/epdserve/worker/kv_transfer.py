@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import time
 
-from epdserve.models.paged import KVCache
+from epdserve.attention.kv_cache import KVCache
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
 from epdserve.transfer.agent import TransferAgent
 from epdserve.transfer.kv_layout import KVLayout, paired_ranges
-
 
 # The handoff travels prefill worker -> processor -> here before `received` is taken, and the
 # READ takes time too: stop starting READs this long before the holder's hold runs out.

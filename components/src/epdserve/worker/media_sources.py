@@ -29,7 +29,6 @@ from epdserve.runtime.mailbox import Mailbox
 from epdserve.transfer.agent import TransferAgent, torch_dtype
 from epdserve.transfer.region import Span
 from epdserve.worker.ec_storage import EmbeddingStorage
-from epdserve.worker.media_inputs import media_features
 
 
 def apply_encode_result(req: pb.GenerateRequest, result: pb.EncodeResult) -> None:
@@ -37,7 +36,7 @@ def apply_encode_result(req: pb.GenerateRequest, result: pb.EncodeResult) -> Non
     the embedding storage)."""
     if len(result.media) != len(req.media):
         raise EpdError(500, f"the encode worker answered {len(result.media)} media item(s) for {len(req.media)}")
-    for item, encoded in zip(req.media, result.media):
+    for item, encoded in zip(req.media, result.media, strict=True):
         if encoded.WhichOneof("source") == "embedding":
             item.embedding.CopyFrom(encoded.embedding)
         else:
@@ -89,7 +88,7 @@ class MediaResolver:
             embeddings = {}
             if remote:
                 tensors, held = await self._read(req, [req.media[i] for i in remote])
-                embeddings = dict(zip(remote, tensors))
+                embeddings = dict(zip(remote, tensors, strict=True))
             # Decoding and resizing a photo, or reading a file, takes ms: keep it off the event loop.
             local = len(remote) < len(req.media)
             yield await asyncio.to_thread(self._inputs, req, embeddings) if local else self._inputs(req, embeddings)
@@ -114,7 +113,7 @@ class MediaResolver:
             mm = placed_input(item)
             source = item.WhichOneof("source")
             if source == "data":
-                mm.features = media_features(self.model, item.modality, item.data)
+                mm.features = self.model.features(item.modality, item.data)
             elif source == "embedding":
                 mm.embeddings = embeddings[i]
             elif source == "in_ec_storage":
@@ -138,7 +137,7 @@ class MediaResolver:
         if self.agent is None:
             raise EpdError(503, "this worker cannot receive embeddings over NIXL")
         tensors = [item.embedding for item in items]
-        for item, t in zip(items, tensors):
+        for item, t in zip(items, tensors, strict=True):
             rows = embedding_rows(item.length, item.embed_mask)
             if len(t.shape) != 2 or t.shape[0] != rows:
                 raise EpdError(
@@ -153,7 +152,7 @@ class MediaResolver:
             offsets = await self.agent.read(req.handoff, tensors, span, max(deadline - time.monotonic(), 0.001))
             views = [
                 self.agent.view(Span(span.offset + off, t.nbytes), torch_dtype(t.dtype), tuple(t.shape))
-                for off, t in zip(offsets, tensors)
+                for off, t in zip(offsets, tensors, strict=True)
             ]
         except BaseException:
             self._release(span)

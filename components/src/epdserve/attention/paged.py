@@ -16,44 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv, use_gqa_in_sdpa
 
-if TYPE_CHECKING:
-    from epdserve.kernels.cpu import CpuKernels
+from epdserve.kernels.cpu import CpuKernels
+from epdserve.kernels.decode_batch import DecodeBatch
 
 MAX_RUNS = 4  # beyond this many block runs, one gather costs less than attending run by run
 MIN_RUNS_CONTEXT = 256  # below this many positions too: the gather is cheap, the merge is not
-
-
-@dataclass
-class DecodeBatch:
-    """The one-query chunks of a forward, for a kernel that attends them all in one call.
-
-    rows [S] int64: each one's row in the packed batch. block_tables [S, max_blocks] int32:
-    its block table, zero-padded. context_len [S] int32: its positions in the cache."""
-
-    rows: torch.Tensor
-    block_tables: torch.Tensor
-    context_len: torch.Tensor
-
-    @classmethod
-    def build(
-        cls, rows: list[int], tables: list[Sequence[int]], context_len: list[int], block_size: int
-    ) -> DecodeBatch | None:
-        if not rows:
-            return None
-        used = [-(-n // block_size) for n in context_len]
-        width = max(used)
-        padded = [list(t[:n]) + [0] * (width - n) for t, n in zip(tables, used)]
-        return cls(
-            torch.tensor(rows, dtype=torch.long),
-            torch.tensor(padded, dtype=torch.int32),
-            torch.tensor(context_len, dtype=torch.int32),
-        )
 
 
 @dataclass
@@ -198,50 +170,6 @@ def _causal_mask(length: int, context: int, device: torch.device | str) -> torch
         return None
     offset = torch.arange(length, device=device)[:, None] + (context - length)
     return (offset >= torch.arange(context, device=device)[None, :])[None, None]
-
-
-@dataclass
-class KVCache:
-    """Per-layer key and value tensors, each [num_blocks, block_size, num_kv_heads, head_dim],
-    views of `pool` [2 (K, V), num_layers, num_blocks, ...]: one tensor to register for
-    transfers."""
-
-    key: list[torch.Tensor]
-    value: list[torch.Tensor]
-    pool: torch.Tensor
-
-    @property
-    def block_size(self) -> int:
-        return self.key[0].shape[1]
-
-    @property
-    def num_blocks(self) -> int:
-        return self.key[0].shape[0]
-
-    @classmethod
-    def allocate(
-        cls,
-        num_layers: int,
-        num_blocks: int,
-        block_size: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ) -> KVCache:
-        """One tensor holding everything; the per-layer tensors are views of it.
-
-        Zero-filled, so that every page is resident from the start (as vLLM allocates its
-        pool): the prefix cache keeps used blocks, so new prompts get never-used blocks until
-        the whole pool has been used once, and a first write into a page costs ~1.6 ms per MB
-        here (see tools/memory.py): 15-30 ms of a bench prompt's prefill."""
-        data = torch.zeros(2, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
-        return cls(key=list(data[0]), value=list(data[1]), pool=data)
-
-    @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        """Bytes of one block across all layers, keys and values."""
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
 
 def write_kv(

@@ -1,0 +1,1 @@
+"""Run-time helpers shared by every layer (no dependencies inside the package)."""
