@@ -195,9 +195,10 @@ def paged_attention(
     num_kv_heads = cache_k.shape[2]
     groups = q.shape[1] // num_kv_heads
     out = torch.empty_like(q)
-    fused = meta.decode is not None and kernels is not None and kernels.supports_attention(q, cache_k)
-    if fused:
+    fused = False
+    if meta.decode is not None and kernels is not None and kernels.supports_attention(q, cache_k):
         kernels.decode_attention(q, cache_k, cache_v, meta.decode, scale, out)
+        fused = True
     for i in range(meta.num_seqs):
         start, length, context = meta.query_start[i], meta.query_len[i], meta.context_len[i]
         blocks = meta.kv_blocks[i]
@@ -209,6 +210,7 @@ def paged_attention(
             query = q[start].view(1, num_kv_heads, groups, -1)
             out[start] = _attend_one(query, cache_k, cache_v, blocks, context, scale).view(q.shape[1:])
             continue
+        assert not isinstance(blocks, list)  # runs only for one-query chunks (AttentionMetadata.kv_blocks)
         key, value = _context(cache_k, blocks, context), _context(cache_v, blocks, context)
         # [1, H, T, D] views of [T, H, D] rows: the layout transformers' attention sees.
         query = q[start : start + length].transpose(0, 1)[None]

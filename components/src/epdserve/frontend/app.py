@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -103,7 +103,7 @@ def create_app(models: ModelDirectory, plane: RequestPlane) -> FastAPI:
 
 
 async def _collect_unless_disconnected(
-    request: Request, stream: AsyncIterator[pb.TextDelta]
+    request: Request, stream: AsyncGenerator[pb.TextDelta, None]
 ) -> list[pb.TextDelta] | None:
     """All deltas of a non-streaming request, or None when the client left first (then the
     stream is closed, which cancels the request upstream)."""
@@ -127,15 +127,19 @@ async def _collect_unless_disconnected(
     return None if work.cancelled() else work.result()
 
 
-async def _deltas(frames: AsyncIterator[bytes]) -> AsyncIterator[pb.TextDelta]:
+async def _deltas(frames: AsyncGenerator[bytes, None]) -> AsyncGenerator[pb.TextDelta, None]:
     async with contextlib.aclosing(frames):
         async for data in frames:
             yield pb.TextDelta.FromString(data)
 
 
 async def _sse(
-    builder: ResponseBuilder, first: pb.TextDelta, rest: AsyncIterator[pb.TextDelta], include_usage: bool, rid: str
-) -> AsyncIterator[bytes]:
+    builder: ResponseBuilder,
+    first: pb.TextDelta,
+    rest: AsyncGenerator[pb.TextDelta, None],
+    include_usage: bool,
+    rid: str,
+) -> AsyncGenerator[bytes, None]:
     """SSE body; a client that disconnects closes `rest`, which cancels the request upstream."""
     streamed: dict[int, int] = {}  # choice index -> characters sent (completions' text_offset)
     usage = None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel, rotate_half
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel, LlamaRMSNorm, rotate_half
 
 from epdserve.attention.kv_cache import KVCache
 from epdserve.attention.paged import AttentionMetadata, paged_attention, write_kv
@@ -49,7 +49,7 @@ class PagedLlama:
         self.device = decoder.embed_tokens.weight.device
         # The elementwise kernels take float32 CPU tensors; LlamaMLP's act_fn must be SiLU.
         self.fused = kernels if kernels is not None and kernels.supports(decoder.embed_tokens.weight) else None
-        self.fused_mlp = self.fused is not None and decoder.config.hidden_act == "silu"
+        self.fused_mlp = self.fused if decoder.config.hidden_act == "silu" else None  # the kernels for the MLP
         wrap = kernels.linear if kernels is not None else (lambda module: module)
         self.lm_head = wrap(lm_head)
         self.proj = [
@@ -126,9 +126,10 @@ class PagedLlama:
         # LlamaMLP.forward, with our projections
         normed = self._norm(layer.post_attention_layernorm, hidden)
         gate, up = proj.gate(normed), proj.up(normed)
-        return hidden + proj.down(self.fused.silu_mul(gate, up) if self.fused_mlp else layer.mlp.act_fn(gate) * up)
+        fused = self.fused_mlp
+        return hidden + proj.down(fused.silu_mul(gate, up) if fused is not None else layer.mlp.act_fn(gate) * up)
 
-    def _norm(self, norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    def _norm(self, norm: LlamaRMSNorm, hidden: torch.Tensor) -> torch.Tensor:
         """A LlamaRMSNorm module applied to [N, H] rows."""
         return norm(hidden) if self.fused is None else self.fused.rms_norm(hidden, norm.weight, norm.variance_epsilon)
 

@@ -23,7 +23,11 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
 from transformers.initialization import no_init_weights
 from transformers.models.llama4.image_processing_llama4 import find_supported_resolutions, get_best_fit
-from transformers.models.llama4.modeling_llama4 import Llama4MultiModalProjector, Llama4VisionModel
+from transformers.models.llama4.modeling_llama4 import (
+    Llama4ForConditionalGeneration,
+    Llama4MultiModalProjector,
+    Llama4VisionModel,
+)
 
 from epdserve.kernels.cpu import CpuKernels
 from epdserve.media.types import MediaInfo
@@ -118,7 +122,7 @@ class Llama4Vision(MediaEncoder):
     Features: `pixel_values` [tiles, 3, S, S] (every item's tiles, global tile last, in the
     image processor's bfloat16) and `aspect_ratios` [items, 2] (tile rows, columns)."""
 
-    def __init__(self, hf: torch.nn.Module, family: Llama4Family, kernels: CpuKernels | None):
+    def __init__(self, hf: Llama4ForConditionalGeneration, family: Llama4Family, kernels: CpuKernels | None):
         self.hf = hf.eval()
         self.image_processor = AutoImageProcessor.from_pretrained(family.model_dir)
         self.device = hf.multi_modal_projector.linear_1.weight.device
@@ -155,7 +159,9 @@ class Llama4Model(PagedMultimodalModel):
         )
 
 
-def _vision_only(family: Llama4Family, dtype: torch.dtype | None, device: torch.device) -> torch.nn.Module:
+def _vision_only(
+    family: Llama4Family, dtype: torch.dtype | None, device: torch.device
+) -> Llama4ForConditionalGeneration:
     """A `transformers` Llama 4 whose vision model and projector hold the checkpoint's weights
     and whose language model stays on the meta device: its weights are never read."""
     config = family.hf_config

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama4.modeling_llama4 import Llama4TextDecoderLayer, Llama4TextModel
+from transformers.models.llama4.modeling_llama4 import Llama4TextAttention, Llama4TextDecoderLayer, Llama4TextModel
 
 from epdserve.attention.kv_cache import KVCache
 from epdserve.attention.paged import AttentionMetadata, paged_attention, write_kv
@@ -117,7 +117,7 @@ class PagedLlama4Text:
         return hidden + ff.view(hidden.shape)
 
     def _position(
-        self, attn: nn.Module, x: torch.Tensor, freqs: torch.Tensor, positions: torch.Tensor, query: bool
+        self, attn: Llama4TextAttention, x: torch.Tensor, freqs: torch.Tensor, positions: torch.Tensor, query: bool
     ) -> torch.Tensor:
         """[N, heads * D] query or key projections -> [N, heads, D] as `Llama4TextAttention`
         prepares them: rotary + qk-norm on RoPE layers, temperature tuning of the queries on

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoModelForImageTextToText
 from transformers.initialization import no_init_weights
-from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+from transformers.models.llava.modeling_llava import LlavaForConditionalGeneration, LlavaMultiModalProjector
 
 from epdserve.kernels.cpu import CpuKernels
 from epdserve.media.types import MediaInfo
@@ -48,7 +48,7 @@ class LlavaFamily(ModelFamily):
 class LlavaVision(MediaEncoder):
     """The CLIP tower and projector of a `transformers` LLaVA, as `transformers` runs them."""
 
-    def __init__(self, hf: torch.nn.Module, family: LlavaFamily, kernels: CpuKernels | None):
+    def __init__(self, hf: LlavaForConditionalGeneration, family: LlavaFamily, kernels: CpuKernels | None):
         self.hf = hf.eval()
         self.image_processor = AutoImageProcessor.from_pretrained(family.model_dir)
         self.config = family.hf_config
@@ -89,7 +89,7 @@ class LlavaModel(PagedMultimodalModel):
         )
 
 
-def _vision_only(family: LlavaFamily, dtype: torch.dtype | None, device: torch.device) -> torch.nn.Module:
+def _vision_only(family: LlavaFamily, dtype: torch.dtype | None, device: torch.device) -> LlavaForConditionalGeneration:
     """A `transformers` LLaVA whose tower and projector hold the checkpoint's weights and whose
     language model stays on the meta device: its weights are never read."""
     config = family.hf_config
@@ -115,7 +115,7 @@ def _vision_key(key: str) -> str | None:
     return key if key.startswith(("vision_tower.", "multi_modal_projector.")) else None
 
 
-def _drop_unused_vision_layers(hf: torch.nn.Module) -> None:
+def _drop_unused_vision_layers(hf: LlavaForConditionalGeneration) -> None:
     """Features come from `vision_feature_layer` (llava-1.5: the second to last layer), so
     the vision tower's later layers never matter: drop them, as vLLM does, and rewrite the
     loaded model's `vision_feature_layer` as indices from the front, which stay valid for the

@@ -9,6 +9,10 @@ from typing import Any
 from epdserve.protocol.errors import EpdError
 from epdserve.protocol.openai import ChatMessage
 
+# One message as the HF chat template takes it: content is a list of parts, or a string for
+# templates that do not take parts.
+TemplateMessage = dict[str, str | list[dict[str, str]]]
+
 # OpenAI content part type -> (modality, key holding the URL object or string)
 MEDIA_PARTS = {
     "image_url": ("image", "image_url"),
@@ -52,22 +56,22 @@ def _media_url(part: dict[str, Any], key: str) -> str:
     return value
 
 
-def convert_messages(messages: list[ChatMessage], takes_parts: bool) -> tuple[list[dict], list[MediaRef]]:
+def convert_messages(messages: list[ChatMessage], takes_parts: bool) -> tuple[list[TemplateMessage], list[MediaRef]]:
     """HF-template messages and the media they reference, in order.
 
     Media parts become `{"type": <modality>}` placeholders the template renders as the
     model's media token; text parts stay as they are (joined when the template wants a
     string).
     """
-    converted, media = [], []
+    converted: list[TemplateMessage] = []
+    media: list[MediaRef] = []
     for msg in messages:
         content = msg.content
         if content is None or isinstance(content, str):
             text = content or ""
-            parts = [{"type": "text", "text": text}] if takes_parts else text
-            converted.append({"role": msg.role, "content": parts})
+            converted.append({"role": msg.role, "content": [{"type": "text", "text": text}] if takes_parts else text})
             continue
-        parts: list[dict] = []
+        parts: list[dict[str, str]] = []
         for part in content:
             kind = part.get("type")
             if kind == "text":
@@ -80,11 +84,12 @@ def convert_messages(messages: list[ChatMessage], takes_parts: bool) -> tuple[li
                 parts.append({"type": modality})
             else:
                 raise EpdError.bad_request(f"unsupported content part type {kind!r}", param="messages")
-        if not takes_parts:
-            if any(p["type"] != "text" for p in parts):
-                raise EpdError.bad_request("this model's chat template takes text only", param="messages")
-            parts = "".join(p["text"] for p in parts)  # type: ignore[assignment]
-        converted.append({"role": msg.role, "content": parts})
+        if takes_parts:
+            converted.append({"role": msg.role, "content": parts})
+            continue
+        if any(p["type"] != "text" for p in parts):
+            raise EpdError.bad_request("this model's chat template takes text only", param="messages")
+        converted.append({"role": msg.role, "content": "".join(p["text"] for p in parts)})
     return converted, media
 
 

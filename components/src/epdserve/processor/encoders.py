@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Sequence
 
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
@@ -73,7 +73,7 @@ class EncodeSession:
         self.answered: asyncio.Future[None] | None = None
         self._holder: asyncio.Task | None = None
 
-    def start(self, media: list[pb.MediaItem], deliver_to: str) -> None:
+    def start(self, media: Sequence[pb.MediaItem], deliver_to: str) -> None:
         """Begin encoding; `media` may change once this returns (it is serialized here)."""
         payload = pb.EncodeRequest(request_id=self.request_id, media=media, deliver_to=deliver_to).SerializeToString()
         self.answered = asyncio.ensure_future(self._encode([m.hash for m in media], payload))
@@ -97,7 +97,7 @@ class EncodeSession:
         raise EpdError(503, "no live encode worker answered")
 
     async def _hold(self, subject: str, payload: bytes, first: asyncio.Future) -> None:
-        stream: AsyncIterator[bytes] = self.plane.stream(
+        stream: AsyncGenerator[bytes, None] = self.plane.stream(
             subject, payload, self.request_id, idle_timeout=DEAD_SERVER_TIMEOUT
         )
         async with contextlib.aclosing(stream):

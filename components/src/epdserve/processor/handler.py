@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +56,7 @@ class ProcessorHandler:
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
 
-    async def generate(self, payload: bytes) -> AsyncIterator[bytes]:
+    async def generate(self, payload: bytes) -> AsyncGenerator[bytes, None]:
         preq = pb.ProcessorRequest.FromString(payload)
         rid = preq.request_id
         req = parse_request(preq.endpoint, preq.body)
@@ -84,7 +84,7 @@ class ProcessorHandler:
         gen: pb.GenerateRequest,
         route: Route,
         encoded: asyncio.Future[None] | None,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         rid = gen.request_id
         log.info(
             "[%s] %d prompt tokens, %d media item(s), n=%d -> %s%s",
@@ -178,16 +178,20 @@ class ProcessorHandler:
         return params
 
 
-async def _failing_with(stream: AsyncIterator[bytes], guard: asyncio.Future[None] | None) -> AsyncIterator[bytes]:
+async def _failing_with(
+    stream: AsyncGenerator[bytes, None], guard: asyncio.Future[None] | None
+) -> AsyncGenerator[bytes, None]:
     """`stream`'s items; its request is sent at once, but while its first item is awaited a
     failure of `guard` ends it (cancelling the request) with `guard`'s error."""
     async with contextlib.aclosing(stream):
         if guard is not None:
             first = asyncio.ensure_future(anext(stream))
             try:
-                await asyncio.wait([first, guard], return_when=asyncio.FIRST_COMPLETED)
-                if not first.done() and guard.exception() is not None:
-                    raise guard.exception()
+                racing: list[asyncio.Future[bytes] | asyncio.Future[None]] = [first, guard]
+                await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+                # guard is done when first is not (and only then may its exception be asked for)
+                if not first.done() and (error := guard.exception()) is not None:
+                    raise error
                 try:
                     yield await first
                 except StopAsyncIteration:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from epdserve.protocol import epdserve_pb2 as pb
@@ -55,33 +55,33 @@ class Router:
             return Route(self.aggregated.pick())
         return Route(self.decode.pick())
 
-    def tokens(self, route: Route, gen: pb.GenerateRequest) -> AsyncIterator[bytes]:
+    def tokens(self, route: Route, gen: pb.GenerateRequest) -> AsyncGenerator[bytes, None]:
         """The request's `TokenDelta`s; closing the stream cancels it wherever it runs."""
         if route.prefill is None:
             return self.plane.stream(route.worker.subject, gen.SerializeToString(), gen.request_id)
-        return self._disaggregated(route, gen)
+        return self._disaggregated(route.prefill, route.worker, gen)
 
-    async def _disaggregated(self, route: Route, gen: pb.GenerateRequest) -> AsyncIterator[bytes]:
+    async def _disaggregated(
+        self, prefiller: pb.ModelCard, decoder: pb.ModelCard, gen: pb.GenerateRequest
+    ) -> AsyncGenerator[bytes, None]:
         rid = gen.request_id
-        prefill = self.plane.stream(
-            route.prefill.subject, gen.SerializeToString(), rid, idle_timeout=DEAD_SERVER_TIMEOUT
-        )
+        prefill = self.plane.stream(prefiller.subject, gen.SerializeToString(), rid, idle_timeout=DEAD_SERVER_TIMEOUT)
         # Open until the decode side is done: closing it frees the KV at the prefill worker, if
         # the decode worker's READ has not already.
         async with contextlib.aclosing(prefill):
             data = await anext(prefill, None)
             if data is None:
-                raise EpdError(500, f"prefill worker {route.prefill.instance_id} ended without a token")
+                raise EpdError(500, f"prefill worker {prefiller.instance_id} ended without a token")
             yield data
             first = pb.TokenDelta.FromString(data)
             if first.finish_reason:
                 return
             if not first.HasField("kv"):
-                raise EpdError(500, f"prefill worker {route.prefill.instance_id} sent no KV handoff")
-            log.info("[%s] prefilled by %s, decoding on %s", rid, route.prefill.instance_id, route.worker.instance_id)
+                raise EpdError(500, f"prefill worker {prefiller.instance_id} sent no KV handoff")
+            log.info("[%s] prefilled by %s, decoding on %s", rid, prefiller.instance_id, decoder.instance_id)
             # No retry on another decode worker: a READ that completed freed the KV there.
             decode = self.plane.stream(
-                route.worker.subject,
+                decoder.subject,
                 decode_request(gen, first.kv).SerializeToString(),
                 rid,
                 idle_timeout=DEAD_SERVER_TIMEOUT,

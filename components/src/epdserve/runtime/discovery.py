@@ -169,7 +169,7 @@ class Watch:
         stream = await self._resync()  # first attempt raises, so callers see etcd being down
         self._task = asyncio.create_task(self._run(stream), name=f"etcd-watch {self._prefix!r}")
 
-    async def _resync(self):
+    async def _resync(self) -> aetcd.Watch:
         """List the prefix, replace the snapshot, and watch from the revision after the list."""
         listing = await self._client.get_prefix(self._prefix)
         stream = await self._client.watch_prefix(self._prefix, start_revision=listing.header.revision + 1)
@@ -180,7 +180,7 @@ class Watch:
             self._notify()
         return stream
 
-    async def _run(self, stream) -> None:
+    async def _run(self, stream: aetcd.Watch) -> None:
         while True:
             try:
                 try:

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import nats
 import nats.errors
@@ -245,7 +245,7 @@ class RequestPlane:
 
     async def stream(
         self, subject: str, payload: bytes, request_id: str, *, ack_timeout: float = 5.0, idle_timeout: float = 30.0
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Send `payload` to the server of `subject` and yield each response item.
 
         Raises EpdError(503) if no server acks within `ack_timeout` or the stream is silent

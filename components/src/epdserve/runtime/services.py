@@ -18,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from urllib.parse import urlsplit
 
 from epdserve.config import parse_services_args
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stopping = False
 
-    def on_signal(signum, frame) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
 

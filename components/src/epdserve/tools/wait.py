@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import socket
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from urllib.parse import urlparse
 
 
@@ -34,7 +36,7 @@ def main() -> None:
     p.add_argument("--model", nargs=2, metavar=("BASE_URL", "NAME"), help="wait until /v1/models lists NAME")
     p.add_argument("--timeout", type=float, default=60)
     args = p.parse_args()
-    checks = [lambda u=u: tcp_ready(u) for u in args.tcp]
+    checks: list[Callable[[], bool]] = [functools.partial(tcp_ready, u) for u in args.tcp]
     if args.model:
         checks.append(lambda: model_ready(*args.model))
     deadline = time.monotonic() + args.timeout

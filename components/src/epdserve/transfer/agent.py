@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import torch
 from nixl import _api as nixl_api
@@ -51,7 +52,8 @@ NOTIF_POLL = PollPolicy(spin_s=0.0002, max_sleep_s=0.002)
 
 # The progress thread's poll() timeout: it wakes on its worker's traffic, else this often (us).
 PROGRESS_POLL_TIMEOUT_US = 100_000
-_WrapperConfig = nixl_api.nixlBind.nixlAgentConfig
+# The wrapper's own config class (kept: the module attribute is swapped below); an alias, so it can be a base.
+_WrapperConfig: TypeAlias = nixl_api.nixlBind.nixlAgentConfig
 
 
 class _EventDrivenConfig(_WrapperConfig):
