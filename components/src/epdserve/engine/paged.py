@@ -215,7 +215,8 @@ class PagedEngine(Engine):
         held = list(self.held.sequences)
         self.held.check_invariants()
         live_ids = {s.request_id for s in live}
-        assert not live_ids & {s.request_id for s in held}, f"{live_ids & {s.request_id for s in held}} live and held"
+        both = live_ids & {s.request_id for s in held}
+        assert not both, f"requests {sorted(both)} are both live and held"
         self.blocks.check_invariants(live + held, held)
         self.choices.check_invariants()
         queued = live_ids | {s.request_id for s in sched.waiting}
