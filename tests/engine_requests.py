@@ -7,8 +7,9 @@ from functools import lru_cache
 
 import torch
 
-from epdserve.engine.base import EngineRequest, MultiModalInput, SamplingParams
+from epdserve.engine.base import EngineEvent, EngineOutput, EngineRequest, KVAdmitted, MultiModalInput, SamplingParams
 from epdserve.media.image import decode_image, probe_image
+from epdserve.engine.paged import PagedEngine
 from epdserve.models.base import ModelFamily
 from epdserve.models.registry import load_family
 from oracle import load_hf
@@ -48,3 +49,18 @@ def load_kv(dst, dst_blocks: list[int], src, src_blocks: list[int]) -> None:
     dst_kv, src_kv = dst.runner.kv, src.runner.kv
     for d, s in zip(dst_kv.key + dst_kv.value, src_kv.key + src_kv.value):
         d[dst_blocks] = s[src_blocks]
+
+
+def step_checked(engine: PagedEngine) -> list[EngineEvent]:
+    """`engine.step()`, then `engine.check_invariants()`: the block pool, held KV and n > 1
+    fan-out agree after every step the tests take."""
+    events = engine.step()
+    engine.check_invariants()
+    return events
+
+
+def step_outputs(engine: PagedEngine) -> list[EngineOutput]:
+    """`step_checked`, for requests that load no KV: every event is an `EngineOutput`."""
+    events = step_checked(engine)
+    assert not any(isinstance(e, KVAdmitted) for e in events), events
+    return [e for e in events if isinstance(e, EngineOutput)]

@@ -244,12 +244,28 @@ def test_lru_eviction_order_and_refresh_on_hit():
 
 
 def check_refcounts(bm: BlockManager, live: list[Sequence]) -> None:
-    counts = [0] * bm.num_blocks
-    for seq in live:
-        for b in seq.block_table:
-            counts[b] += 1
-    assert counts == bm._ref
-    assert bm.num_free_blocks == counts.count(0)
+    """The pool's invariants, `live` being every sequence that holds blocks."""
+    bm.check_invariants(live)
+    assert bm.num_free_blocks == bm.num_blocks - len({b for seq in live for b in seq.block_table})
+
+
+def test_check_invariants_names_what_is_broken():
+    bm = BlockManager(8, BS)
+    a, b = make_seq("a", list(range(6))), make_seq("b", list(range(6)))
+    bm.allocate(a)
+    bm.check_invariants([a])
+    with pytest.raises(AssertionError, match="refcount 1, but 0 sequences"):
+        bm.check_invariants([])                                  # a leaked sequence
+    bm.allocate(b)
+    with pytest.raises(AssertionError, match="refcount 1, but 2 sequences"):
+        bm.check_invariants([a, b, a])
+    held = make_seq("held", [1])
+    held.block_table = [bm._free.__iter__().__next__()]          # names a block it never took
+    with pytest.raises(AssertionError, match="refcount 0, but 1 sequences"):
+        bm.check_invariants([a, b, held], [held])
+    bm._free[a.block_table[0]] = None                            # a used block back on the free list
+    with pytest.raises(AssertionError, match="free block"):
+        bm.check_invariants([a, b])
 
 
 def test_random_workload_has_no_leak():

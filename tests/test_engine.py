@@ -11,7 +11,8 @@ from epdserve.engine.base import EngineRequest, SamplingParams
 from epdserve.engine.sampling import make_generator, sample
 from epdserve.engine.paged import EngineConfig, PagedEngine
 from epdserve.engine.scheduler import SchedulerConfig
-from engine_requests import engine_request, load_kv
+from engine_requests import engine_request, load_kv, step_outputs
+from epdserve.engine.base import EngineOutput, KVAdmitted
 from oracle import hf_greedy, make_image
 
 
@@ -24,7 +25,7 @@ def test_interleaved_requests_match_generate_and_abort_frees(tiny_llava, tiny_ru
     got: dict[str, list[int]] = {}
     steps = 0
     while engine.has_unfinished():
-        for out in engine.step():
+        for out in step_outputs(engine):
             got.setdefault(out.request_id, []).extend(out.new_token_ids)
         steps += 1
         if steps == 3:
@@ -43,7 +44,7 @@ def test_async_engine_streams_and_cancels(tiny_llava, tiny_runner):
         engine.start()
         try:
             req = engine_request(tiny_llava, tiny_runner, "a", "hello", [make_image(1)], 5)
-            outs = [o async for o in engine.generate(req)]
+            outs = [o async for o in engine.generate(req) if isinstance(o, EngineOutput)]
             assert sum(len(o.new_token_ids) for o in outs) <= 5 and outs[-1].finish_reason
             stream = engine.generate(engine_request(tiny_llava, tiny_runner, "b", "long", [], 500))
             await anext(stream)
@@ -66,13 +67,15 @@ def test_async_engine_release_frees_held_kv(tiny_llava, tiny_runner):
             req = engine_request(tiny_llava, tiny_runner, "p", "prefill me", [make_image(2)], 1)
             req.hold_kv = True
             outs = [o async for o in engine.generate(req)]
-            assert outs[-1].kv_blocks and engine.engine.stats().held_requests == 1
+            assert isinstance(outs[-1], EngineOutput) and outs[-1].held_blocks
+            assert engine.engine.stats().held_requests == 1
             engine.release("p")
             await engine.settled()
             stats = engine.engine.stats()
             assert stats.held_requests == 0 and stats.kv_blocks_free == stats.kv_blocks_total
         finally:
             await engine.stop()
+        engine.engine.check_invariants()
     asyncio.run(main())
 
 
@@ -89,10 +92,12 @@ def test_async_engine_prefilled_request_streams_after_kv_loaded(tiny_llava, tiny
             follow.prefilled_token = done.new_token_ids[0]
             stream = decode.generate(follow)
             admitted = await anext(stream)
-            load_kv(decode.engine, admitted.kv_blocks, prefill.engine, done.kv_blocks)
+            assert isinstance(admitted, KVAdmitted) and isinstance(done, EngineOutput) and done.held_blocks
+            load_kv(decode.engine, admitted.blocks, prefill.engine, done.held_blocks)
             decode.kv_loaded("r")
             prefill.release("r")
-            tokens = done.new_token_ids + [t async for o in stream for t in o.new_token_ids]
+            tokens = done.new_token_ids + [t async for o in stream if isinstance(o, EngineOutput)
+                                           for t in o.new_token_ids]
             messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}},
                                                      {"type": "text", "text": "split me"}]}]
             assert tokens == hf_greedy(tiny_llava, messages, images=[make_image(3)], max_tokens=6)
@@ -103,6 +108,8 @@ def test_async_engine_prefilled_request_streams_after_kv_loaded(tiny_llava, tiny
         finally:
             await prefill.stop()
             await decode.stop()
+        prefill.engine.check_invariants()
+        decode.engine.check_invariants()
     asyncio.run(main())
 
 

@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from engine_requests import engine_request, load_kv
+from engine_requests import engine_request, load_kv, step_checked, step_outputs
+from epdserve.engine.base import KVAdmitted
 from epdserve.engine.paged import EngineConfig, PagedEngine
 from epdserve.engine.scheduler import SchedulerConfig
 from oracle import hf_greedy, make_image
@@ -30,7 +31,7 @@ def drive(engine: PagedEngine, abort_after: dict[str, int] | None = None, max_st
     for _ in range(max_steps):
         if not engine.has_unfinished():
             break
-        for out in engine.step():
+        for out in step_outputs(engine):
             assert out.error is None, out.error
             got.setdefault(out.request_id, []).extend(out.new_token_ids)
             if out.finish_reason:
@@ -111,7 +112,7 @@ def test_request_that_can_never_fit_fails_alone(tiny_llava, tiny_runner):
     engine.add_request(engine_request(tiny_llava, tiny_runner, "small", "hi", [], 3))
     outputs = []
     while engine.has_unfinished():
-        outputs += engine.step()
+        outputs += step_outputs(engine)
     errors = {o.request_id for o in outputs if o.error}
     assert errors == {"huge"}
     assert sum(len(o.new_token_ids) for o in outputs if o.request_id == "small") == 3
@@ -128,7 +129,7 @@ def test_n_choices_reuse_the_prompt_blocks(tiny_llava, tiny_runner):
     by_choice: dict[int, list[int]] = {}
     finishes = 0
     while engine.has_unfinished():
-        for out in engine.step():
+        for out in step_outputs(engine):
             assert out.request_id == "multi" and out.error is None
             by_choice.setdefault(out.index, []).extend(out.new_token_ids)
             finishes += out.finish_reason is not None
@@ -137,7 +138,7 @@ def test_n_choices_reuse_the_prompt_blocks(tiny_llava, tiny_runner):
     full_blocks = (len(req.prompt_token_ids) - 1) // 4
     assert engine.stats().prefix_cache_hits == 2 * full_blocks     # choices 1 and 2 reuse choice 0's blocks
     assert_no_leak(engine)
-    assert not engine._origin and not engine._choice_ids and not engine._forks
+    assert engine.choices.is_idle()
 
 
 def test_n_choices_with_the_largest_seed(tiny_llava, tiny_runner):
@@ -149,7 +150,7 @@ def test_n_choices_with_the_largest_seed(tiny_llava, tiny_runner):
     engine.add_request(replace(req, sampling=replace(req.sampling, n=3, temperature=1.0, seed=2**64 - 1)))
     outputs = []
     while engine.has_unfinished():
-        outputs += engine.step()
+        outputs += step_outputs(engine)
     assert all(o.error is None for o in outputs) and sum(o.finish_reason is not None for o in outputs) == 3
     assert_no_leak(engine)
 
@@ -158,23 +159,23 @@ def test_prompt_step_time_counts_steps_with_a_prompt_chunk_only(tiny_llava, tiny
     engine = PagedEngine(tiny_runner, EngineConfig(block_size=16))
     engine.add_request(engine_request(tiny_llava, tiny_runner, "r", "word " * 20, [make_image(7)], 5))
     assert engine.stats().prompt_step_us == 0
-    engine.step()   # the whole prompt, and the first token
+    step_checked(engine)   # the whole prompt, and the first token
     after_prompt = engine.stats().prompt_step_us
     assert after_prompt > 0
     drive(engine)   # decode steps only
     assert engine.stats().prompt_step_us == after_prompt
 
 
-def test_hold_kv_keeps_the_prompt_blocks_until_aborted(tiny_llava, tiny_runner):
+def test_hold_kv_keeps_the_prompt_blocks_until_released(tiny_llava, tiny_runner):
     """A prefill worker's request: its prompt's KV blocks outlive its finish, untouched by
-    later requests, and `abort` frees them."""
+    later requests, and `release` frees them."""
     engine = PagedEngine(tiny_runner, EngineConfig(block_size=4, num_kv_blocks=64))
     held = engine_request(tiny_llava, tiny_runner, "held", "word " * 9, [make_image(8)], 1)
     held.hold_kv = True
     engine.add_request(held)
-    outs = [o for _ in range(3) for o in engine.step()]
+    outs = [o for _ in range(3) for o in step_outputs(engine)]
     assert [o.finish_reason for o in outs] == ["length"]
-    blocks = outs[0].kv_blocks
+    blocks = outs[0].held_blocks
     assert len(blocks) == -(-len(held.prompt_token_ids) // 4)
     kv = engine.runner.kv
     snapshot = [(k[blocks].clone(), v[blocks].clone()) for k, v in zip(kv.key, kv.value)]
@@ -186,9 +187,46 @@ def test_hold_kv_keeps_the_prompt_blocks_until_aborted(tiny_llava, tiny_runner):
     for (k, v), (k0, v0) in zip(zip(kv.key, kv.value), snapshot):
         assert torch.equal(k[blocks], k0) and torch.equal(v[blocks], v0)
 
-    engine.abort("held")
+    engine.release("held")
+    engine.check_invariants()
     assert engine.stats().held_requests == 0
     assert_no_leak(engine)
+
+
+def test_release_frees_held_blocks_only_and_abort_frees_them_too(tiny_llava, tiny_runner):
+    """`release` is not an abort: a live request keeps running. `abort` of a finished
+    `hold_kv` request frees its held blocks as well (a caller that gave up leaks nothing)."""
+    engine = PagedEngine(tiny_runner, EngineConfig(block_size=4))
+    live = engine_request(tiny_llava, tiny_runner, "live", "word " * 5, [], 4)
+    engine.add_request(live)
+    first = step_outputs(engine)
+    engine.release("live")
+    engine.release("unknown")
+    got, _ = drive(engine)
+    tokens = [t for o in first for t in o.new_token_ids] + got.get("live", [])
+    assert tokens == oracle(tiny_llava, "word " * 5, [], 4)
+
+    held = engine_request(tiny_llava, tiny_runner, "held", "word " * 5, [], 1)
+    held.hold_kv = True
+    engine.add_request(held)
+    (out,) = step_outputs(engine)
+    assert out.held_blocks and engine.stats().held_requests == 1
+    engine.abort("held")
+    engine.check_invariants()
+    assert engine.stats().held_requests == 0
+    engine.release("held")   # already freed: ignored
+    assert_no_leak(engine)
+
+
+def test_check_invariants_catches_a_lost_hold(tiny_llava, tiny_runner):
+    engine = PagedEngine(tiny_runner, EngineConfig(block_size=4))
+    held = engine_request(tiny_llava, tiny_runner, "held", "word " * 5, [], 1)
+    held.hold_kv = True
+    engine.add_request(held)
+    step_outputs(engine)
+    engine.held._held.clear()   # the engine forgets the hold: its blocks stay referenced by nobody
+    with pytest.raises(AssertionError, match="refcount 1, but 0 sequences hold it"):
+        engine.check_invariants()
 
 
 def test_hold_kv_rejects_several_choices(tiny_llava, tiny_runner):
@@ -196,7 +234,7 @@ def test_hold_kv_rejects_several_choices(tiny_llava, tiny_runner):
     req = engine_request(tiny_llava, tiny_runner, "n2", "word", [], 1)
     req.hold_kv, req.sampling = True, replace(req.sampling, n=2)
     engine.add_request(req)
-    (out,) = engine.step()
+    (out,) = step_outputs(engine)
     assert out.error and "n=1" in out.error
     assert_no_leak(engine)
 
@@ -213,22 +251,24 @@ def test_prefilled_request_decodes_from_kv_loaded_into_its_blocks(tiny_llava, ti
         req = engine_request(tiny_llava, tiny_runner, rid, text, images, 1)
         req.hold_kv = True
         prefill.add_request(req)
-        (done,) = [o for o in prefill.step()]
+        (done,) = step_outputs(prefill)
         first = done.new_token_ids[0]
 
         follow = engine_request(tiny_llava, tiny_runner, rid, text, images, n)
         follow.prefilled_token = first
         follow.mm_inputs = [replace(m, features=None) for m in follow.mm_inputs]   # the decode side has no media
         decode.add_request(follow)
-        (admitted,) = decode.step()
-        assert admitted.new_token_ids == [] and admitted.kv_blocks is not None
-        assert len(admitted.kv_blocks) == len(done.kv_blocks)
-        cached = admitted.kv_cached_blocks
+        (admitted,) = step_checked(decode)
+        assert isinstance(admitted, KVAdmitted) and admitted.request_id == rid
+        assert done.held_blocks is not None and len(admitted.blocks) == len(done.held_blocks)
+        cached = admitted.cached_blocks
         assert cached == (0 if rid == "first" else len(req.prompt_token_ids) // 4)
         assert not decode.has_unfinished()   # loading waits for kv_loaded, not for steps
-        load_kv(decode, admitted.kv_blocks[cached:], prefill, done.kv_blocks[cached:])
+        load_kv(decode, admitted.blocks[cached:], prefill, done.held_blocks[cached:])
         decode.kv_loaded(rid)
-        prefill.abort(rid)   # the decode side confirmed: the prefill side frees its blocks
+        decode.check_invariants()
+        prefill.release(rid)   # the decode side confirmed: the prefill side frees its blocks
+        prefill.check_invariants()
         got, finish = drive(decode)
         assert [first] + got[rid] == want and finish[rid] == "length", rid
     assert_no_leak(prefill)
@@ -240,9 +280,10 @@ def test_prefilled_request_aborted_while_loading_frees_its_blocks(tiny_llava, ti
     req = engine_request(tiny_llava, tiny_runner, "gone", "word " * 6, [], 5)
     req.prefilled_token = 7
     decode.add_request(req)
-    (admitted,) = decode.step()
-    assert admitted.kv_blocks
+    (admitted,) = step_checked(decode)
+    assert isinstance(admitted, KVAdmitted) and admitted.blocks
     decode.abort("gone")
+    decode.check_invariants()
     decode.kv_loaded("gone")   # a READ finishing after the abort is ignored
     assert not decode.has_unfinished()
     assert_no_leak(decode)

@@ -45,7 +45,17 @@ def step(sched: Scheduler, kv: ShadowKV | None = None,
         if kv is not None:
             kv.compute(c.seq, c.start, c.num_tokens)
     sampled = {c.seq.request_id: sample(c.seq) for c in chunks if c.samples}
-    return chunks, sched.finish_step(chunks, sampled)
+    finished = sched.finish_step(chunks, sampled)
+    check_pool(sched)
+    return chunks, finished
+
+
+def check_pool(sched: Scheduler) -> None:
+    """After a step: waiting sequences hold no blocks, and the pool's invariants hold with the
+    running and loading sequences as its only holders."""
+    for seq in sched.waiting:
+        assert not seq.block_table, f"waiting {seq.request_id} holds blocks"
+    sched.blocks.check_invariants([*sched.running, *sched.loading])
 
 
 def shape(chunks: list[ScheduledChunk]) -> list[tuple[str, int, int, bool]]:
@@ -242,6 +252,7 @@ def test_admission_reserves_a_run_of_consecutive_blocks():
     sched.add(short)
     sched.add(long)
     sched.schedule()
+    check_pool(sched)
     assert len(short.block_table) == 4 and len(long.block_table) == 7
     for seq in (short, long):
         assert seq.block_table == list(range(seq.block_table[0], seq.block_table[0] + len(seq.block_table)))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
-from epdserve.engine.base import Engine, EngineOutput, EngineRequest
+from epdserve.engine.base import Engine, EngineEvent, EngineOutput, EngineRequest
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +16,9 @@ class AsyncEngine:
     """Thread-safe front of an `Engine`.
 
     The engine runs on one background thread (torch releases the GIL, so the event loop
-    stays responsive); requests and aborts cross to it through a locked inbox, outputs come
-    back through `loop.call_soon_threadsafe` into one asyncio queue per request.
+    stays responsive); requests, aborts, releases and loaded KV cross to it through a locked
+    inbox, events come back through `loop.call_soon_threadsafe` into one asyncio queue per
+    request.
     """
 
     def __init__(self, engine: Engine):
@@ -25,8 +26,9 @@ class AsyncEngine:
         self._cond = threading.Condition()
         self._adds: list[EngineRequest] = []
         self._aborts: list[str] = []
+        self._releases: list[str] = []  # finished hold_kv requests whose held blocks are to be freed
         self._loaded: list[str] = []  # requests whose prefilled KV is in their blocks now
-        self._queues: dict[str, asyncio.Queue[EngineOutput]] = {}
+        self._queues: dict[str, asyncio.Queue[EngineEvent]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
         self._dead: str | None = None  # set when the engine thread died
@@ -49,13 +51,19 @@ class AsyncEngine:
     def num_requests(self) -> int:
         return len(self._queues)
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        """Stream a request's outputs until each of its choices finished; closing the stream
-        aborts it."""
+    @property
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "AsyncEngine.start was not called"
+        return self._loop
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
+        """Stream a request's events (see `Engine`) until each of its choices finished or one
+        failed: a `prefilled_token` request's `KVAdmitted` first, then its `EngineOutput`s.
+        Closing the stream early aborts the request."""
         if self._dead:
             raise RuntimeError(self._dead)
         rid = request.request_id
-        queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
+        queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
         self._queues[rid] = queue
         unfinished = request.sampling.n
         with self._cond:
@@ -63,10 +71,13 @@ class AsyncEngine:
             self._cond.notify()
         try:
             while unfinished:
-                out = await queue.get()
-                unfinished -= out.finish_reason is not None
-                yield out
-                if out.error is not None:
+                event = await queue.get()
+                if not isinstance(event, EngineOutput):  # KVAdmitted
+                    yield event
+                    continue
+                unfinished -= event.finish_reason is not None
+                yield event
+                if event.error is not None:
                     return  # one error ends the request; `finally` aborts its other choices
         finally:
             del self._queues[rid]
@@ -74,8 +85,9 @@ class AsyncEngine:
                 self._send(self._aborts, rid)
 
     def release(self, request_id: str) -> None:
-        """Free the blocks a finished `hold_kv` request keeps (before the engine's next step)."""
-        self._send(self._aborts, request_id)
+        """Free the blocks a finished `hold_kv` request holds (`Engine.release`), before the
+        engine's next step."""
+        self._send(self._releases, request_id)
 
     def kv_loaded(self, request_id: str) -> None:
         """The prompt's KV of a `prefilled_token` request is in the blocks it was given."""
@@ -88,7 +100,7 @@ class AsyncEngine:
             self._cond.notify()
 
     async def settled(self) -> None:
-        """Return once every request and abort sent before the call is applied: no engine step
+        """Return once every request, abort and release sent before the call is applied: no engine step
         that may still read an aborted request's inputs is running. Callers release memory
         that such inputs alias (e.g. embeddings in a transfer region) only after it."""
         future = asyncio.get_running_loop().create_future()
@@ -105,7 +117,7 @@ class AsyncEngine:
         except BaseException as exc:  # never leave consumers waiting on a dead thread
             log.exception("engine thread died")
             self._dead = f"engine stopped: {exc}"
-            self._loop.call_soon_threadsafe(self._fail_consumers)
+            self._event_loop.call_soon_threadsafe(self._fail_consumers)
 
     def _fail_consumers(self) -> None:
         self._deliver([EngineOutput(rid, [], "error", error=self._dead) for rid in self._queues])
@@ -134,6 +146,7 @@ class AsyncEngine:
                     self._stopped
                     or self._adds
                     or self._aborts
+                    or self._releases
                     or self._loaded
                     or self._settle_waiters
                     or self.engine.has_unfinished()
@@ -143,6 +156,7 @@ class AsyncEngine:
                     return
                 adds, self._adds = self._adds, []
                 aborts, self._aborts = self._aborts, []
+                releases, self._releases = self._releases, []
                 loaded, self._loaded = self._loaded, []
                 self._inbox_rounds += 1
                 round_ = self._inbox_rounds
@@ -154,8 +168,11 @@ class AsyncEngine:
             for rid in aborts:  # after adds: a request may be cancelled in the same batch
                 self.engine.abort(rid)
                 live.pop(rid, None)
+            for rid in releases:
+                self.engine.release(rid)
             if settled := self._take_settled(round_):  # the previous step is over, the inbox applied
-                self._loop.call_soon_threadsafe(self._wake, settled)
+                self._event_loop.call_soon_threadsafe(self._wake, settled)
+            outputs: list[EngineEvent]
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # a bug in a step fails the requests in it, not the worker
@@ -165,14 +182,14 @@ class AsyncEngine:
                 outputs = [EngineOutput(rid, [], "error", error=str(exc)) for rid in live]
                 live.clear()
             for out in outputs:
-                if out.finish_reason is not None and out.request_id in live:
+                if isinstance(out, EngineOutput) and out.finish_reason is not None and out.request_id in live:
                     live[out.request_id] -= 1
                     if not live[out.request_id]:
                         del live[out.request_id]
             if outputs:  # one wake-up of the event loop per step, not per token
-                self._loop.call_soon_threadsafe(self._deliver, outputs)
+                self._event_loop.call_soon_threadsafe(self._deliver, outputs)
 
-    def _deliver(self, outputs: list[EngineOutput]) -> None:
+    def _deliver(self, outputs: list[EngineEvent]) -> None:
         for out in outputs:
             queue = self._queues.get(out.request_id)
             if queue is not None:  # absent when the consumer already left

@@ -77,11 +77,12 @@ class EngineRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     mm_inputs: list[MultiModalInput] = field(default_factory=list)
-    # Keep the prompt's KV blocks once the request finishes, until `abort` drops it: a
-    # prefill worker's blocks wait there for a decode worker to read them.
+    # Keep the prompt's KV blocks once the request finishes (its finishing output names them
+    # in `held_blocks`) until `Engine.release`: a prefill worker's blocks wait there for a
+    # decode worker to read them.
     hold_kv: bool = False
-    # The decode side: the first output token, sampled by a prefill worker. The engine names
-    # the blocks for the prompt's KV (an EngineOutput with `kv_blocks`), the caller loads it
+    # The decode side: the first output token, sampled by a prefill worker. On admission the
+    # engine emits a `KVAdmitted` naming the blocks for the prompt's KV; the caller loads it
     # there and calls `kv_loaded`; decoding goes on from this token.
     prefilled_token: int | None = None
 
@@ -96,32 +97,62 @@ class EngineOutput:
     index: int = 0  # the choice, when the request samples n > 1
     error: str | None = None  # set when the request failed inside the engine
     logprobs: list[TokenLogprob] | None = None  # one per new token, when requested
-    # The blocks of the prompt's KV, in order: on the finish of a `hold_kv` request, those
-    # holding it; on the admission of a `prefilled_token` request, those to load it into,
-    # of which the first `kv_cached_blocks` already hold it (prefix cache).
-    kv_blocks: list[int] | None = None
-    kv_cached_blocks: int = 0
+    # Set on the finishing output of a `hold_kv` request only: the blocks holding its
+    # prompt's KV, in order, kept for the caller (not freed, not reused) until
+    # `Engine.release(request_id)`.
+    held_blocks: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class KVAdmitted:
+    """A `prefilled_token` request was admitted: load its prompt's KV into `blocks`, then call
+    `Engine.kv_loaded(request_id)`; the request produces no tokens before that.
+
+    `blocks` are the request's blocks for its prompt, in order; the first `cached_blocks` of
+    them already hold their KV (prefix cache hits) and need no load. Emitted once, before any
+    `EngineOutput` of the request; never for a request without `prefilled_token`.
+    """
+
+    request_id: str
+    blocks: list[int]
+    cached_blocks: int = 0
+
+
+# What `Engine.step` returns and `AsyncEngine.generate` yields, per request in step order.
+EngineEvent = EngineOutput | KVAdmitted
 
 
 class Engine(ABC):
-    """Single-threaded core: `add_request` and `abort` between `step` calls, never during."""
+    """Single-threaded core: `add_request`, `abort`, `release` and `kv_loaded` between `step`
+    calls, never during.
+
+    A request's events, in order: at most one `KVAdmitted` (a `prefilled_token` request
+    only), then `EngineOutput`s until each of its choices finished (`finish_reason` set) or one
+    failed (`error` set).
+    """
 
     @abstractmethod
     def add_request(self, request: EngineRequest) -> None:
-        """Queue a request; its outputs appear in later `step` results."""
+        """Queue a request; its events appear in later `step` results."""
 
     @abstractmethod
     def abort(self, request_id: str) -> None:
-        """Drop a request and free everything it holds at once, the blocks a finished
-        `hold_kv` request keeps included; unknown ids are ignored."""
+        """Drop a live request (queued, loading or running) and free its blocks at once; a
+        finished `hold_kv` request's held blocks are freed too, so that a caller giving up
+        never leaks them. Unknown ids are ignored."""
+
+    @abstractmethod
+    def release(self, request_id: str) -> None:
+        """Free the blocks a finished `hold_kv` request holds (its `held_blocks`): the reader
+        is done with them. Not an abort: a live or unknown request is not touched."""
 
     @abstractmethod
     def kv_loaded(self, request_id: str) -> None:
         """The prompt's KV of a `prefilled_token` request is in its blocks: decode it."""
 
     @abstractmethod
-    def step(self) -> list[EngineOutput]:
-        """Advance every scheduled request by one model call; return what they produced."""
+    def step(self) -> list[EngineEvent]:
+        """Advance every scheduled request by one model call; return the events of the step."""
 
     @abstractmethod
     def has_unfinished(self) -> bool:

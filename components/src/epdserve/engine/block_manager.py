@@ -20,6 +20,7 @@ import hashlib
 import itertools
 from array import array
 from collections import OrderedDict
+from collections.abc import Iterable
 
 from epdserve.engine.sequence import Sequence
 
@@ -57,6 +58,10 @@ class BlockManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold the KV of `num_tokens` tokens."""
         return -(-num_tokens // self.block_size)
+
+    def prompt_blocks(self, seq: Sequence) -> list[int]:
+        """The blocks of `seq` holding its prompt's KV, in order."""
+        return seq.block_table[: self.num_blocks_for(seq.num_prompt_tokens)]
 
     def can_allocate(self, seq: Sequence, reserve_tokens: int = 0) -> bool:
         """True if `allocate(seq, reserve_tokens)` would find its blocks."""
@@ -159,7 +164,9 @@ class BlockManager:
             b, _ = self._free.popitem(last=False)
         elif self._lru:
             b, _ = self._lru.popitem(last=False)
-            del self._cached[self._hash[b]]
+            h = self._hash[b]
+            assert h is not None, f"block {b} is in the LRU without a hash"  # LRU blocks own a cache entry
+            del self._cached[h]
         else:
             raise RuntimeError("KV block pool exhausted")
         self._hash[b] = None  # a duplicate of a cached block may come back with its hash
@@ -203,3 +210,43 @@ class BlockManager:
         h.update(array("q", seq.token_ids[start:end]).tobytes())
         h.update(repr(media).encode())
         return h.digest()
+
+    def check_invariants(self, holders: Iterable[Sequence], held: Iterable[Sequence] = ()) -> None:
+        """Raise AssertionError, naming the block, unless the pool is consistent with `holders`,
+        every sequence holding blocks (live and held ones), of which `held` are the held ones:
+
+        - a block's refcount is the number of `holders` whose block table names it;
+        - the free list and the LRU are disjoint, and hold exactly the blocks of refcount 0;
+        - free + used == total;
+        - LRU blocks own their prefix cache entry, and every entry names a block of that hash;
+        - no block of a `held` sequence is free.
+
+        For tests: O(pool), never called on the hot path.
+        """
+        counts = [0] * self.num_blocks
+        for seq in holders:
+            assert len(set(seq.block_table)) == len(seq.block_table), f"{seq.request_id} names a block twice"
+            for b in seq.block_table:
+                assert 0 <= b < self.num_blocks, f"{seq.request_id} names block {b} outside the pool"
+                counts[b] += 1
+        for b, (want, ref) in enumerate(zip(counts, self._ref, strict=True)):
+            assert ref == want, f"block {b}: refcount {ref}, but {want} sequences hold it"
+        both = self._free.keys() & self._lru.keys()
+        assert not both, f"blocks {sorted(both)} are both on the free list and in the LRU"
+        for b in itertools.chain(self._free, self._lru):
+            assert self._ref[b] == 0, f"free block {b} has refcount {self._ref[b]}"
+        used = sum(1 for ref in self._ref if ref > 0)
+        assert self.num_free_blocks + used == self.num_blocks, (
+            f"{self.num_free_blocks} free + {used} used != {self.num_blocks} blocks: a block is lost"
+        )
+        for b in self._lru:
+            h = self._hash[b]
+            assert h is not None and self._cached.get(h) == b, f"LRU block {b} owns no prefix cache entry"
+        for b in self._free:
+            h = self._hash[b]
+            assert h is None or self._cached.get(h) != b, f"block {b} on the free list owns a prefix cache entry"
+        for h, b in self._cached.items():
+            assert self._hash[b] == h, f"the prefix cache names block {b} for a hash it does not have"
+        for seq in held:
+            for b in seq.block_table:
+                assert self._ref[b] > 0, f"block {b} held for {seq.request_id} is free"

@@ -90,8 +90,8 @@ class ModelRunner:
         ]
         for modality in {seq.media[i].modality for i in todo}:
             idx = [i for i in todo if seq.media[i].modality == modality]
-            feats = [seq.media[i].features for i in idx]
-            if any(f is None for f in feats):
+            feats = [f for i in idx if (f := seq.media[i].features) is not None]
+            if len(feats) < len(idx):
                 raise ValueError(f"{modality} item without features or embeddings")
             batch = {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
             for i, emb in zip(idx, self.model.encode(modality, batch), strict=True):
@@ -111,6 +111,7 @@ class ModelRunner:
             if lo >= hi:
                 continue
             emb, rows = seq.mm_embeddings[i], embeds[row + lo - start : row + hi - start]
+            assert emb is not None, f"media item {item.hash} reached the model unencoded"  # _encode_media ran
             first, last = lo - item.offset, hi - item.offset
             if item.embed_mask is None:
                 rows.copy_(emb[first:last])

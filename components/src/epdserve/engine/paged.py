@@ -1,18 +1,25 @@
-"""The paged engine: block pool, continuous batching scheduler, batched model runner."""
+"""The paged engine: block pool, continuous batching scheduler, batched model runner.
+
+`PagedEngine.step` is schedule -> run -> postprocess. Around it, small owners keep the
+bookkeeping: `Scheduler` the queues and their blocks, `ChoiceFanout` the n > 1 choices of a
+request, `HeldKV` the blocks of finished `hold_kv` requests until `release`.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
-from epdserve.engine.base import Engine, EngineOutput, EngineRequest
+from epdserve.engine.base import Engine, EngineEvent, EngineOutput, EngineRequest, KVAdmitted
 from epdserve.engine.block_manager import BlockManager
-from epdserve.engine.model_runner import ModelRunner
+from epdserve.engine.fanout import ChoiceFanout
+from epdserve.engine.held_kv import HeldKV
+from epdserve.engine.model_runner import ModelRunner, StepResult
 from epdserve.engine.sampling import make_generator
-from epdserve.engine.scheduler import Scheduler, SchedulerConfig
+from epdserve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from epdserve.engine.sequence import Sequence
 from epdserve.models.base import MultimodalModel
 
@@ -65,43 +72,26 @@ class PagedEngine(Engine):
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self.runner = ModelRunner(model, self.kv)
-        self._rejected: list[EngineOutput] = []
+        self.choices = ChoiceFanout()
+        self.held = HeldKV(self.blocks)
+        self._rejected: list[EngineEvent] = []  # refused at `add_request`, answered by the next step
         self._tokens_computed = 0
         self._generated_tokens = 0
         self._prompt_step_s = 0.0
-        self._origin: dict[str, tuple[str, int]] = {}  # sequence id -> (request id, choice index)
-        self._choice_ids: dict[str, list[str]] = {}  # request id -> its sequence ids (n > 1)
-        self._forks: dict[str, list[tuple[int, EngineRequest]]] = {}  # choice 0 -> (index, choice) waiting
-        self._held: dict[str, Sequence] = {}  # finished hold_kv request id -> its sequence
         log.info("KV cache: %d blocks of %d tokens", num_blocks, config.block_size)
 
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request. With n > 1, choice 0 is prefilled first and the other choices
         join once its prompt blocks are committed, so they hit them in the prefix cache."""
-        n = request.sampling.n
-        if n > 1 and (request.hold_kv or request.prefilled_token is not None):
-            self._rejected.append(
-                EngineOutput(
-                    request.request_id, [], "error", error="a request prefilled apart samples one choice (n=1)"
-                )
-            )
+        if request.sampling.n > 1 and (request.hold_kv or request.prefilled_token is not None):
+            error = "a request prefilled apart samples one choice (n=1)"
+            self._rejected.append(EngineOutput(request.request_id, [], "error", error=error))
             return
-        if n == 1:
-            self._admit(request, request.request_id, 0)
-            return
-        choices = [self._choice(request, i) for i in range(n)]
-        self._choice_ids[request.request_id] = [c.request_id for c in choices]
-        self._admit(choices[0], request.request_id, 0)
-        self._forks[choices[0].request_id] = list(enumerate(choices))[1:]
-
-    @staticmethod
-    def _choice(request: EngineRequest, index: int) -> EngineRequest:
-        seed = request.sampling.seed
-        sampling = replace(request.sampling, n=1, seed=None if seed is None else (seed + index) % 2**64)
-        return EngineRequest(f"{request.request_id}#{index}", request.prompt_token_ids, sampling, request.mm_inputs)
+        self._admit(self.choices.split(request), request.request_id, 0)
 
     def _admit(self, request: EngineRequest, origin: str, index: int) -> None:
-        self._origin[request.request_id] = (origin, index)
+        """Queue the sequence of `request`, choice `index` of request `origin`."""
+        self.choices.track(request.request_id, origin, index)
         seq = Sequence(
             request,
             list(request.prompt_token_ids),
@@ -114,16 +104,16 @@ class PagedEngine(Engine):
         try:
             self.scheduler.add(seq)
         except ValueError as exc:  # can never fit: answer at the next step
-            self._origin.pop(request.request_id)
+            self.choices.done(request.request_id)
             self._rejected.append(EngineOutput(origin, [], "error", index=index, error=str(exc)))
 
     def abort(self, request_id: str) -> None:
-        for sid in self._choice_ids.pop(request_id, [request_id]):
-            if (held := self._held.pop(sid, None)) is not None:
-                self.blocks.free(held)
-            self._forks.pop(sid, None)
-            self._origin.pop(sid, None)
+        for sid in self.choices.drop(request_id):
+            self.held.release(sid)
             self.scheduler.abort(sid)
+
+    def release(self, request_id: str) -> None:
+        self.held.release(request_id)
 
     def kv_loaded(self, request_id: str) -> None:
         seq = next((s for s in self.scheduler.loading if s.request_id == request_id), None)
@@ -145,70 +135,90 @@ class PagedEngine(Engine):
             self._tokens_computed,
             self._generated_tokens,
             round(self._prompt_step_s * 1e6),
-            len(self._held),
+            len(self.held),
         )
 
-    def _hold(self, seq: Sequence) -> list[int] | None:
-        """For a finished `hold_kv` sequence: keep it (its blocks stay referenced until `abort`)
-        and return the blocks holding its prompt's KV."""
-        if not seq.request.hold_kv:
-            return None
-        self._held[seq.request_id] = seq
-        return self._prompt_blocks(seq)
-
-    def _prompt_blocks(self, seq: Sequence) -> list[int]:
-        return seq.block_table[: self.blocks.num_blocks_for(seq.num_prompt_tokens)]
-
     @torch.inference_mode()
-    def step(self) -> list[EngineOutput]:
-        outputs, self._rejected = self._rejected, []
+    def step(self) -> list[EngineEvent]:
+        """Schedule, run the model on the scheduled chunks, postprocess what it produced.
+
+        Events of the step: refusals of the requests added since the last step, a `KVAdmitted`
+        for each `prefilled_token` request admitted now, then each scheduled sequence's failure
+        or sampled token (an `EngineOutput` under its request's id and choice index).
+        """
+        events, self._rejected = self._rejected, []
         chunks = self.scheduler.schedule()
         for seq in self.scheduler.take_admitted_for_kv():
-            origin, index = self._origin[seq.request_id]
-            outputs.append(
-                EngineOutput(
-                    origin,
-                    [],
-                    index=index,
-                    kv_blocks=self._prompt_blocks(seq),
-                    kv_cached_blocks=seq.num_cached_tokens // self.blocks.block_size,
-                )
-            )
-        if not chunks:
-            return outputs
+            cached = seq.num_cached_tokens // self.blocks.block_size
+            events.append(KVAdmitted(seq.request_id, self.blocks.prompt_blocks(seq), cached))
+        if chunks:
+            self._postprocess(chunks, self._run(chunks), events)
+        return events
+
+    def _run(self, chunks: list[ScheduledChunk]) -> StepResult:
         start = time.perf_counter()
         result = self.runner.run(chunks)
         if any(c.start < c.seq.num_prompt_tokens for c in chunks):
             self._prompt_step_s += time.perf_counter() - start
+        return result
+
+    def _postprocess(self, chunks: list[ScheduledChunk], result: StepResult, events: list[EngineEvent]) -> None:
+        """Retire failed sequences, record the step in the scheduler, and append each sampled
+        token to `events`; start the siblings of a choice 0 that sampled its first token."""
         for sid, message in result.failed.items():
             self.scheduler.abort(sid)
-            origin, index = self._origin.pop(sid)
-            outputs.append(EngineOutput(origin, [], "error", index=index, error=message))
-        ran = [c for c in chunks if c.seq.request_id not in result.failed]
+            origin, index = self.choices.done(sid)
+            events.append(EngineOutput(origin, [], "error", index=index, error=message))
+        ran = [c for c in chunks if c.seq.request_id not in result.failed] if result.failed else chunks
         self._tokens_computed += sum(c.num_tokens for c in ran)
         self._generated_tokens += len(result.sampled)
         finished = {seq.request_id: reason for seq, reason in self.scheduler.finish_step(ran, result.sampled)}
         for chunk in ran:
-            sid = chunk.seq.request_id
+            seq = chunk.seq
+            sid = seq.request_id
             token = result.sampled.get(sid)
             if token is None:
                 continue
-            origin, index = self._origin[sid]
-            for i, choice in self._forks.pop(sid, ()):  # choice 0's prompt is cached: the others start
+            origin, index = self.choices.origin(sid)
+            for i, choice in self.choices.take_siblings(sid):  # choice 0's prompt is cached: the others start
                 self._admit(choice, origin, i)
-            if sid in finished:
-                del self._origin[sid]
-                if origin in self._choice_ids and not any(c in self._origin for c in self._choice_ids[origin]):
-                    del self._choice_ids[origin]
+            reason = finished.get(sid)
+            held = None
+            if reason is not None:
+                self.choices.done(sid)
+                if seq.request.hold_kv:
+                    held = self.held.hold(seq)
             logprob = result.logprobs.get(sid)
-            outputs.append(
+            events.append(
                 EngineOutput(
                     origin,
                     [token],
-                    finished.get(sid),
+                    reason,
                     index=index,
                     logprobs=[logprob] if logprob else None,
-                    kv_blocks=self._hold(chunk.seq) if sid in finished else None,
+                    held_blocks=held,
                 )
             )
-        return outputs
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError, with what is wrong, unless the engine's bookkeeping agrees:
+        waiting sequences hold no blocks; the block pool is consistent with the running,
+        loading and held sequences (`BlockManager.check_invariants`); held sequences are
+        finished and not live; every live sequence, and only those, is tracked by the fan-out.
+
+        For tests, after any `step`: O(pool + sequences), never called on the hot path.
+        """
+        sched = self.scheduler
+        for seq in sched.waiting:
+            assert not seq.block_table, f"waiting {seq.request_id} holds blocks {seq.block_table}"
+        live = [*sched.running, *sched.loading]
+        held = list(self.held.sequences)
+        self.held.check_invariants()
+        live_ids = {s.request_id for s in live}
+        both = live_ids & {s.request_id for s in held}
+        assert not both, f"requests {sorted(both)} are both live and held"
+        self.blocks.check_invariants(live + held, held)
+        self.choices.check_invariants()
+        queued = live_ids | {s.request_id for s in sched.waiting}
+        tracked = set(self.choices.tracked)
+        assert tracked == queued, f"tracked but not queued: {tracked - queued}; queued, untracked: {queued - tracked}"

@@ -12,11 +12,11 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
 from epdserve.engine.async_engine import AsyncEngine
-from epdserve.engine.base import EngineOutput, EngineRequest, SamplingParams, TokenLogprob
+from epdserve.engine.base import EngineOutput, EngineRequest, KVAdmitted, SamplingParams, TokenLogprob
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
 from epdserve.worker.kv_transfer import KVTransfer
@@ -56,17 +56,27 @@ def _delta(out: EngineOutput, finish_reason: str | None) -> pb.TokenDelta:
     )
 
 
-async def _outputs(engine: AsyncEngine, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-    """`request`'s outputs; an error output raises. Leaving early returns only once the engine
-    dropped the request: a step in flight may still read its inputs, which can alias memory
-    that the caller frees next (embeddings in a transfer region)."""
+async def _outputs(
+    engine: AsyncEngine,
+    request: EngineRequest,
+    on_admitted: Callable[[KVAdmitted], Awaitable[None]] | None = None,
+) -> AsyncGenerator[EngineOutput, None]:
+    """`request`'s outputs; an error output raises. A `prefilled_token` request's `KVAdmitted`
+    goes to `on_admitted` (which loads the KV and calls `kv_loaded`) before any output. Leaving
+    early returns only once the engine dropped the request: a step in flight may still read its
+    inputs, which can alias memory that the caller frees next (embeddings in a transfer region)."""
     finished = False
     try:
-        async with contextlib.aclosing(engine.generate(request)) as outputs:
-            async for out in outputs:
-                if out.error is not None:
-                    raise EpdError(500, f"generation failed: {out.error}")
-                yield out
+        async with contextlib.aclosing(engine.generate(request)) as events:
+            async for event in events:
+                if isinstance(event, KVAdmitted):
+                    if on_admitted is None:
+                        raise EpdError(500, "the engine gave KV blocks to a request that loads no KV")
+                    await on_admitted(event)
+                    continue
+                if event.error is not None:
+                    raise EpdError(500, f"generation failed: {event.error}")
+                yield event
         finished = True
     finally:
         if not finished:
@@ -87,8 +97,8 @@ class PDHandler:
         req = pb.GenerateRequest.FromString(payload)
         sampling = sampling_from_proto(req.sampling)
         if req.HasField("kv"):
-            async for out in self._decode(req, sampling):
-                yield out
+            async for delta in self._decode(req, sampling):
+                yield delta
             return
         async with self.media.resolve(req) as mm_inputs:
             ereq = EngineRequest(req.request_id, list(req.token_ids), sampling, mm_inputs)
@@ -108,11 +118,13 @@ class PDHandler:
             [placed_input(m) for m in req.media],
             prefilled_token=req.kv.first_token,
         )
-        async for out in _outputs(self.engine, ereq):
-            if out.kv_blocks is not None:  # admitted: its blocks wait for the prompt's KV
-                await self.kv.load(req.kv, out.kv_blocks, out.kv_cached_blocks, received)
-                self.engine.kv_loaded(req.request_id)
-                continue
+        kv = self.kv
+
+        async def load(admitted: KVAdmitted) -> None:  # its blocks wait for the prompt's KV
+            await kv.load(req.kv, admitted.blocks, admitted.cached_blocks, received)
+            self.engine.kv_loaded(admitted.request_id)
+
+        async for out in _outputs(self.engine, ereq, on_admitted=load):
             yield _delta(out, out.finish_reason).SerializeToString()
 
 
@@ -143,8 +155,9 @@ class PrefillHandler:
             if finished:
                 yield delta.SerializeToString()
                 return
+            assert out.held_blocks is not None, "a hold_kv request finishes naming its held blocks"
             read = self.kv.agent.expect(notif)
-            delta.kv.CopyFrom(self.kv.handoff(notif, out.kv_blocks, out.new_token_ids[0], self.hold_timeout))
+            delta.kv.CopyFrom(self.kv.handoff(notif, out.held_blocks, out.new_token_ids[0], self.hold_timeout))
             yield delta.SerializeToString()
             try:
                 await asyncio.wait_for(read, self.hold_timeout)
