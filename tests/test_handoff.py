@@ -9,6 +9,7 @@ import uuid
 import pytest
 import torch
 
+from epdserve.config import PlaneTimeouts
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
 from epdserve.runtime.mailbox import Mailbox, mailbox_subject
@@ -42,7 +43,9 @@ async def test_the_first_message_wins_and_unclaimed_ones_expire():
 
 
 async def test_posts_reach_the_listener_whole_even_when_chunked(infra):
-    server, client = await RequestPlane.connect(infra.nats_server), await RequestPlane.connect(infra.nats_server)
+    timeouts = PlaneTimeouts(drain_timeout=1)
+    server = await RequestPlane.connect(infra.nats_server, timeouts)
+    client = await RequestPlane.connect(infra.nats_server, timeouts)
     got: list[tuple[str, bytes]] = []
     subject = mailbox_subject(f"test.{uuid.uuid4().hex}")
     big = os.urandom(3 << 20)   # over NATS's default 1 MB max_payload
@@ -56,8 +59,8 @@ async def test_posts_reach_the_listener_whole_even_when_chunked(infra):
             await asyncio.sleep(0.01)
         assert got == [("r1", b"small"), ("r2", big)]
     finally:
-        await client.close(drain_timeout=1)
-        await server.close(drain_timeout=1)
+        await client.close()
+        await server.close()
 
 
 async def test_the_resolver_takes_the_posted_sources_or_gives_up():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -16,7 +17,8 @@ import pytest
 
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
-from epdserve.runtime import request_plane, services
+from epdserve.config import PlaneTimeouts
+from epdserve.runtime import services
 from epdserve.runtime.discovery import Discovery
 from epdserve.runtime.request_plane import RequestPlane, round_trip
 from helpers import free_port
@@ -131,13 +133,16 @@ class Planes:
         self.url = url
 
     async def __aenter__(self) -> Planes:
-        self.server = await RequestPlane.connect(self.url)
-        self.client = await RequestPlane.connect(self.url)
+        self.server = await RequestPlane.connect(self.url, PlaneTimeouts(drain_timeout=1))
+        self.client = await RequestPlane.connect(self.url, PlaneTimeouts(drain_timeout=1))
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self.client.close(drain_timeout=1)
-        await self.server.close(drain_timeout=1)  # a no-op when the test closed it
+        await self.client.close()
+        await self.server.close()  # a no-op when the test closed it
+
+    def set_timeouts(self, plane: RequestPlane, **timeouts: float) -> None:
+        plane.timeouts = dataclasses.replace(plane.timeouts, **timeouts)
 
     async def serve(self, handler) -> str:
         subject = f"test.{uuid.uuid4().hex}"
@@ -213,10 +218,11 @@ async def test_errors_cross_the_wire(rp):
     assert info.value.code == 500 and rp.server.in_flight == 0
 
 
-async def test_missing_hung_or_silent_server_is_503(rp, infra, monkeypatch):
+async def test_missing_hung_or_silent_server_is_503(rp, infra):
     start = time.monotonic()
     with pytest.raises(EpdError, match="no worker answered") as info:  # NATS: no subscriber
-        await rp.collect("test.nobody", ack_timeout=1.0)
+        rp.set_timeouts(rp.client, ack_timeout=1.0)
+        await rp.collect("test.nobody")
     assert info.value.code == 503 and time.monotonic() - start < 0.5
 
     nc = await nats.connect(infra.nats_server)
@@ -227,10 +233,11 @@ async def test_missing_hung_or_silent_server_is_503(rp, infra, monkeypatch):
     try:
         await nc.subscribe("test.hung")  # never acks
         await nc.subscribe("test.silent", cb=ack_then_nothing)
-        await round_trip(nc)
+        await round_trip(nc, 5.0)
         start = time.monotonic()
+        rp.set_timeouts(rp.client, ack_timeout=0.3)
         with pytest.raises(EpdError) as info:
-            await rp.collect("test.hung", ack_timeout=0.3)
+            await rp.collect("test.hung")
         assert info.value.code == 503 and 0.3 <= time.monotonic() - start < 2
         with pytest.raises(EpdError) as info:
             await rp.collect("test.silent", idle_timeout=0.3)
@@ -238,7 +245,7 @@ async def test_missing_hung_or_silent_server_is_503(rp, infra, monkeypatch):
     finally:
         await nc.close()
 
-    monkeypatch.setattr(request_plane, "HEARTBEAT_INTERVAL", 0.1)
+    rp.set_timeouts(rp.server, heartbeat_interval=0.1)
 
     async def think(payload: bytes):
         await asyncio.sleep(1.0)
@@ -288,12 +295,14 @@ async def test_close_drains_then_cancels(rp):
     stuck = asyncio.create_task(rp.collect(subject, b"3600"))
     await _until(lambda: rp.server.in_flight == 2)
     start = time.monotonic()
-    await rp.server.close(drain_timeout=0.6)
+    rp.set_timeouts(rp.server, drain_timeout=0.6)
+    await rp.server.close()
     assert cancelled.is_set() and time.monotonic() - start < 2
     assert await quick == [b"finished"]  # drained
     with pytest.raises(EpdError) as info:  # cancelled, and told at once (not idle_timeout)
         await asyncio.wait_for(stuck, 1)
     assert info.value.code == 503
     with pytest.raises(EpdError) as info:  # no longer taking requests
-        await rp.collect(subject, ack_timeout=0.5)
+        rp.set_timeouts(rp.client, ack_timeout=0.5)
+        await rp.collect(subject)
     assert info.value.code == 503

@@ -26,11 +26,30 @@ class Role(StrEnum):
 
 
 @dataclass(frozen=True)
+class PlaneTimeouts:
+    """The NATS request plane's deadlines and intervals, in seconds. Every process of a cluster
+    must use the same `heartbeat_interval`: clients judge servers by it."""
+
+    heartbeat_interval: float = 2.0  # a running handler tells its client it lives this often
+    ack_timeout: float = 5.0  # a request no server acked by then found no server
+    stream_idle_timeout: float = 30.0  # a stream to a processor silent this long has failed
+    partial_ttl: float = 60.0  # an incomplete chunked message is dropped after this
+    connect_timeout: float = 5.0  # the first connection to NATS
+    drain_timeout: float = 30.0  # at shutdown, in-flight handlers are cancelled after this
+
+    @property
+    def dead_server_timeout(self) -> float:
+        """A stream silent for three heartbeats: its server is dead."""
+        return 3 * self.heartbeat_interval
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     etcd_endpoints: str = "http://127.0.0.1:2379"
     nats_server: str = "nats://127.0.0.1:4222"
     namespace: str = "epdserve"
     lease_ttl: float = 10.0
+    plane: PlaneTimeouts = PlaneTimeouts()
 
 
 @dataclass(frozen=True)
@@ -97,10 +116,39 @@ def _add_runtime_args(parser: argparse.ArgumentParser, env: Mapping[str, str]) -
     g.add_argument(
         "--lease-ttl", type=float, default=RuntimeConfig.lease_ttl, help="seconds a dead instance stays discoverable"
     )
+    t = PlaneTimeouts()
+    g.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=t.heartbeat_interval,
+        help="seconds between a running request's heartbeats; three missed: its server is dead (same in every process)",
+    )
+    g.add_argument("--request-ack-timeout", type=float, default=t.ack_timeout, help="seconds a server has to ack")
+    g.add_argument(
+        "--stream-idle-timeout",
+        type=float,
+        default=t.stream_idle_timeout,
+        help="seconds a processor stream may be silent",
+    )
+    g.add_argument(
+        "--partial-message-ttl", type=float, default=t.partial_ttl, help="seconds an incomplete chunked message is kept"
+    )
+    g.add_argument("--nats-connect-timeout", type=float, default=t.connect_timeout)
+    g.add_argument(
+        "--drain-timeout", type=float, default=t.drain_timeout, help="seconds in-flight requests get at shutdown"
+    )
 
 
 def _runtime(args: argparse.Namespace) -> RuntimeConfig:
-    return RuntimeConfig(args.etcd_endpoints, args.nats_server, args.namespace, args.lease_ttl)
+    plane = PlaneTimeouts(
+        heartbeat_interval=args.heartbeat_interval,
+        ack_timeout=args.request_ack_timeout,
+        stream_idle_timeout=args.stream_idle_timeout,
+        partial_ttl=args.partial_message_ttl,
+        connect_timeout=args.nats_connect_timeout,
+        drain_timeout=args.drain_timeout,
+    )
+    return RuntimeConfig(args.etcd_endpoints, args.nats_server, args.namespace, args.lease_ttl, plane)
 
 
 def _json_limits(text: str) -> dict[str, int]:

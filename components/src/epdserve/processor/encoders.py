@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator, Sequence
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
 from epdserve.runtime.pool import InstancePool
-from epdserve.runtime.request_plane import DEAD_SERVER_TIMEOUT, RequestPlane
+from epdserve.runtime.request_plane import RequestPlane
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class EncodeSession:
 
     async def _hold(self, subject: str, payload: bytes, first: asyncio.Future) -> None:
         stream: AsyncGenerator[bytes, None] = self.plane.stream(
-            subject, payload, self.request_id, idle_timeout=DEAD_SERVER_TIMEOUT
+            subject, payload, self.request_id, idle_timeout=self.plane.dead_server_timeout
         )
         async with contextlib.aclosing(stream):
             async for _ in stream:

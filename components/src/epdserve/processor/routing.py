@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
 from epdserve.runtime.pool import InstancePool
-from epdserve.runtime.request_plane import DEAD_SERVER_TIMEOUT, RequestPlane
+from epdserve.runtime.request_plane import RequestPlane
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,9 @@ class Router:
         self, prefiller: pb.ModelCard, decoder: pb.ModelCard, gen: pb.GenerateRequest
     ) -> AsyncGenerator[bytes, None]:
         rid = gen.request_id
-        prefill = self.plane.stream(prefiller.subject, gen.SerializeToString(), rid, idle_timeout=DEAD_SERVER_TIMEOUT)
+        prefill = self.plane.stream(
+            prefiller.subject, gen.SerializeToString(), rid, idle_timeout=self.plane.dead_server_timeout
+        )
         # Open until the decode side is done: closing it frees the KV at the prefill worker, if
         # the decode worker's READ has not already.
         async with contextlib.aclosing(prefill):
@@ -84,7 +86,7 @@ class Router:
                 decoder.subject,
                 decode_request(gen, first.kv).SerializeToString(),
                 rid,
-                idle_timeout=DEAD_SERVER_TIMEOUT,
+                idle_timeout=self.plane.dead_server_timeout,
             )
             async with contextlib.aclosing(decode):
                 async for data in decode:

@@ -31,7 +31,7 @@ class Runtime:
     @classmethod
     async def connect(cls, config: RuntimeConfig) -> Runtime:
         discovery = await Discovery.connect(config.etcd_endpoints, config.namespace, config.lease_ttl)
-        plane = await RequestPlane.connect(config.nats_server)
+        plane = await RequestPlane.connect(config.nats_server, config.plane)
         return cls(config, discovery, plane)
 
     def subject(self, component: str, endpoint: str) -> str:

@@ -7,7 +7,7 @@ connection's max_payload into chunks carrying `Epd-Chunk`/`Epd-Chunks` headers):
   reply=inbox and header `Epd-Request-Id`.
 - The server reassembles the request per inbox, then runs the handler in its own task and
   publishes serialized `Frame`s to the inbox: `ack`, `data` per item, `heartbeat` every
-  HEARTBEAT_INTERVAL seconds while the handler runs, and finally `end` or `error`.
+  `PlaneTimeouts.heartbeat_interval` seconds while the handler runs, and finally `end` or `error`.
 - A client that stops early publishes its inbox to `<subject>.cancel`; the server cancels
   that handler's task.
 
@@ -30,6 +30,7 @@ import nats
 import nats.errors
 from nats.aio.msg import Msg
 
+from epdserve.config import PlaneTimeouts
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
 
@@ -37,11 +38,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[bytes], AsyncIterator[bytes]]  # request payload -> stream of response payloads
 
-HEARTBEAT_INTERVAL = 2.0
-# A live server heartbeats every HEARTBEAT_INTERVAL s: a stream silent for three beats is dead.
-DEAD_SERVER_TIMEOUT = 3 * HEARTBEAT_INTERVAL
 HEADER_MARGIN = 4096  # bytes of max_payload left for subject, reply and headers
-PARTIAL_TTL = 60.0  # seconds an incomplete chunked request is kept before it is dropped
 REQUEST_ID, CHUNK, CHUNKS = "Epd-Request-Id", "Epd-Chunk", "Epd-Chunks"
 
 
@@ -58,7 +55,7 @@ async def _publish(nc: nats.NATS, subject: str, payload: bytes, request_id: str,
         await nc.publish(subject, bytes(view[i * size : (i + 1) * size]), reply=reply, headers=headers)
 
 
-async def round_trip(nc: nats.NATS, timeout: float = 5.0) -> None:
+async def round_trip(nc: nats.NATS, timeout: float) -> None:
     """Return once the server has processed every command this connection sent before.
 
     `nc.flush()` does not promise that: nats-py writes its PING straight to the socket,
@@ -71,9 +68,11 @@ async def round_trip(nc: nats.NATS, timeout: float = 5.0) -> None:
 
 
 class _Assembler:
-    """Joins chunked messages; one in-progress payload per key (the inbox)."""
+    """Joins chunked messages; one in-progress payload per key (the inbox). A payload whose
+    sender stopped mid-way is forgotten after `ttl` seconds."""
 
-    def __init__(self) -> None:
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
         # key -> (first seen, chunks so far); None chunks: discarded, drop what still comes
         self._parts: dict[str, tuple[float, list[bytes] | None]] = {}
 
@@ -101,12 +100,12 @@ class _Assembler:
         return b"".join(parts)
 
     def discard(self, key: str) -> None:
-        """Drop `key`'s payload, including chunks still to come (for PARTIAL_TTL)."""
+        """Drop `key`'s payload, including chunks still to come (for `ttl` seconds)."""
         self._parts[key] = (time.monotonic(), None)
 
     def expire(self) -> None:
         """Forget payloads whose sender stopped mid-way (it died or gave up) and old discards."""
-        cutoff = time.monotonic() - PARTIAL_TTL
+        cutoff = time.monotonic() - self.ttl
         for key in [k for k, (started, _) in self._parts.items() if started < cutoff]:
             del self._parts[key]
 
@@ -114,18 +113,24 @@ class _Assembler:
 class RequestPlane:
     """One NATS connection that serves subjects and/or streams requests to them."""
 
-    def __init__(self, nc: nats.NATS):
+    def __init__(self, nc: nats.NATS, timeouts: PlaneTimeouts):
         self._nc = nc
+        self.timeouts = timeouts
         self._subs: list = []  # request subscriptions, dropped first on close
         self._tasks: dict[str, asyncio.Task] = {}  # inbox -> handler task
-        self._requests = _Assembler()
+        self._requests = _Assembler(timeouts.partial_ttl)
         self._heartbeat: asyncio.Task | None = None
 
     @classmethod
-    async def connect(cls, url: str, name: str = "epdserve") -> RequestPlane:
+    async def connect(cls, url: str, timeouts: PlaneTimeouts, name: str = "epdserve") -> RequestPlane:
         """Connect to NATS at `url`; reconnects forever after the first success."""
-        nc = await nats.connect(url, name=name, max_reconnect_attempts=-1, connect_timeout=5)
-        return cls(nc)
+        nc = await nats.connect(url, name=name, max_reconnect_attempts=-1, connect_timeout=timeouts.connect_timeout)
+        return cls(nc, timeouts)
+
+    @property
+    def dead_server_timeout(self) -> float:
+        """The idle timeout of a stream to a worker: three missed heartbeats."""
+        return self.timeouts.dead_server_timeout
 
     @property
     def in_flight(self) -> int:
@@ -162,13 +167,15 @@ class RequestPlane:
         self._subs.append(await self._nc.subscribe(subject, cb=on_request))
         # Cancels keep flowing while close() drains; the connection's drain ends them.
         await self._nc.subscribe(f"{subject}.cancel", cb=on_cancel)
-        await round_trip(self._nc)  # the server knows our subscriptions before callers publish
+        await round_trip(
+            self._nc, self.timeouts.ack_timeout
+        )  # the server knows our subscriptions before callers publish
         if self._heartbeat is None:
             self._heartbeat = asyncio.create_task(self._heartbeats(), name="request-heartbeats")
 
     async def listen(self, subject: str, on_message: Callable[[str, bytes], None]) -> None:
         """Call `on_message(request_id, payload)` for each message `post`ed to `subject`."""
-        parts = _Assembler()
+        parts = _Assembler(self.timeouts.partial_ttl)
 
         async def on_post(msg: Msg) -> None:
             request_id = (msg.headers or {}).get(REQUEST_ID, "")
@@ -183,7 +190,7 @@ class RequestPlane:
 
         # Like cancels, these keep flowing while close() drains: in-flight requests wait for them.
         await self._nc.subscribe(subject, cb=on_post)
-        await round_trip(self._nc)
+        await round_trip(self._nc, self.timeouts.ack_timeout)
 
     async def post(self, subject: str, payload: bytes, request_id: str) -> None:
         """Send `payload` about `request_id` to whoever `listen`s on `subject` (at most once;
@@ -236,7 +243,7 @@ class RequestPlane:
         """One loop for all in-flight requests, so an idle client knows the server lives."""
         beat = pb.Frame(heartbeat=True).SerializeToString()
         while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            await asyncio.sleep(self.timeouts.heartbeat_interval)
             for inbox in list(self._tasks):
                 try:
                     await self._nc.publish(inbox, beat)
@@ -244,21 +251,24 @@ class RequestPlane:
                     log.warning("heartbeat to %s failed: %s", inbox, e)
 
     async def stream(
-        self, subject: str, payload: bytes, request_id: str, *, ack_timeout: float = 5.0, idle_timeout: float = 30.0
+        self, subject: str, payload: bytes, request_id: str, *, idle_timeout: float | None = None
     ) -> AsyncGenerator[bytes, None]:
         """Send `payload` to the server of `subject` and yield each response item.
 
-        Raises EpdError(503) if no server acks within `ack_timeout` or the stream is silent
-        (not even heartbeats) for `idle_timeout`; re-raises the server's EpdError (handler
-        bugs arrive as code 500); NATS failures become EpdError(503) too. Closing the
-        generator early cancels the server's handler.
+        Raises EpdError(503) if no server acks within the plane's `ack_timeout` or the stream
+        is silent (not even heartbeats) for `idle_timeout` (default: `stream_idle_timeout`);
+        re-raises the server's EpdError (handler bugs arrive as code 500); NATS failures become
+        EpdError(503) too. Closing the generator early cancels the server's handler.
         """
+        ack_timeout = self.timeouts.ack_timeout
+        if idle_timeout is None:
+            idle_timeout = self.timeouts.stream_idle_timeout
         inbox = self._nc.new_inbox()
         try:
             sub = await self._nc.subscribe(inbox)
         except nats.errors.Error as e:
             raise EpdError(503, f"request plane unavailable: {e!r}") from e
-        replies = _Assembler()
+        replies = _Assembler(self.timeouts.partial_ttl)
         finished = False
         acked = False
         try:
@@ -302,15 +312,15 @@ class RequestPlane:
             with contextlib.suppress(nats.errors.Error):  # a closed connection took the subscription along
                 await sub.unsubscribe()
 
-    async def close(self, drain_timeout: float = 30.0) -> None:
-        """Stop taking requests, let in-flight handlers finish (cancel them after
-        `drain_timeout` seconds), then close the connection."""
+    async def close(self) -> None:
+        """Stop taking requests, let in-flight handlers finish (cancel them after the plane's
+        `drain_timeout`), then close the connection."""
         if self._nc.is_closed:
             return
         for sub in self._subs:
             await sub.unsubscribe()
         if self._tasks:
-            await asyncio.wait(list(self._tasks.values()), timeout=drain_timeout)
+            await asyncio.wait(list(self._tasks.values()), timeout=self.timeouts.drain_timeout)
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()

@@ -28,7 +28,7 @@ class StatsReader:
     async def connect(cls, config: RuntimeConfig) -> StatsReader:
         discovery = await Discovery.connect(config.etcd_endpoints, config.namespace, config.lease_ttl)
         try:
-            return cls(discovery, await RequestPlane.connect(config.nats_server))
+            return cls(discovery, await RequestPlane.connect(config.nats_server, config.plane))
         except BaseException:
             await discovery.close()
             raise
