@@ -74,6 +74,7 @@ class WorkerConfig:
     enable_multimodal: bool
     runtime: RuntimeConfig
     media: MediaConfig
+    kernel_cache_dir: str  # where built CPU kernels are kept; the parser's default follows $XDG_CACHE_HOME
     dtype: str = "auto"
     device: str = "auto"  # "auto": cuda when available, else cpu
     block_size: int = 16
@@ -87,7 +88,6 @@ class WorkerConfig:
     embedding_buffer_bytes: int = 64 << 20  # PD/prefill worker: staging for embeddings it READs
     kv_handoff_timeout: float = 30.0  # prefill worker: seconds a prompt's KV waits for its READ
     cpu_kernels: bool = True  # our AVX-512 kernels for float32 decode on CPU
-    kernel_cache_dir: str = "~/.cache/epdserve/kernels"
 
 
 @dataclass(frozen=True)
@@ -184,16 +184,21 @@ def worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="default: --model as given")
     p.add_argument(
         "--dtype",
-        default="auto",
+        default=WorkerConfig.dtype,
         choices=["auto", "float32", "bfloat16", "float16"],
         help="auto: the checkpoint's dtype, as transformers loads it",
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--device", default=WorkerConfig.device, help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--block-size", type=int, default=WorkerConfig.block_size)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step")
+    p.add_argument("--max-num-seqs", type=int, default=WorkerConfig.max_num_seqs)
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=WorkerConfig.max_num_batched_tokens,
+        help="token budget of one engine step",
+    )
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--limit-mm-per-prompt", type=_json_limits, default=None)
     p.add_argument("--allowed-media-domains", nargs="*", default=[])
