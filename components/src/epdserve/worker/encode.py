@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import torch
@@ -21,6 +20,7 @@ from epdserve.models.base import MediaEncoder
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
 from epdserve.transfer.agent import TransferAgent
+from epdserve.transfer.hold import ReadHold
 from epdserve.worker.ec_storage import EmbeddingStorage
 from epdserve.worker.embedding_cache import CachedEmbedding, EmbeddingCache
 from epdserve.worker.encode_batcher import EncodeBatcher
@@ -98,8 +98,8 @@ async def _answer(post: Post, req: pb.EncodeRequest, result: pb.EncodeResult) ->
 class NixlEncodeHandler:
     """Serves `EncodeRequest` -> `EncodeResult` naming each embedding in the NIXL cache.
 
-    The items stay pinned until the reader's READ notification arrives, the stream is
-    cancelled, or `handoff_timeout` seconds pass; then the stream ends.
+    The items stay pinned (a `ReadHold`) until the reader's READ notification arrives, the
+    stream is cancelled, or `handoff_timeout` seconds pass; then the stream ends.
     """
 
     def __init__(
@@ -119,25 +119,14 @@ class NixlEncodeHandler:
     async def encode(self, payload: bytes) -> AsyncIterator[bytes]:
         req = pb.EncodeRequest.FromString(payload)
         entries = await self._pinned_entries(req.media)
-        notif = f"{req.request_id}/{uuid.uuid4().hex[:8]}".encode()
-        read = self.agent.expect(notif)
-        try:
-            result = pb.EncodeResult(handoff=self.agent.handoff(notif))
+        with ReadHold(self.agent, req.request_id, lambda: self.cache.unpin(*entries), "the embeddings") as hold:
+            result = pb.EncodeResult(handoff=hold.handoff())
             for item, entry in zip(req.media, entries, strict=True):
                 out = _result_item(item)
                 out.embedding.CopyFrom(self.cache.remote(entry))
                 result.media.append(out)
             yield await _answer(self.post, req, result)
-            try:
-                await asyncio.wait_for(read, self.handoff_timeout)
-            except TimeoutError:
-                log.warning(
-                    "[%s] nobody read the embeddings in %.0f s; freeing them", req.request_id, self.handoff_timeout
-                )
-        finally:
-            self.agent.forget(notif)
-            for entry in entries:
-                self.cache.unpin(entry)
+            await hold.wait(self.handoff_timeout)
 
     async def _pinned_entries(self, items: list[pb.MediaItem]) -> list[CachedEmbedding]:
         """Each item's cache entry, pinned: hits as they are, misses encoded (concurrently)."""
@@ -150,8 +139,7 @@ class NixlEncodeHandler:
         results = await asyncio.gather(*(entry(it) for it in items), return_exceptions=True)
         pinned = [r for r in results if isinstance(r, CachedEmbedding)]
         if len(pinned) < len(results):
-            for e in pinned:
-                self.cache.unpin(e)
+            self.cache.unpin(*pinned)
             raise next(r for r in results if isinstance(r, BaseException))
         return pinned
 
