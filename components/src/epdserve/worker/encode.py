@@ -4,14 +4,15 @@
 cache and answers with where they are; the prefill side READs them and the READ's
 notification unpins them. `StorageEncodeHandler` (`--native-encoder-worker`) writes them to
 the embedding cache on disk instead. Both answer an `EncodeRequest` with one `EncodeResult`,
-posted first to the mailbox of the worker that prefills the request when it names one.
+first delivered (a `MediaDelivery`) to the mailbox of the worker that prefills the request
+when it names one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import torch
 
@@ -19,6 +20,7 @@ from epdserve.engine.base import embedding_rows
 from epdserve.models.base import MediaEncoder
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
+from epdserve.runtime.mailbox import Post, post_delivery
 from epdserve.transfer.agent import TransferAgent
 from epdserve.transfer.hold import ReadHold
 from epdserve.worker.ec_storage import EmbeddingStorage
@@ -26,8 +28,6 @@ from epdserve.worker.embedding_cache import CachedEmbedding, EmbeddingCache
 from epdserve.worker.encode_batcher import EncodeBatcher
 
 log = logging.getLogger(__name__)
-
-Post = Callable[[str, bytes, str], Awaitable[None]]  # (subject, payload, request id), as RequestPlane.post
 
 
 class MediaEmbedder:
@@ -87,12 +87,11 @@ def _result_item(item: pb.MediaItem) -> pb.MediaItem:
 
 
 async def _answer(post: Post, req: pb.EncodeRequest, result: pb.EncodeResult) -> bytes:
-    """`result` serialized, once posted to `req.deliver_to` (when set): the worker waiting there
-    gets it a hop sooner than through the processor."""
-    data = result.SerializeToString()
+    """`result` serialized, once delivered to `req.deliver_to` (when set) as the request's
+    `MediaDelivery`: the worker waiting there gets it a hop sooner than through the processor."""
     if req.deliver_to:
-        await post(req.deliver_to, data, req.request_id)
-    return data
+        await post_delivery(post, req.deliver_to, pb.MediaDelivery(key=req.request_id, result=result))
+    return result.SerializeToString()
 
 
 class NixlEncodeHandler:

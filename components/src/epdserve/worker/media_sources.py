@@ -3,8 +3,8 @@
 An item arrives as its encoded bytes (EPD: this worker encodes it), as embeddings in an
 encode worker's NIXL memory (E/PD: one READ per request into this worker's registered
 staging region), or as embeddings in the embedding cache on disk (the EC-connector topology).
-In the last two cases the request comes without the items' sources, which the encode worker
-posts to this worker's mailbox once it has encoded them.
+In the last two cases the request comes without the items' sources: it names the key of the
+`MediaDelivery` the encode worker posts to this worker's mailbox once it has encoded them.
 
 READ embeddings stay where they landed, in the staging region, for the request's lifetime:
 copying them out into fresh memory costs about 1 ms per MB in page faults, several times the
@@ -80,7 +80,7 @@ class MediaResolver:
     async def resolve(self, req: pb.GenerateRequest) -> AsyncIterator[list[MultiModalInput]]:
         """The request's engine inputs, valid until the context exits (the engine must be
         done with them by then)."""
-        if req.media_from_encoder:
+        if req.media_mailbox_key:
             await self._await_encoder(req)
         remote = [i for i, item in enumerate(req.media) if item.WhichOneof("source") == "embedding"]
         held: Span | None = None
@@ -100,12 +100,12 @@ class MediaResolver:
         if self.mailbox is None:
             raise EpdError(503, "this worker takes no media from encode workers")
         try:
-            result = await self.mailbox.take(req.request_id, self.encoder_timeout)
+            delivery = await self.mailbox.take(req.media_mailbox_key, self.encoder_timeout)
         except TimeoutError:
             raise EpdError(
                 503, f"no encode worker delivered the media of request {req.request_id} in {self.encoder_timeout:.0f} s"
             ) from None
-        apply_encode_result(req, pb.EncodeResult.FromString(result))
+        apply_encode_result(req, delivery.result)
 
     def _inputs(self, req: pb.GenerateRequest, embeddings: dict[int, torch.Tensor]) -> list[MultiModalInput]:
         inputs = []
