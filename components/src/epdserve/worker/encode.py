@@ -11,8 +11,9 @@ when it names one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import torch
 
@@ -45,7 +46,7 @@ class MediaEmbedder:
         future = self._in_flight.get(item.hash)
         if future is None:
             future = self._in_flight[item.hash] = asyncio.ensure_future(self._encode(item))
-            future.add_done_callback(lambda f, key=item.hash: self._drop(key, f))
+            future.add_done_callback(functools.partial(self._drop, item.hash))
         # Shielded: one request leaving must not cancel an encode others wait for.
         return await asyncio.shield(future)
 
@@ -56,7 +57,7 @@ class MediaEmbedder:
             "encode_us": round(self.batcher.busy_s * 1e6),
         }
 
-    def _drop(self, key: str, future: asyncio.Future) -> None:
+    def _drop(self, key: str, future: asyncio.Future[torch.Tensor]) -> None:
         self._in_flight.pop(key, None)
         if not future.cancelled():
             future.exception()  # retrieved here: every waiter may have left
@@ -127,7 +128,7 @@ class NixlEncodeHandler:
             yield await _answer(self.post, req, result)
             await hold.wait(self.handoff_timeout)
 
-    async def _pinned_entries(self, items: list[pb.MediaItem]) -> list[CachedEmbedding]:
+    async def _pinned_entries(self, items: Sequence[pb.MediaItem]) -> list[CachedEmbedding]:
         """Each item's cache entry, pinned: hits as they are, misses encoded (concurrently)."""
 
         async def entry(item: pb.MediaItem) -> CachedEmbedding:

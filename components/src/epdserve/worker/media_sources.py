@@ -134,8 +134,7 @@ class MediaResolver:
 
     async def _read(self, req: pb.GenerateRequest, items: list[pb.MediaItem]) -> tuple[list[torch.Tensor], Span | None]:
         """The items' embeddings, and the staging span they alias (None: copied out, freed)."""
-        if self.agent is None:
-            raise EpdError(503, "this worker cannot receive embeddings over NIXL")
+        agent = self._nixl
         tensors = [item.embedding for item in items]
         for item, t in zip(items, tensors, strict=True):
             rows = embedding_rows(item.length, item.embed_mask)
@@ -145,13 +144,13 @@ class MediaResolver:
                 )
         deadline = time.monotonic() + self.read_timeout
         nbytes = sum(t.nbytes for t in tensors)
-        allocator = self.agent.allocator
+        allocator = agent.allocator
         hold = allocator.allocated_bytes + nbytes <= allocator.capacity // 2
         span = await self._alloc(nbytes, deadline)
         try:
-            offsets = await self.agent.read(req.handoff, tensors, span, max(deadline - time.monotonic(), 0.001))
+            offsets = await agent.read(req.handoff, tensors, span, max(deadline - time.monotonic(), 0.001))
             views = [
-                self.agent.view(Span(span.offset + off, t.nbytes), torch_dtype(t.dtype), tuple(t.shape))
+                agent.view(Span(span.offset + off, t.nbytes), torch_dtype(t.dtype), tuple(t.shape))
                 for off, t in zip(offsets, tensors, strict=True)
             ]
         except BaseException:
@@ -163,19 +162,26 @@ class MediaResolver:
         self._release(span)
         return copies, None
 
+    @property
+    def _nixl(self) -> TransferAgent:
+        if self.agent is None:
+            raise EpdError(503, "this worker cannot receive embeddings over NIXL")
+        return self.agent
+
     def _release(self, span: Span) -> None:
-        self.agent.free(span)
+        self._nixl.free(span)
         self._freed.set()
 
     async def _alloc(self, nbytes: int, deadline: float) -> Span:
         """A staging span, waiting for other requests' reads to free room until `deadline`."""
-        if nbytes > self.agent.allocator.capacity:
+        agent = self._nixl
+        if nbytes > agent.allocator.capacity:
             raise EpdError(
                 503,
                 f"the request's embeddings ({nbytes} bytes) exceed this worker's "
-                f"--embedding-buffer-bytes ({self.agent.allocator.capacity})",
+                f"--embedding-buffer-bytes ({agent.allocator.capacity})",
             )
-        while (span := self.agent.alloc(nbytes)) is None:
+        while (span := agent.alloc(nbytes)) is None:
             self._freed.clear()
             try:
                 await asyncio.wait_for(self._freed.wait(), deadline - time.monotonic())
