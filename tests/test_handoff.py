@@ -1,4 +1,4 @@
-"""The encode worker posts a request's EncodeResult straight to the prefilling worker's mailbox."""
+"""The encode worker posts a request's MediaDelivery straight to the prefilling worker's mailbox."""
 
 from __future__ import annotations
 
@@ -17,15 +17,19 @@ from epdserve.runtime.request_plane import RequestPlane
 from epdserve.worker.media_sources import MediaResolver, apply_encode_result
 
 
+def _delivery(key: str, *hashes: str) -> pb.MediaDelivery:
+    return pb.MediaDelivery(key=key, result=pb.EncodeResult(media=[pb.MediaItem(hash=h) for h in hashes]))
+
+
 async def test_a_message_waits_for_its_taker_and_a_taker_for_its_message():
     box = Mailbox()
-    box.put("early", b"1")
-    assert await box.take("early", timeout=0.1) == b"1"
+    box.put("early", _delivery("early", "1").SerializeToString())
+    assert await box.take("early", timeout=0.1) == _delivery("early", "1")
     waiting = asyncio.ensure_future(box.take("late", timeout=1))
     await asyncio.sleep(0.01)
-    box.put("late", b"2")
-    box.put("late", b"3")   # claimed already: kept for nobody until the ttl
-    assert await waiting == b"2"
+    box.deliver(_delivery("late", "2"))
+    box.deliver(_delivery("late", "3"))   # claimed already: kept for nobody until the ttl
+    assert await waiting == _delivery("late", "2")
     assert box.unclaimed == 1
     with pytest.raises(TimeoutError):
         await box.take("never", timeout=0.05)
@@ -34,10 +38,11 @@ async def test_a_message_waits_for_its_taker_and_a_taker_for_its_message():
 
 async def test_the_first_message_wins_and_unclaimed_ones_expire():
     box = Mailbox(ttl=0.05)
-    box.put("r", b"first")
-    box.put("r", b"second")
-    assert await box.take("r", timeout=0.1) == b"first"
-    box.put("gone", b"x")
+    box.deliver(_delivery("r", "first"))
+    box.deliver(_delivery("r", "second"))
+    assert await box.take("r", timeout=0.1) == _delivery("r", "first")
+    box.put("gone", b"\xff")   # no MediaDelivery: dropped
+    box.deliver(_delivery("gone", "x"))
     await asyncio.sleep(0.1)
     assert box.unclaimed == 0
 
@@ -66,7 +71,7 @@ async def test_posts_reach_the_listener_whole_even_when_chunked(infra):
 async def test_the_resolver_takes_the_posted_sources_or_gives_up():
     box = Mailbox()
     resolver = MediaResolver(None, None, None, box, encoder_timeout=0.05)
-    req = pb.GenerateRequest(request_id="r", media_from_encoder=True,
+    req = pb.GenerateRequest(request_id="r", media_mailbox_key="r",
                              media=[pb.MediaItem(modality="image", hash="a", offset=1, length=4)])
     with pytest.raises(EpdError) as err:
         async with resolver.resolve(req):
@@ -74,8 +79,8 @@ async def test_the_resolver_takes_the_posted_sources_or_gives_up():
     assert err.value.code == 503 and "delivered" in err.value.message
     # The EC-connector case: the items are in the storage, which this worker lacks (a 503 too,
     # but one that shows the posted result was applied).
-    box.put("r", pb.EncodeResult(media=[pb.MediaItem(modality="image", hash="a", in_ec_storage=True)])
-            .SerializeToString())
+    box.deliver(pb.MediaDelivery(key="r", result=pb.EncodeResult(
+        media=[pb.MediaItem(modality="image", hash="a", in_ec_storage=True)])))
     with pytest.raises(EpdError) as err:
         async with resolver.resolve(req):
             pass
@@ -108,6 +113,7 @@ async def test_the_encoder_posts_its_result_before_it_answers(tmp_path):
     item = pb.MediaItem(modality="image", hash="h", length=2, data=b"x")
     answer = [x async for x in handler.encode(pb.EncodeRequest(request_id="r", media=[item], deliver_to="pd.mailbox")
                                                  .SerializeToString())]
-    assert posts == [("pd.mailbox", answer[0], "r")]
+    assert posts == [("pd.mailbox", pb.MediaDelivery(key="r", result=pb.EncodeResult.FromString(answer[0]))
+                      .SerializeToString(), "r")]
     assert [x async for x in handler.encode(pb.EncodeRequest(request_id="r2", media=[item]).SerializeToString())]
     assert len(posts) == 1   # nobody to post to

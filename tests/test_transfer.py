@@ -4,6 +4,7 @@ encode worker's vision-only model."""
 
 from __future__ import annotations
 
+import contextlib
 import asyncio
 import io
 import time
@@ -249,6 +250,29 @@ async def test_kv_load_reads_in_time_and_refuses_once_the_hold_may_have_run_out(
             assert torch.equal(d[[4, 6]], s[[2, 5]]) and torch.count_nonzero(d[3]) == 0
         assert receiver.stats()["kv_blocks_read"] == 2 and receiver.stats()["kv_blocks_cached"] == 1
         holder.forget(b"kv-2")
+    finally:
+        reader.close()
+        holder.close()
+
+
+@pytest.mark.parametrize("how", ["read", "timed out", "raised", "never handed out"])
+async def test_a_read_hold_forgets_and_releases_once_on_every_ending(how):
+    from epdserve.transfer.hold import ReadHold
+    holder = TransferAgent(f"test-hold-{how.replace(' ', '-')}", 1 << 12, CPU)
+    reader = TransferAgent(f"test-hold-reader-{how.replace(' ', '-')}", 1 << 12, CPU)
+    released = []
+    try:
+        with contextlib.suppress(RuntimeError), ReadHold(holder, "r", lambda: released.append(1), "it") as hold:
+            if how == "raised":
+                hold.expect()
+                raise RuntimeError
+            if how == "read":
+                reader.notify(hold.handoff())
+            elif how == "timed out":
+                hold.expect()
+            assert await hold.wait(0.5 if how == "read" else 0.05) is (how == "read")
+            hold.close()   # early, by hand: the exit does nothing more
+        assert released == [1] and holder.stats()["nixl_expected_notifs"] == 0
     finally:
         reader.close()
         holder.close()

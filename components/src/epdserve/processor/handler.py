@@ -67,12 +67,13 @@ class ProcessorHandler:
         encode = EncodeSession(self.plane, self.encoders, rid)
         try:
             if gen.media and self.encoders.any_alive:
-                # The encoder posts the items' sources to the worker that prefills, which gets
-                # the request meanwhile; with no encoder alive, that worker encodes the bytes.
-                encode.start(gen.media, mailbox_subject(route.prefiller.subject))
+                # The encoder delivers the items' sources to the mailbox of the worker that
+                # prefills, under the request id, while that worker gets the request; with no
+                # encoder alive, that worker encodes the bytes.
+                encode.start(list(gen.media), mailbox_subject(route.prefiller.subject))
                 for item in gen.media:
                     item.ClearField("data")
-                gen.media_from_encoder = True
+                gen.media_mailbox_key = rid
             async for out in self._generate(req, gen, route, encode.answered):
                 yield out
         finally:

@@ -179,22 +179,22 @@ class KVHandoff(_message.Message):
     def __init__(self, holder: _Optional[_Union[EmbeddingHandoff, _Mapping]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., blocks: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., hold_ms: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "token_ids", "sampling", "media", "handoff", "media_from_encoder", "kv")
+    __slots__ = ("request_id", "token_ids", "sampling", "media", "handoff", "kv", "media_mailbox_key")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MEDIA_FIELD_NUMBER: _ClassVar[int]
     HANDOFF_FIELD_NUMBER: _ClassVar[int]
-    MEDIA_FROM_ENCODER_FIELD_NUMBER: _ClassVar[int]
     KV_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_MAILBOX_KEY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     media: _containers.RepeatedCompositeFieldContainer[MediaItem]
     handoff: EmbeddingHandoff
-    media_from_encoder: bool
     kv: KVHandoff
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., media: _Optional[_Iterable[_Union[MediaItem, _Mapping]]] = ..., handoff: _Optional[_Union[EmbeddingHandoff, _Mapping]] = ..., media_from_encoder: _Optional[bool] = ..., kv: _Optional[_Union[KVHandoff, _Mapping]] = ...) -> None: ...
+    media_mailbox_key: str
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., media: _Optional[_Iterable[_Union[MediaItem, _Mapping]]] = ..., handoff: _Optional[_Union[EmbeddingHandoff, _Mapping]] = ..., kv: _Optional[_Union[KVHandoff, _Mapping]] = ..., media_mailbox_key: _Optional[str] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("request_id", "media", "deliver_to")
@@ -213,6 +213,14 @@ class EncodeResult(_message.Message):
     media: _containers.RepeatedCompositeFieldContainer[MediaItem]
     handoff: EmbeddingHandoff
     def __init__(self, media: _Optional[_Iterable[_Union[MediaItem, _Mapping]]] = ..., handoff: _Optional[_Union[EmbeddingHandoff, _Mapping]] = ...) -> None: ...
+
+class MediaDelivery(_message.Message):
+    __slots__ = ("key", "result")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    result: EncodeResult
+    def __init__(self, key: _Optional[str] = ..., result: _Optional[_Union[EncodeResult, _Mapping]] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
     __slots__ = ("counters",)

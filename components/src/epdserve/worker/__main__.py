@@ -16,20 +16,18 @@ from epdserve.processor.service import ProcessorService
 from epdserve.runtime.component import Runtime
 from epdserve.runtime.service import Service
 from epdserve.utils.memory import keep_freed_memory
+from epdserve.worker.roles import ROLES
 from epdserve.worker.services import EncodeService, PDService
 
 log = logging.getLogger("epdserve.worker")
 
-SERVICES: dict[Role, tuple[type[Service], ...]] = {
-    Role.PROCESSOR: (ProcessorService,),
-    Role.PD: (PDService,),
-    Role.PREFILL: (PDService,),
-    Role.ENCODE_PREFILL: (PDService,),
-    Role.DECODE: (PDService,),
-    Role.ENCODE: (EncodeService,),
-    Role.NATIVE_ENCODER: (EncodeService,),
-    Role.TEXT: (PDService, ProcessorService),
-}
+
+def services_of(role: Role) -> tuple[type[Service], ...]:
+    """The role's services, in start order: its worker part as `ROLES` wires it (the language
+    model's or the encoder's), then the processor where the spec runs one."""
+    spec = ROLES[role]
+    worker: tuple[type[Service], ...] = (PDService,) if spec.generate else (EncodeService,) if spec.encode else ()
+    return (*worker, *((ProcessorService,) if spec.processor else ()))
 
 
 async def run(config: WorkerConfig) -> None:
@@ -41,7 +39,7 @@ async def run(config: WorkerConfig) -> None:
     runtime = await Runtime.connect(config.runtime)
     services: list[Service] = []
     try:
-        for cls in SERVICES[config.role]:
+        for cls in services_of(config.role):
             service = cls(config, runtime, family)
             await service.start()
             services.append(service)

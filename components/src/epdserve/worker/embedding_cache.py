@@ -1,7 +1,8 @@
 """The encode worker's embedding cache: LRU by bytes, in the NIXL-registered region itself.
 
 A cached embedding is exactly what a reader pulls, so a hit costs neither an encode nor a
-copy. Entries a reader has yet to pull are pinned and never evicted.
+copy. Entries a reader has yet to pull are pinned (for a `ReadHold`, transfer/hold.py) and never
+evicted.
 """
 
 from __future__ import annotations
@@ -71,8 +72,10 @@ class EmbeddingCache:
         entry = self._entries[key] = CachedEmbedding(key, span, embedding.dtype, shape, pins=1)
         return entry
 
-    def unpin(self, entry: CachedEmbedding) -> None:
-        entry.pins -= 1
+    def unpin(self, *entries: CachedEmbedding) -> None:
+        """Undo one pin of each entry (`lookup` and `insert` pin): a reader is done with them."""
+        for entry in entries:
+            entry.pins -= 1
 
     def remote(self, entry: CachedEmbedding) -> pb.RemoteTensor:
         return self.agent.remote_tensor(entry.span, entry.dtype, entry.shape)

@@ -4,15 +4,16 @@
 cache and answers with where they are; the prefill side READs them and the READ's
 notification unpins them. `StorageEncodeHandler` (`--native-encoder-worker`) writes them to
 the embedding cache on disk instead. Both answer an `EncodeRequest` with one `EncodeResult`,
-posted first to the mailbox of the worker that prefills the request when it names one.
+first delivered (a `MediaDelivery`) to the mailbox of the worker that prefills the request
+when it names one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Sequence
 
 import torch
 
@@ -20,14 +21,14 @@ from epdserve.engine.base import embedding_rows
 from epdserve.models.base import MediaEncoder
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
+from epdserve.runtime.mailbox import Post, post_delivery
 from epdserve.transfer.agent import TransferAgent
+from epdserve.transfer.hold import ReadHold
 from epdserve.worker.ec_storage import EmbeddingStorage
 from epdserve.worker.embedding_cache import CachedEmbedding, EmbeddingCache
 from epdserve.worker.encode_batcher import EncodeBatcher
 
 log = logging.getLogger(__name__)
-
-Post = Callable[[str, bytes, str], Awaitable[None]]  # (subject, payload, request id), as RequestPlane.post
 
 
 class MediaEmbedder:
@@ -45,7 +46,7 @@ class MediaEmbedder:
         future = self._in_flight.get(item.hash)
         if future is None:
             future = self._in_flight[item.hash] = asyncio.ensure_future(self._encode(item))
-            future.add_done_callback(lambda f, key=item.hash: self._drop(key, f))
+            future.add_done_callback(functools.partial(self._drop, item.hash))
         # Shielded: one request leaving must not cancel an encode others wait for.
         return await asyncio.shield(future)
 
@@ -56,7 +57,7 @@ class MediaEmbedder:
             "encode_us": round(self.batcher.busy_s * 1e6),
         }
 
-    def _drop(self, key: str, future: asyncio.Future) -> None:
+    def _drop(self, key: str, future: asyncio.Future[torch.Tensor]) -> None:
         self._in_flight.pop(key, None)
         if not future.cancelled():
             future.exception()  # retrieved here: every waiter may have left
@@ -87,19 +88,18 @@ def _result_item(item: pb.MediaItem) -> pb.MediaItem:
 
 
 async def _answer(post: Post, req: pb.EncodeRequest, result: pb.EncodeResult) -> bytes:
-    """`result` serialized, once posted to `req.deliver_to` (when set): the worker waiting there
-    gets it a hop sooner than through the processor."""
-    data = result.SerializeToString()
+    """`result` serialized, once delivered to `req.deliver_to` (when set) as the request's
+    `MediaDelivery`: the worker waiting there gets it a hop sooner than through the processor."""
     if req.deliver_to:
-        await post(req.deliver_to, data, req.request_id)
-    return data
+        await post_delivery(post, req.deliver_to, pb.MediaDelivery(key=req.request_id, result=result))
+    return result.SerializeToString()
 
 
 class NixlEncodeHandler:
     """Serves `EncodeRequest` -> `EncodeResult` naming each embedding in the NIXL cache.
 
-    The items stay pinned until the reader's READ notification arrives, the stream is
-    cancelled, or `handoff_timeout` seconds pass; then the stream ends.
+    The items stay pinned (a `ReadHold`) until the reader's READ notification arrives, the
+    stream is cancelled, or `handoff_timeout` seconds pass; then the stream ends.
     """
 
     def __init__(
@@ -119,27 +119,16 @@ class NixlEncodeHandler:
     async def encode(self, payload: bytes) -> AsyncIterator[bytes]:
         req = pb.EncodeRequest.FromString(payload)
         entries = await self._pinned_entries(req.media)
-        notif = f"{req.request_id}/{uuid.uuid4().hex[:8]}".encode()
-        read = self.agent.expect(notif)
-        try:
-            result = pb.EncodeResult(handoff=self.agent.handoff(notif))
+        with ReadHold(self.agent, req.request_id, lambda: self.cache.unpin(*entries), "the embeddings") as hold:
+            result = pb.EncodeResult(handoff=hold.handoff())
             for item, entry in zip(req.media, entries, strict=True):
                 out = _result_item(item)
                 out.embedding.CopyFrom(self.cache.remote(entry))
                 result.media.append(out)
             yield await _answer(self.post, req, result)
-            try:
-                await asyncio.wait_for(read, self.handoff_timeout)
-            except TimeoutError:
-                log.warning(
-                    "[%s] nobody read the embeddings in %.0f s; freeing them", req.request_id, self.handoff_timeout
-                )
-        finally:
-            self.agent.forget(notif)
-            for entry in entries:
-                self.cache.unpin(entry)
+            await hold.wait(self.handoff_timeout)
 
-    async def _pinned_entries(self, items: list[pb.MediaItem]) -> list[CachedEmbedding]:
+    async def _pinned_entries(self, items: Sequence[pb.MediaItem]) -> list[CachedEmbedding]:
         """Each item's cache entry, pinned: hits as they are, misses encoded (concurrently)."""
 
         async def entry(item: pb.MediaItem) -> CachedEmbedding:
@@ -150,8 +139,7 @@ class NixlEncodeHandler:
         results = await asyncio.gather(*(entry(it) for it in items), return_exceptions=True)
         pinned = [r for r in results if isinstance(r, CachedEmbedding)]
         if len(pinned) < len(results):
-            for e in pinned:
-                self.cache.unpin(e)
+            self.cache.unpin(*pinned)
             raise next(r for r in results if isinstance(r, BaseException))
         return pinned
 

@@ -3,8 +3,8 @@
 An item arrives as its encoded bytes (EPD: this worker encodes it), as embeddings in an
 encode worker's NIXL memory (E/PD: one READ per request into this worker's registered
 staging region), or as embeddings in the embedding cache on disk (the EC-connector topology).
-In the last two cases the request comes without the items' sources, which the encode worker
-posts to this worker's mailbox once it has encoded them.
+In the last two cases the request comes without the items' sources: it names the key of the
+`MediaDelivery` the encode worker posts to this worker's mailbox once it has encoded them.
 
 READ embeddings stay where they landed, in the staging region, for the request's lifetime:
 copying them out into fresh memory costs about 1 ms per MB in page faults, several times the
@@ -80,7 +80,7 @@ class MediaResolver:
     async def resolve(self, req: pb.GenerateRequest) -> AsyncIterator[list[MultiModalInput]]:
         """The request's engine inputs, valid until the context exits (the engine must be
         done with them by then)."""
-        if req.media_from_encoder:
+        if req.media_mailbox_key:
             await self._await_encoder(req)
         remote = [i for i, item in enumerate(req.media) if item.WhichOneof("source") == "embedding"]
         held: Span | None = None
@@ -100,12 +100,12 @@ class MediaResolver:
         if self.mailbox is None:
             raise EpdError(503, "this worker takes no media from encode workers")
         try:
-            result = await self.mailbox.take(req.request_id, self.encoder_timeout)
+            delivery = await self.mailbox.take(req.media_mailbox_key, self.encoder_timeout)
         except TimeoutError:
             raise EpdError(
                 503, f"no encode worker delivered the media of request {req.request_id} in {self.encoder_timeout:.0f} s"
             ) from None
-        apply_encode_result(req, pb.EncodeResult.FromString(result))
+        apply_encode_result(req, delivery.result)
 
     def _inputs(self, req: pb.GenerateRequest, embeddings: dict[int, torch.Tensor]) -> list[MultiModalInput]:
         inputs = []
@@ -134,8 +134,7 @@ class MediaResolver:
 
     async def _read(self, req: pb.GenerateRequest, items: list[pb.MediaItem]) -> tuple[list[torch.Tensor], Span | None]:
         """The items' embeddings, and the staging span they alias (None: copied out, freed)."""
-        if self.agent is None:
-            raise EpdError(503, "this worker cannot receive embeddings over NIXL")
+        agent = self._nixl
         tensors = [item.embedding for item in items]
         for item, t in zip(items, tensors, strict=True):
             rows = embedding_rows(item.length, item.embed_mask)
@@ -145,13 +144,13 @@ class MediaResolver:
                 )
         deadline = time.monotonic() + self.read_timeout
         nbytes = sum(t.nbytes for t in tensors)
-        allocator = self.agent.allocator
+        allocator = agent.allocator
         hold = allocator.allocated_bytes + nbytes <= allocator.capacity // 2
         span = await self._alloc(nbytes, deadline)
         try:
-            offsets = await self.agent.read(req.handoff, tensors, span, max(deadline - time.monotonic(), 0.001))
+            offsets = await agent.read(req.handoff, tensors, span, max(deadline - time.monotonic(), 0.001))
             views = [
-                self.agent.view(Span(span.offset + off, t.nbytes), torch_dtype(t.dtype), tuple(t.shape))
+                agent.view(Span(span.offset + off, t.nbytes), torch_dtype(t.dtype), tuple(t.shape))
                 for off, t in zip(offsets, tensors, strict=True)
             ]
         except BaseException:
@@ -163,19 +162,26 @@ class MediaResolver:
         self._release(span)
         return copies, None
 
+    @property
+    def _nixl(self) -> TransferAgent:
+        if self.agent is None:
+            raise EpdError(503, "this worker cannot receive embeddings over NIXL")
+        return self.agent
+
     def _release(self, span: Span) -> None:
-        self.agent.free(span)
+        self._nixl.free(span)
         self._freed.set()
 
     async def _alloc(self, nbytes: int, deadline: float) -> Span:
         """A staging span, waiting for other requests' reads to free room until `deadline`."""
-        if nbytes > self.agent.allocator.capacity:
+        agent = self._nixl
+        if nbytes > agent.allocator.capacity:
             raise EpdError(
                 503,
                 f"the request's embeddings ({nbytes} bytes) exceed this worker's "
-                f"--embedding-buffer-bytes ({self.agent.allocator.capacity})",
+                f"--embedding-buffer-bytes ({agent.allocator.capacity})",
             )
-        while (span := self.agent.alloc(nbytes)) is None:
+        while (span := agent.alloc(nbytes)) is None:
             self._freed.clear()
             try:
                 await asyncio.wait_for(self._freed.wait(), deadline - time.monotonic())

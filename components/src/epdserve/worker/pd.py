@@ -7,11 +7,9 @@ its prompt's KV is READ from the prefill worker into the blocks the engine gives
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
@@ -19,6 +17,7 @@ from epdserve.engine.async_engine import AsyncEngine
 from epdserve.engine.base import EngineOutput, EngineRequest, KVAdmitted, SamplingParams, TokenLogprob
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
+from epdserve.transfer.hold import ReadHold
 from epdserve.worker.kv_transfer import KVTransfer
 from epdserve.worker.media_sources import MediaResolver, placed_input
 
@@ -130,9 +129,9 @@ class PDHandler:
 
 class PrefillHandler:
     """Serves `GenerateRequest` -> one `TokenDelta`: the first token, with a `KVHandoff` of the
-    prompt's KV unless the request finished with it. The blocks stay held, and the stream
-    open, until the decode worker's READ notifies, the stream is cancelled, or `hold_timeout`
-    seconds pass."""
+    prompt's KV unless the request finished with it. The blocks stay held (a `ReadHold`), and
+    the stream open, until the decode worker's READ notifies, the stream is cancelled, or
+    `hold_timeout` seconds pass; the engine releases them then, and in every other path."""
 
     def __init__(self, engine: AsyncEngine, media: MediaResolver, kv: KVTransfer, hold_timeout: float = 30.0):
         self.engine = engine
@@ -144,8 +143,7 @@ class PrefillHandler:
         req = pb.GenerateRequest.FromString(payload)
         rid = req.request_id
         sampling = sampling_from_proto(req.sampling)
-        notif = f"{rid}/{uuid.uuid4().hex[:8]}".encode()
-        try:
+        with ReadHold(self.kv.agent, rid, lambda: self.engine.release(rid), "the prompt's KV") as hold:
             async with self.media.resolve(req) as mm_inputs:
                 ereq = EngineRequest(rid, list(req.token_ids), replace(sampling, max_tokens=1), mm_inputs, hold_kv=True)
                 (out,) = [o async for o in _outputs(self.engine, ereq)]
@@ -155,14 +153,8 @@ class PrefillHandler:
             if finished:
                 yield delta.SerializeToString()
                 return
-            assert out.held_blocks is not None, "a hold_kv request finishes naming its held blocks"
-            read = self.kv.agent.expect(notif)
-            delta.kv.CopyFrom(self.kv.handoff(notif, out.held_blocks, out.new_token_ids[0], self.hold_timeout))
+            if out.held_blocks is None:
+                raise EpdError(500, "the engine held no KV blocks for the prompt")
+            delta.kv.CopyFrom(self.kv.handoff(hold.expect(), out.held_blocks, out.new_token_ids[0], self.hold_timeout))
             yield delta.SerializeToString()
-            try:
-                await asyncio.wait_for(read, self.hold_timeout)
-            except TimeoutError:
-                log.warning("[%s] no decode worker read the KV in %.0f s; freeing it", rid, self.hold_timeout)
-        finally:
-            self.kv.agent.forget(notif)
-            self.engine.release(rid)
+            await hold.wait(self.hold_timeout)

@@ -1,75 +1,81 @@
-"""Assembles each role from the shared machinery: a `Service` per role, started in order."""
+"""The worker services: each builds what its role's `RoleSpec` (worker/roles.py) needs, then its handler."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
-from typing import ClassVar
 
 import torch
 
-from epdserve.config import Role, WorkerConfig
+from epdserve.config import WorkerConfig
 from epdserve.engine.async_engine import AsyncEngine
 from epdserve.engine.paged import EngineConfig, PagedEngine
 from epdserve.engine.scheduler import SchedulerConfig
 from epdserve.kernels.cpu import CpuKernels, load_cpu_kernels
 from epdserve.models.base import MediaEncoder, ModelFamily, MultimodalModel
 from epdserve.runtime.mailbox import Mailbox, mailbox_subject
-from epdserve.runtime.service import BACKEND, DECODE, ENCODER, PREFILL, Service
+from epdserve.runtime.service import Service
 from epdserve.transfer.agent import TransferAgent
 from epdserve.worker.ec_storage import EmbeddingStorage
-from epdserve.worker.embedding_cache import EmbeddingCache
-from epdserve.worker.encode import MediaEmbedder, NixlEncodeHandler, StorageEncodeHandler
+from epdserve.worker.encode import MediaEmbedder
 from epdserve.worker.encode_batcher import EncodeBatcher
 from epdserve.worker.kv_transfer import KVTransfer
 from epdserve.worker.media_sources import MediaResolver
-from epdserve.worker.pd import PDHandler, PrefillHandler
+from epdserve.worker.roles import ROLES, Parts, RoleSpec, need
 
 log = logging.getLogger(__name__)
 
 
-class PDService(Service):
-    """The language model on the paged engine: prefill and decode (`--multimodal-worker`, and
-    text-only workers), prefill only (`--is-prefill-worker`: the first token, then the KV goes
-    to a decode worker over NIXL), or decode (`--multimodal-decode-worker`: continues
-    requests prefilled elsewhere, prefills the others itself). Media arrive as bytes (encoded
-    here), as embeddings over NIXL, or in the embedding cache on disk."""
+class _RoleService(Service):
+    """A worker part, wired as its role's `RoleSpec` (worker/roles.py) says."""
 
-    COMPONENTS: ClassVar[dict[Role, str]] = {Role.PREFILL: PREFILL, Role.ENCODE_PREFILL: PREFILL, Role.DECODE: DECODE}
+    @property
+    def spec(self) -> RoleSpec:
+        return ROLES[self.config.role]
+
+    def _agent(self, capacity: int, device: torch.device) -> TransferAgent | None:
+        """The role's NIXL agent, registering `capacity` bytes on `device` now, so that the
+        first request does not pay for it; None when the role needs none."""
+        if not (self.spec.nixl_agent and self.config.enable_multimodal):
+            return None
+        return TransferAgent(f"{self.spec.component}-{self.runtime.instance_id}", capacity, device)
+
+    def _storage(self) -> EmbeddingStorage | None:
+        path = self.config.ec_storage_path
+        return EmbeddingStorage(path) if self.spec.ec_storage and path else None
+
+
+class PDService(_RoleService):
+    """The language model on the paged engine, for the roles with a `generate` handler: prefill
+    and decode (`--multimodal-worker`, and text-only workers), prefill only
+    (`--is-prefill-worker`: the first token, then the KV goes to a decode worker over NIXL), or
+    decode (`--multimodal-decode-worker`: continues requests prefilled elsewhere, prefills the
+    others itself). Media arrive as bytes (encoded here), as embeddings over NIXL, or in the
+    embedding cache on disk."""
 
     async def start(self) -> None:
-        c = self.config
+        c, spec = self.config, self.spec
+        build = need(spec.generate, "a generate handler")
         model = await asyncio.to_thread(load_model, c, self.family)
         config = engine_config(c, self.max_model_len)
-        paged = await asyncio.to_thread(PagedEngine, model, config)
-        self.engine = AsyncEngine(paged)
+        self.paged = await asyncio.to_thread(PagedEngine, model, config)
+        self.engine = AsyncEngine(self.paged)
         self.engine.start()
-        component = self.COMPONENTS.get(c.role, BACKEND)
-        # Registered once here (staging region, KV pool), so that the first request does not pay
-        # for it. Prefill and decode roles are multimodal roles: they have an agent.
-        self.agent = (
-            TransferAgent(f"{component}-{self.runtime.instance_id}", c.embedding_buffer_bytes, model.device)
-            if c.enable_multimodal
-            else None
-        )
-        self.kv = KVTransfer(self.agent, paged.kv) if component != BACKEND else None
-        storage = EmbeddingStorage(c.ec_storage_path) if c.ec_storage_path else None
-        self.mailbox = Mailbox() if c.enable_multimodal else None  # encode workers post results here
-        media = MediaResolver(model, self.agent, storage, self.mailbox)
-        handler = (
-            PrefillHandler(self.engine, media, self.kv, c.kv_handoff_timeout)
-            if component == PREFILL
-            else PDHandler(self.engine, media, self.kv)
-        )
-        subject = await self.runtime.serve(component, "generate", handler.generate)
+        self.agent = self._agent(c.embedding_buffer_bytes, model.device)
+        self.kv = KVTransfer(need(self.agent, "--enable-multimodal"), self.paged.kv) if spec.kv_transfer else None
+        self.mailbox = Mailbox() if spec.mailbox and c.enable_multimodal else None  # encode workers deliver here
+        media = MediaResolver(model, self.agent, self._storage(), self.mailbox)
+        parts = Parts(c, self.runtime.plane.post, engine=self.engine, media=media, kv=self.kv, agent=self.agent)
+        handler = build(parts)
+        subject = await self.runtime.serve(spec.component, "generate", handler.generate)
         if self.mailbox is not None:
             await self.runtime.plane.listen(mailbox_subject(subject), self.mailbox.put)
-        await self.serve_stats(component, self._counters)
-        await self.runtime.publish_card(self.card("tokens", component, subject))
+        await self.serve_stats(spec.component, self._counters)
+        await self.runtime.publish_card(self.card("tokens", spec.component, subject))
 
     def _counters(self) -> dict[str, int]:
-        engine = dataclasses.asdict(self.engine.engine.stats())
+        engine = dataclasses.asdict(self.paged.stats())
         mailbox = {"mailbox_unclaimed": self.mailbox.unclaimed} if self.mailbox is not None else {}
         agent = self.agent.stats() if self.agent is not None else {}
         return engine | mailbox | agent | (self.kv.stats() if self.kv is not None else {})
@@ -80,24 +86,23 @@ class PDService(Service):
             self.agent.close()
 
 
-class EncodeService(Service):
-    """Media encoding for PD/prefill workers: the tower and projector only. Embeddings go out
-    over NIXL from a registered cache, or (native encoder) into the embedding cache on disk."""
+class EncodeService(_RoleService):
+    """Media encoding for PD/prefill workers, for the roles with an `encode` handler: the tower
+    and projector only. Embeddings go out over NIXL from a registered cache, or (native
+    encoder) into the embedding cache on disk."""
 
     async def start(self) -> None:
-        c = self.config
+        c, spec = self.config, self.spec
+        build = need(spec.encode, "an encode handler")
         encoder = await asyncio.to_thread(load_encoder, c, self.family)
         self.batcher = EncodeBatcher(encoder)
+        self.agent = self._agent(c.encoder_cache_bytes, encoder.device)
         embedder = MediaEmbedder(encoder, self.batcher)
-        self.agent = None
-        if c.role is Role.NATIVE_ENCODER:
-            handler = StorageEncodeHandler(embedder, EmbeddingStorage(c.ec_storage_path), self.runtime.plane.post)
-        else:
-            self.agent = TransferAgent(f"{ENCODER}-{self.runtime.instance_id}", c.encoder_cache_bytes, encoder.device)
-            handler = NixlEncodeHandler(embedder, EmbeddingCache(self.agent), self.agent, self.runtime.plane.post)
-        subject = await self.runtime.serve(ENCODER, "encode", handler.encode)
-        await self.serve_stats(ENCODER, handler.stats)
-        await self.runtime.publish_card(self.card("media", ENCODER, subject))
+        parts = Parts(c, self.runtime.plane.post, embedder=embedder, agent=self.agent, storage=self._storage())
+        handler = build(parts)
+        subject = await self.runtime.serve(spec.component, "encode", handler.encode)
+        await self.serve_stats(spec.component, handler.stats)
+        await self.runtime.publish_card(self.card("media", spec.component, subject))
 
     async def stop(self) -> None:
         await self.batcher.close()
