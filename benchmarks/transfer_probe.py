@@ -150,12 +150,13 @@ class KVHolder:
 
     def __init__(self, spec: dict[str, Any]):
         from epdserve.transfer.agent import TransferAgent
+        from epdserve.config import TransferTimeouts
         from epdserve.worker.kv_transfer import KVTransfer
         self.agent = TransferAgent("holder", 0, torch.device("cpu"))
         kv = _kv_pool(spec["kv"])
         self.pool = kv.pool   # KVTransfer keeps only its layout; registered memory must stay alive
         _block_bytes(self.pool)[:] = _block_marks(self.pool).unsqueeze(-1)
-        self.kv = KVTransfer(self.agent, kv)
+        self.kv = KVTransfer(self.agent, kv, TransferTimeouts())
         self.blocks = [case["remote"] for case in spec["cases"]]
 
     def describe(self) -> bytes:
@@ -203,10 +204,11 @@ class HandoffReader:
 
     def __init__(self, capacity: int):
         from epdserve.transfer.agent import TransferAgent
+        from epdserve.config import TransferTimeouts
         from epdserve.worker.media_sources import MediaResolver
         self.agent = TransferAgent("reader", capacity, torch.device("cpu"))
         _check_ucx(self.agent._nixl)
-        self.resolver = MediaResolver(None, self.agent, None)   # embedding items never reach the model
+        self.resolver = MediaResolver(None, self.agent, None, None, TransferTimeouts())   # embedding items never reach the model
         self.read_s = 0.0
         read = self.agent.read
 
@@ -269,10 +271,11 @@ class KVReader:
 
     def __init__(self, spec: dict[str, Any], one_range: bool):
         from epdserve.transfer.agent import TransferAgent
+        from epdserve.config import TransferTimeouts
         from epdserve.worker.kv_transfer import KVTransfer
         self.agent = TransferAgent("reader", 0, torch.device("cpu"))
         kv = _kv_pool(spec["kv"])
-        self.kv = KVTransfer(self.agent, kv)
+        self.kv = KVTransfer(self.agent, kv, TransferTimeouts())
         self.pool = _block_bytes(kv.pool)   # a view: keeps the registered pool alive
         self.marks = _block_marks(kv.pool)   # the holder's pool has the same shape
         self.cases = spec["cases"]

@@ -9,7 +9,7 @@ import uuid
 import pytest
 import torch
 
-from epdserve.config import PlaneTimeouts
+from epdserve.config import PlaneTimeouts, TransferTimeouts
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
 from epdserve.runtime.mailbox import Mailbox, mailbox_subject
@@ -70,7 +70,7 @@ async def test_posts_reach_the_listener_whole_even_when_chunked(infra):
 
 async def test_the_resolver_takes_the_posted_sources_or_gives_up():
     box = Mailbox()
-    resolver = MediaResolver(None, None, None, box, encoder_timeout=0.05)
+    resolver = MediaResolver(None, None, None, box, TransferTimeouts(encoder_result_timeout=0.05))
     req = pb.GenerateRequest(request_id="r", media_mailbox_key="r",
                              media=[pb.MediaItem(modality="image", hash="a", offset=1, length=4)])
     with pytest.raises(EpdError) as err:

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from epdserve.attention.kv_cache import KVCache
+from epdserve.config import TransferTimeouts
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
 from epdserve.transfer.agent import TransferAgent, torch_dtype
@@ -168,7 +169,7 @@ async def test_encode_handler_unpins_on_every_ending(how):
     from epdserve.worker.encode import NixlEncodeHandler
     agent = TransferAgent(f"test-encode-{how.replace(' ', '-')}", 1 << 16, CPU)
     reader = TransferAgent(f"test-pd-{how.replace(' ', '-')}", 1 << 16, CPU)
-    handler = NixlEncodeHandler(_StubEmbedder(), EmbeddingCache(agent), agent, _no_post, handoff_timeout=0.2)
+    handler = NixlEncodeHandler(_StubEmbedder(), EmbeddingCache(agent), agent, _no_post, TransferTimeouts(embedding_hold_timeout=0.2))
     req = pb.EncodeRequest(request_id="r", media=[pb.MediaItem(modality="image", hash=h, length=4, data=b"x")
                                                    for h in ("a", "b", "a")])
     try:
@@ -238,7 +239,7 @@ async def test_kv_load_reads_in_time_and_refuses_once_the_hold_may_have_run_out(
     prefill_kv.pool.copy_(torch.randn_like(prefill_kv.pool))
     holder, reader = TransferAgent("test-kvt-prefill", 0, CPU), TransferAgent("test-kvt-decode", 0, CPU)
     try:
-        sender, receiver = KVTransfer(holder, prefill_kv), KVTransfer(reader, decode_kv)
+        sender, receiver = KVTransfer(holder, prefill_kv, TransferTimeouts()), KVTransfer(reader, decode_kv, TransferTimeouts())
         handoff = sender.handoff(b"kv-2", [1, 2, 5], first_token=7, hold_s=1.5)
         with pytest.raises(EpdError) as err:   # 0.6 s after arrival: under the 1 s margin of 1.5 s
             await receiver.load(handoff, [3, 4, 6], 0, received=time.monotonic() - 0.6)

@@ -67,6 +67,22 @@ class MediaConfig:
 
 
 @dataclass(frozen=True)
+class TransferTimeouts:
+    """Deadlines of the hand-offs between workers, in seconds."""
+
+    read_timeout: float = 10.0  # one NIXL READ of embeddings or KV, the wait for staging room included
+    # A PD/prefill worker waits this long for an encode worker's MediaDelivery; a backstop: the
+    # processor cancels the request when its encode fails.
+    encoder_result_timeout: float = 60.0
+    embedding_hold_timeout: float = 30.0  # an encode worker pins embeddings this long for their READ
+    kv_handoff_timeout: float = 30.0  # a prefill worker holds a prompt's KV this long for its READ
+    # The handoff travels prefill worker -> processor -> decode worker, and the READ takes time
+    # too: a decode worker starts no READ this close to the end of the holder's hold.
+    kv_hold_margin: float = 1.0
+    mailbox_ttl: float = 60.0  # a MediaDelivery nobody claims is dropped after this
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     role: Role
     model: str
@@ -86,7 +102,7 @@ class WorkerConfig:
     ec_storage_path: str | None = None
     encoder_cache_bytes: int = 256 << 20  # encode worker: embedding cache, NIXL-registered
     embedding_buffer_bytes: int = 64 << 20  # PD/prefill worker: staging for embeddings it READs
-    kv_handoff_timeout: float = 30.0  # prefill worker: seconds a prompt's KV waits for its READ
+    transfer: TransferTimeouts = TransferTimeouts()
     cpu_kernels: bool = True  # our AVX-512 kernels for float32 decode on CPU
 
 
@@ -221,12 +237,7 @@ def worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         default=WorkerConfig.embedding_buffer_bytes,
         help="PD/prefill worker: bytes registered with NIXL to receive embeddings into",
     )
-    p.add_argument(
-        "--kv-handoff-timeout",
-        type=float,
-        default=WorkerConfig.kv_handoff_timeout,
-        help="prefill worker: seconds it keeps a prompt's KV blocks for a decode worker to READ before freeing them",
-    )
+    _add_transfer_args(p)
     p.add_argument(
         "--cpu-kernels",
         action=argparse.BooleanOptionalAction,
@@ -242,6 +253,50 @@ def worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     _add_runtime_args(p, env)
     return p
+
+
+def _add_transfer_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("hand-offs between workers (seconds)")
+    t = TransferTimeouts()
+    g.add_argument("--nixl-read-timeout", type=float, default=t.read_timeout, help="bounds one NIXL READ")
+    g.add_argument(
+        "--encoder-result-timeout",
+        type=float,
+        default=t.encoder_result_timeout,
+        help="PD/prefill worker: how long a request waits for its encode worker's embeddings",
+    )
+    g.add_argument(
+        "--embedding-hold-timeout",
+        type=float,
+        default=t.embedding_hold_timeout,
+        help="encode worker: how long embeddings stay pinned for their READ",
+    )
+    g.add_argument(
+        "--kv-handoff-timeout",
+        type=float,
+        default=t.kv_handoff_timeout,
+        help="prefill worker: seconds it keeps a prompt's KV blocks for a decode worker to READ before freeing them",
+    )
+    g.add_argument(
+        "--kv-hold-margin",
+        type=float,
+        default=t.kv_hold_margin,
+        help="decode worker: no READ starts this close to the end of the prefill worker's hold",
+    )
+    g.add_argument(
+        "--mailbox-ttl", type=float, default=t.mailbox_ttl, help="an unclaimed embedding delivery is dropped after this"
+    )
+
+
+def _transfer(args: argparse.Namespace) -> TransferTimeouts:
+    return TransferTimeouts(
+        read_timeout=args.nixl_read_timeout,
+        encoder_result_timeout=args.encoder_result_timeout,
+        embedding_hold_timeout=args.embedding_hold_timeout,
+        kv_handoff_timeout=args.kv_handoff_timeout,
+        kv_hold_margin=args.kv_hold_margin,
+        mailbox_ttl=args.mailbox_ttl,
+    )
 
 
 def _role(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Role:
@@ -300,7 +355,7 @@ def parse_worker_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> Wor
         ec_storage_path=args.ec_storage_path,
         encoder_cache_bytes=args.encoder_cache_bytes,
         embedding_buffer_bytes=args.embedding_buffer_bytes,
-        kv_handoff_timeout=args.kv_handoff_timeout,
+        transfer=_transfer(args),
         cpu_kernels=args.cpu_kernels,
         kernel_cache_dir=args.kernel_cache_dir,
     )

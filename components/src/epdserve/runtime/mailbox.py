@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from google.protobuf.message import DecodeError
 
+from epdserve.config import TransferTimeouts
 from epdserve.protocol import epdserve_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class Mailbox:
     second one) is dropped. Used from the event loop only.
     """
 
-    def __init__(self, ttl: float = 60.0):
+    def __init__(self, ttl: float = TransferTimeouts.mailbox_ttl):
         self.ttl = ttl
         self._waiting: dict[str, asyncio.Future[pb.MediaDelivery]] = {}
         self._unclaimed: dict[str, tuple[float, pb.MediaDelivery]] = {}  # key -> (arrived, delivery)

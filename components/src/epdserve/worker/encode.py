@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import torch
 
+from epdserve.config import TransferTimeouts
 from epdserve.engine.base import embedding_rows
 from epdserve.models.base import MediaEncoder
 from epdserve.protocol import epdserve_pb2 as pb
@@ -99,7 +100,7 @@ class NixlEncodeHandler:
     """Serves `EncodeRequest` -> `EncodeResult` naming each embedding in the NIXL cache.
 
     The items stay pinned (a `ReadHold`) until the reader's READ notification arrives, the
-    stream is cancelled, or `handoff_timeout` seconds pass; then the stream ends.
+    stream is cancelled, or `timeouts.embedding_hold_timeout` passes; then the stream ends.
     """
 
     def __init__(
@@ -108,13 +109,13 @@ class NixlEncodeHandler:
         cache: EmbeddingCache,
         agent: TransferAgent,
         post: Post,
-        handoff_timeout: float = 30.0,
+        timeouts: TransferTimeouts,
     ):
         self.embedder = embedder
         self.cache = cache
         self.agent = agent
         self.post = post
-        self.handoff_timeout = handoff_timeout
+        self.timeouts = timeouts
 
     async def encode(self, payload: bytes) -> AsyncIterator[bytes]:
         req = pb.EncodeRequest.FromString(payload)
@@ -126,7 +127,7 @@ class NixlEncodeHandler:
                 out.embedding.CopyFrom(self.cache.remote(entry))
                 result.media.append(out)
             yield await _answer(self.post, req, result)
-            await hold.wait(self.handoff_timeout)
+            await hold.wait(self.timeouts.embedding_hold_timeout)
 
     async def _pinned_entries(self, items: Sequence[pb.MediaItem]) -> list[CachedEmbedding]:
         """Each item's cache entry, pinned: hits as they are, misses encoded (concurrently)."""

@@ -12,24 +12,22 @@ from __future__ import annotations
 import time
 
 from epdserve.attention.kv_cache import KVCache
+from epdserve.config import TransferTimeouts
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
 from epdserve.transfer.agent import TransferAgent
 from epdserve.transfer.kv_layout import KVLayout, paired_ranges
 
-# The handoff travels prefill worker -> processor -> here before `received` is taken, and the
-# READ takes time too: stop starting READs this long before the holder's hold runs out.
-HOLD_MARGIN_S = 1.0
-
 
 class KVTransfer:
-    """`kv`'s pool registered with `agent`. `read_timeout` (seconds) bounds one load."""
+    """`kv`'s pool registered with `agent`. `timeouts.read_timeout` bounds one load; no load
+    starts within `timeouts.kv_hold_margin` of the end of the holder's hold."""
 
-    def __init__(self, agent: TransferAgent, kv: KVCache, read_timeout: float = 10.0):
+    def __init__(self, agent: TransferAgent, kv: KVCache, timeouts: TransferTimeouts):
         agent.register(kv.pool)
         self.agent = agent
         self.layout = KVLayout.of(kv)
-        self.read_timeout = read_timeout
+        self.timeouts = timeouts
         self.blocks_read = 0
         self.blocks_cached = 0  # blocks a load skipped: the decode side's prefix cache had them
         self.bytes_read = 0
@@ -52,7 +50,7 @@ class KVTransfer:
         the handoff arrived (`time.monotonic()`). EpdError(503) when the holder is gone, the
         READ fails, or the holder's hold may have run out (it may have reused the blocks);
         500 when the pools do not match."""
-        if time.monotonic() - received > handoff.hold_ms / 1000 - HOLD_MARGIN_S:
+        if time.monotonic() - received > handoff.hold_ms / 1000 - self.timeouts.kv_hold_margin:
             raise EpdError(
                 503,
                 f"the prefill worker's hold on the prompt's KV ({handoff.hold_ms} ms) ran out "
@@ -75,7 +73,7 @@ class KVTransfer:
         except ValueError as exc:
             raise EpdError(500, f"the prefill worker's KV cache does not match this worker's: {exc}") from None
         start = time.perf_counter()
-        await self.agent.read_ranges(handoff.holder, mine, theirs, self.read_timeout)
+        await self.agent.read_ranges(handoff.holder, mine, theirs, self.timeouts.read_timeout)
         self.read_s += time.perf_counter() - start
         self.blocks_read += len(blocks) - cached
         self.bytes_read += sum(n for _, n in mine)

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from epdserve.config import TransferTimeouts
 from epdserve.engine.base import MultiModalInput, embed_mask_from_bytes, embedding_rows
 from epdserve.models.base import MediaEncoder
 from epdserve.protocol import epdserve_pb2 as pb
@@ -55,25 +56,22 @@ def placed_input(item: pb.MediaItem) -> MultiModalInput:
 class MediaResolver:
     """`agent` is None on workers that cannot receive embeddings over NIXL, `storage` None
     without `--ec-storage-path`, `mailbox` None on workers that take no media from encode
-    workers. Timeouts in seconds: `read_timeout` bounds the wait for staging room plus the
-    READ; `encoder_timeout` the wait for an encoder's result, a backstop: the processor cancels
-    the request when its encode fails."""
+    workers. `timeouts.read_timeout` bounds the wait for staging room plus the READ;
+    `timeouts.encoder_result_timeout` the wait for an encoder's delivery."""
 
     def __init__(
         self,
         model: MediaEncoder,
         agent: TransferAgent | None,
         storage: EmbeddingStorage | None,
-        mailbox: Mailbox | None = None,
-        read_timeout: float = 10.0,
-        encoder_timeout: float = 60.0,
+        mailbox: Mailbox | None,
+        timeouts: TransferTimeouts,
     ):
         self.model = model
         self.agent = agent
         self.storage = storage
         self.mailbox = mailbox
-        self.read_timeout = read_timeout
-        self.encoder_timeout = encoder_timeout
+        self.timeouts = timeouts
         self._freed = asyncio.Event()
 
     @contextlib.asynccontextmanager
@@ -100,10 +98,11 @@ class MediaResolver:
         if self.mailbox is None:
             raise EpdError(503, "this worker takes no media from encode workers")
         try:
-            delivery = await self.mailbox.take(req.media_mailbox_key, self.encoder_timeout)
+            delivery = await self.mailbox.take(req.media_mailbox_key, self.timeouts.encoder_result_timeout)
         except TimeoutError:
+            waited = self.timeouts.encoder_result_timeout
             raise EpdError(
-                503, f"no encode worker delivered the media of request {req.request_id} in {self.encoder_timeout:.0f} s"
+                503, f"no encode worker delivered the media of request {req.request_id} in {waited:.0f} s"
             ) from None
         apply_encode_result(req, delivery.result)
 
@@ -142,7 +141,7 @@ class MediaResolver:
                 raise EpdError(
                     500, f"embedding of media item {item.hash[:16]} has shape {list(t.shape)} for {rows} placeholders"
                 )
-        deadline = time.monotonic() + self.read_timeout
+        deadline = time.monotonic() + self.timeouts.read_timeout
         nbytes = sum(t.nbytes for t in tensors)
         allocator = agent.allocator
         hold = allocator.allocated_bytes + nbytes <= allocator.capacity // 2

@@ -133,7 +133,13 @@ class PrefillHandler:
     the stream open, until the decode worker's READ notifies, the stream is cancelled, or
     `hold_timeout` seconds pass; the engine releases them then, and in every other path."""
 
-    def __init__(self, engine: AsyncEngine, media: MediaResolver, kv: KVTransfer, hold_timeout: float = 30.0):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        media: MediaResolver,
+        kv: KVTransfer,
+        hold_timeout: float,
+    ):
         self.engine = engine
         self.media = media
         self.kv = kv

@@ -95,12 +95,12 @@ def _pd(p: Parts) -> PDHandler:
 
 def _prefill(p: Parts) -> PrefillHandler:
     engine, media = need(p.engine, "an engine"), need(p.media, "a media resolver")
-    return PrefillHandler(engine, media, need(p.kv, "a KV transfer"), p.config.kv_handoff_timeout)
+    return PrefillHandler(engine, media, need(p.kv, "a KV transfer"), p.config.transfer.kv_handoff_timeout)
 
 
 def _nixl_encode(p: Parts) -> NixlEncodeHandler:
     agent = need(p.agent, "a NIXL agent")
-    return NixlEncodeHandler(need(p.embedder, "an embedder"), EmbeddingCache(agent), agent, p.post)
+    return NixlEncodeHandler(need(p.embedder, "an embedder"), EmbeddingCache(agent), agent, p.post, p.config.transfer)
 
 
 def _storage_encode(p: Parts) -> StorageEncodeHandler:

@@ -63,9 +63,12 @@ class PDService(_RoleService):
         self.engine = AsyncEngine(self.paged)
         self.engine.start()
         self.agent = self._agent(c.embedding_buffer_bytes, model.device)
-        self.kv = KVTransfer(need(self.agent, "--enable-multimodal"), self.paged.kv) if spec.kv_transfer else None
-        self.mailbox = Mailbox() if spec.mailbox and c.enable_multimodal else None  # encode workers deliver here
-        media = MediaResolver(model, self.agent, self._storage(), self.mailbox)
+        self.kv = (
+            KVTransfer(need(self.agent, "--enable-multimodal"), self.paged.kv, c.transfer) if spec.kv_transfer else None
+        )
+        # Encode workers deliver media here.
+        self.mailbox = Mailbox(c.transfer.mailbox_ttl) if spec.mailbox and c.enable_multimodal else None
+        media = MediaResolver(model, self.agent, self._storage(), self.mailbox, c.transfer)
         parts = Parts(c, self.runtime.plane.post, engine=self.engine, media=media, kv=self.kv, agent=self.agent)
         handler = build(parts)
         subject = await self.runtime.serve(spec.component, "generate", handler.generate)
