@@ -3,7 +3,7 @@
 A peer's READ of our memory completes only once our UCX worker has progressed (it answers
 over the TCP lane), so something must progress it promptly. NIXL's progress thread does, but
 its Python wrapper gives the thread's poll() a timeout of 0, and the thread then spins (0.6
-of a core idle, DESIGN.md, Transfer). We give it PROGRESS_POLL_TIMEOUT_US instead: the thread
+of a core idle, docs/architecture.md, Transfer). We give it PROGRESS_POLL_TIMEOUT_US instead: the thread
 sleeps until the worker has traffic. Measured: a 0.5 MB READ took 1-2 ms when the holder
 polled from Python every few ms, 0.6-0.8 ms with the thread; idle, the thread costs ~0.3% of
 a core.
