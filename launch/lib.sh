@@ -1,5 +1,5 @@
+# Shared machinery of the launch scripts: arguments, infrastructure, children, shutdown.
 # Sourced by launch/<topology>.sh; the launch-script contract is in README.md ("Running a cluster").
-# Sourced by launch/<topology>.sh; the contract is in README.md ("Launch scripts").
 
 PYTHON=${PYTHON:-python}
 ETCD_ENDPOINTS=${ETCD_ENDPOINTS:-http://127.0.0.1:2379}
