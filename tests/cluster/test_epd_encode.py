@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chat import MAX_TOKENS, assert_matches_oracle, chat_all_at_once, chat_messages, run_chat
-from cluster import assert_idle, launch
-from oracle import hf_greedy, make_image
+from support.chat import MAX_TOKENS, assert_matches_oracle, chat_all_at_once, chat_messages, run_chat
+from support.cluster import assert_idle, launch
+from support.oracle import hf_greedy, make_image
 
 CACHE_BYTES = 1 << 20   # tiny LLaVA embeddings are 4 KiB: room for ~250, so eviction is exercised below
 TOPOLOGIES = {

@@ -16,10 +16,9 @@ import openai
 import pytest
 from PIL import Image
 
-from chat import MAX_TOKENS, assert_matches_oracle, chat_messages, run_chat
-from cluster import launch
-from helpers import free_port
-from oracle import hf_greedy, make_image
+from support.chat import MAX_TOKENS, assert_matches_oracle, chat_messages, run_chat
+from support.cluster import free_port, launch
+from support.oracle import hf_greedy, make_image
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from chat import assert_matches_oracle, chat_messages, run_chat
-from cluster import ROOT, launch, start
-from oracle import make_image
+from support.chat import assert_matches_oracle, chat_messages, run_chat
+from support.cluster import ROOT, launch, start
+from support.oracle import make_image
 
 SCRIPT = ROOT / "launch" / "disagg_multimodal_llama.sh"
 IMAGES = {0: [], 1: [(64, 48)], 2: [(32, 32), (128, 32)]}   # (W, H): 1 to 4 tiles, plus a global tile

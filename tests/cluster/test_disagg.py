@@ -13,9 +13,9 @@ import time
 import openai
 import pytest
 
-from chat import MAX_TOKENS, assert_matches_oracle, chat_all_at_once, chat_messages, run_chat
-from cluster import assert_idle, launch
-from oracle import hf_greedy, make_image
+from support.chat import MAX_TOKENS, assert_matches_oracle, chat_all_at_once, chat_messages, run_chat
+from support.cluster import assert_idle, launch
+from support.oracle import hf_greedy, make_image
 
 # Small blocks: a prompt spans many, so READs merge runs and the prefix cache hits partly.
 FLAGS = ("--block-size", "4", "--num-kv-blocks", "512")

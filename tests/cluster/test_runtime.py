@@ -19,7 +19,7 @@ from epdserve.protocol.errors import EpdError
 from epdserve.runtime import request_plane, services
 from epdserve.runtime.discovery import Discovery
 from epdserve.runtime.request_plane import RequestPlane, round_trip
-from helpers import free_port
+from support.cluster import free_port
 
 
 class Registry:

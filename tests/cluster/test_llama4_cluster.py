@@ -9,9 +9,9 @@ import httpx
 import openai
 import pytest
 
-from chat import MAX_TOKENS, assert_matches_oracle, chat_messages, run_chat
-from cluster import launch
-from oracle import make_image
+from support.chat import MAX_TOKENS, assert_matches_oracle, chat_messages, run_chat
+from support.cluster import launch
+from support.oracle import make_image
 
 # 1 tile; 2x2 tiles + global; a panorama in 1x4 tiles + global (80 positions among 89).
 IMAGES = {"one-tile": make_image(1, (20, 20)), "2x2": make_image(2, (64, 48)), "wide": make_image(3, (200, 33))}
