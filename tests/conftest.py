@@ -20,6 +20,7 @@ if str(TESTS) not in sys.path:
 from support.cluster import Infra, infra_servers  # noqa: E402
 
 
+@pytest.hookimpl(tryfirst=True)   # before `-m` deselects
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     cluster_dir = TESTS / "cluster"
     for item in items:

@@ -31,7 +31,7 @@ from epdserve.tools.procs import pid_with_arg, tagged_pids
 from epdserve.tools.stats import worker_stats
 
 ROOT = Path(__file__).resolve().parents[2]
-TAG_VAR = "EPDSERVE_TEST_TAG"
+TAG_VAR = "EPDSERVE_CLUSTER_TAG"
 READY_TIMEOUT_S = 240
 
 Command = Callable[[int, str], list[str]]   # (HTTP port, namespace) -> the command starting a cluster
