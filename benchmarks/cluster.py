@@ -1,49 +1,35 @@
-"""A real cluster for the benchmarks: etcd + NATS on free ports, a launch script, and the
-streaming `openai` client that drives it (closed-loop load, tokens timed on arrival)."""
+"""A real cluster for the benchmarks, started by the tests' harness (`tests/support/cluster.py`:
+etcd + NATS on free ports, a launch script, every process stopped by PID), and the streaming
+`openai` client that drives it (closed-loop load, tokens timed on arrival)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import os
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 
-from common import TAG_VAR, RequestRecord, WorkItem, free_port, stop_tagged
-from epdserve.config import RuntimeConfig
-from epdserve.runtime import services
-from epdserve.tools.procs import pid_with_arg
-from epdserve.tools.stats import worker_stats
+from metrics import RequestRecord
+from workload import WorkItem
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "tests") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tests"))
+
+from support.cluster import Cluster, infra_servers, launch, running  # noqa: E402
+
+__all__ = ["SERVED_NAME", "Cluster", "client_for", "closed_loop", "data_url", "http_cluster", "http_level",
+           "timed_chat"]
+
 SERVED_NAME = "bench-llava"
 READY_TIMEOUT_S = 300
-
-
-@dataclass(frozen=True)
-class Cluster:
-    base_url: str
-    tag: str                  # TAG_VAR's value in every process of this cluster
-    runtime: RuntimeConfig    # its etcd, NATS and namespace
-
-    def pid(self, arg: str) -> int:
-        """The PID of the cluster process whose command line has the argument `arg`."""
-        return pid_with_arg(TAG_VAR, self.tag, arg)
-
-    def stats(self) -> dict[str, dict[str, int]]:
-        """Every worker's counters ("<component>/<instance id>" -> counters)."""
-        return asyncio.run(worker_stats(self.runtime))
 
 
 async def closed_loop(items: list[WorkItem], concurrency: int,
@@ -61,52 +47,19 @@ async def closed_loop(items: list[WorkItem], concurrency: int,
     return records, time.perf_counter() - start
 
 
-def _wait_served(proc: subprocess.Popen, base_url: str, log: Path) -> None:
-    """Poll /v1/models until the model is listed; raise with the log tail on exit or timeout."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"cluster exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            models = httpx.get(base_url + "/v1/models", timeout=5).json()["data"]
-            if any(m["id"] == SERVED_NAME for m in models):
-                return
-        except (httpx.HTTPError, ValueError, KeyError):
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"cluster not ready after {READY_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-
-
 @contextmanager
 def http_cluster(model: str, script: str = "agg_multimodal.sh", extra: tuple[str, ...] = (),
                  label: str = "http") -> Iterator[Cluster]:
-    """etcd + NATS on free ports and `launch/<script>` with `extra` worker flags.
+    """etcd + NATS on free ports and `launch/<script>` with `extra` worker flags, on the CPU.
 
     Stops the script with SIGTERM, then SIGKILLs any process carrying this run's tag."""
-    tag = uuid.uuid4().hex
-    with tempfile.TemporaryDirectory(prefix="epdserve-bench-") as tmp:
-        work, infra = Path(tmp), []
-        runtime = RuntimeConfig(f"http://127.0.0.1:{free_port()}", f"nats://127.0.0.1:{free_port()}", "bench")
-        port, log = free_port(), work / "cluster.log"
-        try:
-            infra.append(services.start_etcd(runtime.etcd_endpoints, work / "etcd"))
-            infra.append(services.start_nats(runtime.nats_server, work / "nats"))
-            env = os.environ | {"ETCD_ENDPOINTS": runtime.etcd_endpoints, "NATS_SERVER": runtime.nats_server,
-                                "HTTP_HOST": "127.0.0.1", "PYTHON": sys.executable, TAG_VAR: tag}
-            cmd = ["bash", str(ROOT / "launch" / script), "--model", model, "--http-port", str(port),
-                   "--namespace", runtime.namespace, "--served-model-name", SERVED_NAME, "--device", "cpu", *extra]
-            with open(log, "wb") as out:
-                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-            try:
-                base_url, started = f"http://127.0.0.1:{port}", time.perf_counter()
-                _wait_served(proc, base_url, log)
-                print(f"[{label}] cluster ready in {time.perf_counter() - started:.1f} s", flush=True)
-                yield Cluster(base_url, tag, runtime)
-            finally:
-                stop_tagged(proc, tag)
-        finally:
-            for server in reversed(infra):
-                services.stop(server)
+    with tempfile.TemporaryDirectory(prefix="epdserve-bench-") as tmp, infra_servers(Path(tmp)) as infra:
+        started = time.perf_counter()
+        cluster = launch(script, infra, Path(tmp), "--device", "cpu", *extra, model_dir=model,
+                         served_name=SERVED_NAME, timeout=READY_TIMEOUT_S)
+        print(f"[{label}] cluster ready in {time.perf_counter() - started:.1f} s", flush=True)
+        with running(cluster):
+            yield cluster
 
 
 def data_url(png: bytes) -> str:

@@ -22,10 +22,13 @@ from typing import Any
 import numpy as np
 
 from cluster import Cluster, client_for, data_url, http_cluster, timed_chat
-from common import RequestRecord, WorkItem, gemm_probe_gflops, percentile, table
 from epdserve.tools.images import synthetic_png
 from epdserve.tools.stats import StatsReader
+from machine import gemm_probe_gflops
+from metrics import RequestRecord, percentile
+from report import table
 from topologies import E_PD, EPD, Counters, Topology, component_counters, counter_diff, counters, wait_workers
+from workload import WorkItem
 
 IMAGE_SIZE = (640, 480)
 MAX_TOKENS = 4        # TTFT is what is measured; a few tokens keep each sample short

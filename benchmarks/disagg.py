@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from cluster_ttft import ci_text, paired_md, run_paired
-from common import (Target, ensure_model, gemm_probe_gflops, machine_line, run_parts, table, targets_table,
-                    write_report)
 from epdserve.config import WorkerConfig
+from machine import gemm_probe_gflops, machine_line, run_parts
+from report import Target, table, targets_table, write_report
 from topologies import E_P_D, E_PD, EPD, paired_ttft_delta_ms, run_topologies
 from transfer_probe import measure_pair, memcpy_times, merge_rounds, mode_rates, rate
+from workload import ensure_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGIES = (EPD, E_PD, E_P_D)

@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from cluster_ttft import cache_md, ci_text, paired_md, run_cache, run_paired
-from common import (Target, ensure_model, gemm_probe_gflops, machine_line, percentile, run_parts, table,
-                    targets_table, write_report)
 from epdserve.config import WorkerConfig
+from machine import gemm_probe_gflops, machine_line, run_parts
+from metrics import percentile
+from report import Target, table, targets_table, write_report
 from topologies import E_PD, EPD, paired_ttft_delta_ms, run_topologies
 from transfer_probe import MODES, measure_pair, memcpy_times, merge_rounds, mode_rates, rate
+from workload import ensure_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"handoff_vs_raw": 0.8, "hit_vs_miss": 0.4, "epd_split_ttft_ms": 5.0, "epd_split_tok_s": 0.9}

@@ -3,7 +3,7 @@
     python benchmarks/engine_throughput.py [--model DIR] [--concurrency 1 8 32 64]
         [--requests-per-level N] [--modes engine http hf] [--out benchmarks/results] [--quick]
 
-Modes, all on the same model and the same requests (see common.build_workload):
+Modes, all on the same model and the same requests (see workload.build_workload):
   engine -- the worker's engine in-process behind `AsyncEngine`, closed-loop load.
   http   -- a real EPD cluster (launch/agg_multimodal.sh) driven by the streaming `openai` client.
   hf     -- static batching: one padded `model.generate()` per batch of `concurrency` requests.
@@ -31,8 +31,6 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.generation.streamers import BaseStreamer
 
 from cluster import closed_loop, http_cluster, http_level
-from common import (RequestRecord, WorkItem, build_workload, decode_png, ensure_model, gemm_probe_gflops,
-                    level_result, machine_info, peak_rss_mib, render_markdown, reset_peak_rss, write_report)
 from epdserve.config import WorkerConfig, parse_worker_args
 from epdserve.engine.async_engine import AsyncEngine
 from epdserve.engine.base import Engine, EngineRequest, MultiModalInput, SamplingParams
@@ -40,6 +38,10 @@ from epdserve.engine.paged import PagedEngine
 from epdserve.models.base import ModelFamily, MultimodalModel
 from epdserve.models.registry import load_family
 from epdserve.worker.services import engine_config, load_model
+from machine import gemm_probe_gflops, machine_info, peak_rss_mib, reset_peak_rss
+from metrics import RequestRecord, level_result
+from report import write_report
+from workload import MAX_TOKENS, MIN_TOKENS, WorkItem, build_workload, decode_png, ensure_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("engine", "http", "hf")
@@ -291,6 +293,101 @@ def main(argv: list[str] | None = None) -> None:
     report["machine"]["loadavg_at_end"] = os.getloadavg()
     report["total_wall_s"] = time.perf_counter() - start
     write_report(args.out, "engine_throughput", report, render_markdown(report))
+
+
+
+# --------------------------------------------------------------------------- report
+
+HEADLINE_CONCURRENCY = 32
+
+_COLUMNS = (("output tok/s", "output_tok_s", "{:.1f}"), ("req/s", "req_s", "{:.2f}"),
+            ("TTFT p50 ms", "ttft_p50_ms", "{:.0f}"), ("TTFT p99 ms", "ttft_p99_ms", "{:.0f}"),
+            ("ITL p50 ms", "itl_p50_ms", "{:.1f}"), ("ITL p99 ms", "itl_p99_ms", "{:.1f}"),
+            ("e2e p50 ms", "e2e_p50_ms", "{:.0f}"), ("probe GFLOP/s", "probe_gflops", "{:.0f}"))
+
+NOTES = """\
+- Closed loop: `engine` and `http` keep `c` requests in flight until all complete; `hf` runs
+  the requests in order as static batches of `c` (one padded `generate()` each, left padding,
+  mixed image/no-image batches, `max_new_tokens` = the batch maximum).
+- output tok/s counts each request's own `max_tokens` only (EOS ignored everywhere), over the
+  level's wall time; tokens `hf` generates beyond a request's `max_tokens` are `wasted_tokens`.
+- TTFT: from issuing the request to its first token. For `hf` every request of a batch is
+  issued at the batch start (processor call included) and its first token is the batch's
+  first streamed step (a `BaseStreamer` timestamps each step); its end-to-end latency is the
+  end of `generate()`. `engine` requests are tokenized and preprocessed before the clock
+  starts (the vision tower runs inside the engine, timed); `http` times everything.
+- ITL: gaps between successive tokens (`http`: between successive token-bearing SSE chunks,
+  see `token_chunks` in the JSON).
+- probe GFLOP/s: a one-thread float32 GEMM timed for 1 s just before the mode ran the level;
+  it shows how far the machine's own speed drifted between the numbers compared.
+- Peak RSS: VmHWM, reset before each level (it starts from the RSS the process already had):
+  this process for `engine`/`hf` (each mode in its own process), the PD worker for `http`.
+"""
+
+
+def _by_concurrency(report: dict[str, Any], mode: str) -> dict[int, dict[str, Any]]:
+    result = report["results"].get(mode)
+    return {lvl["concurrency"]: lvl for lvl in result["levels"]} if result else {}
+
+
+def _serving_rss(level: dict[str, Any]) -> float:
+    rss = level["rss_mib"]
+    return rss.get("worker", rss.get("process", float("nan")))
+
+
+def _mode_table(mode: str, result: dict[str, Any]) -> list[str]:
+    header = ["c", *(name for name, _, _ in _COLUMNS), "peak RSS MiB"]
+    engine = result["levels"][0].get("engine") if result["levels"] else None
+    lines = [f"## {mode}" + (f" ({engine})" if engine else "") +
+             f" — {result['wall_s']:.0f} s", "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    for lvl in result["levels"]:
+        cells = [str(lvl["concurrency"]), *(fmt.format(lvl[key]) for _, key, fmt in _COLUMNS),
+                 f"{_serving_rss(lvl):.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _ratio(a: dict[int, dict], b: dict[int, dict], c: int) -> str:
+    if c not in a or c not in b:
+        return "–"
+    return f"{a[c]['output_tok_s'] / b[c]['output_tok_s']:.2f}x"
+
+
+def _headline(report: dict[str, Any]) -> str:
+    http, hf = _by_concurrency(report, "http"), _by_concurrency(report, "hf")
+    common = sorted(set(http) & set(hf))
+    if not common:
+        return "HTTP vs HF static batching: not measured (run both modes)."
+    c = HEADLINE_CONCURRENCY if HEADLINE_CONCURRENCY in common else common[-1]
+    note = "" if c == HEADLINE_CONCURRENCY else f" (c={HEADLINE_CONCURRENCY} not run; highest common level)"
+    return (f"**HTTP c={c} vs HF static batching: {_ratio(http, hf, c)} output tok/s "
+            f"({http[c]['output_tok_s']:.1f} vs {hf[c]['output_tok_s']:.1f} tok/s){note}.**")
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: headline, one table per mode, ratios to `hf`, definitions."""
+    cfg, mach = report["config"], report["machine"]
+    lines = [
+        "# Engine throughput", "",
+        (f"Model `{cfg['model']}` (preset: {cfg['preset'] or 'given'}); {cfg['requests_per_level']} "
+         f"requests per level (half with one image, max_tokens {MIN_TOKENS}..{MAX_TOKENS}), seed "
+         f"{cfg['seed']}, max_num_seqs {cfg['max_num_seqs']}."),
+        (f"Machine: {mach['cores']} cores ({mach['cpu']}), torch {mach['torch']} "
+         f"(threads: {mach['torch_threads']}), transformers {mach['transformers']}; load average "
+         f"{mach['loadavg_at_start'][0]:.2f} at start, {mach['loadavg_at_end'][0]:.2f} at end; "
+         f"total {report['total_wall_s']:.0f} s."), "", _headline(report), ""]
+    for mode, result in report["results"].items():
+        lines += _mode_table(mode, result)
+    hf = _by_concurrency(report, "hf")
+    if hf:
+        engine, http = _by_concurrency(report, "engine"), _by_concurrency(report, "http")
+        lines += ["## Output tok/s relative to hf", "", "| c | hf tok/s | engine/hf | http/hf |",
+                  "|---|---|---|---|"]
+        lines += [f"| {c} | {hf[c]['output_tok_s']:.1f} | {_ratio(engine, hf, c)} | {_ratio(http, hf, c)} |"
+                  for c in sorted(hf)]
+        lines.append("")
+    return "\n".join(lines + ["## Definitions", "", NOTES])
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster import Cluster, http_cluster, http_level
-from common import RequestRecord, WorkItem, build_workload, gemm_probe_gflops, level_result, percentile
+from machine import gemm_probe_gflops
+from metrics import RequestRecord, level_result, percentile
+from workload import WorkItem, build_workload
 
 WORKER_TIMEOUT_S = 120
 
@@ -39,7 +41,7 @@ E_P_D = Topology("E/P/D", "disagg_multimodal_epd.sh", ("encoder", "prefill", "de
 def component_counters(cluster: Cluster) -> Counters:
     """Every worker's counters, summed per component."""
     totals: Counters = {}
-    for name, values in cluster.stats().items():
+    for name, values in cluster.worker_stats().items():
         mine = totals.setdefault(name.split("/", 1)[0], {})
         for key, value in values.items():
             mine[key] = mine.get(key, 0) + value

@@ -1,62 +1,91 @@
-"""Shared fixtures: real etcd and NATS servers for the whole test session."""
+"""Session fixtures shared by every test: real etcd and NATS servers, the tiny models (built
+once per session) and the CPU kernels. Plain helper functions live in the `support` package,
+importable because this file puts `tests/` on `sys.path`.
+
+Tests under `tests/cluster/` (they start etcd, NATS or worker processes) get the `cluster`
+marker: `pytest -m "not cluster"` runs the unit tests only."""
 
 from __future__ import annotations
 
-import subprocess
+import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from epdserve.runtime import services
-from helpers import free_port
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+from support.cluster import Infra, infra_servers  # noqa: E402
 
 
-@dataclass
-class Infra:
-    etcd_endpoints: str  # http://127.0.0.1:<port>
-    nats_server: str  # nats://127.0.0.1:<port>
-    workdir: Path
+@pytest.hookimpl(tryfirst=True)   # before `-m` deselects
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    cluster_dir = TESTS / "cluster"
+    for item in items:
+        if item.path.is_relative_to(cluster_dir):
+            item.add_marker(pytest.mark.cluster)
 
 
 @pytest.fixture(scope="session")
-def infra(tmp_path_factory) -> Iterator[Infra]:
+def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
     """A real etcd and a real NATS (max_payload 8MB) on free ports; stopped by PID at the end."""
-    workdir = tmp_path_factory.mktemp("infra")
-    started: list[subprocess.Popen] = []
-    try:
-        etcd_url = f"http://127.0.0.1:{free_port()}"
-        started.append(services.start_etcd(etcd_url, workdir / "etcd"))
-        nats_url = f"nats://127.0.0.1:{free_port()}"
-        started.append(services.start_nats(nats_url, workdir / "nats"))
-        yield Infra(etcd_url, nats_url, workdir)
-    finally:
-        for proc in started:
-            services.stop(proc)
+    with infra_servers(tmp_path_factory.mktemp("infra")) as servers:
+        yield servers
 
 
 @pytest.fixture(scope="session")
-def tiny_llava(tmp_path_factory) -> Path:
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The builder's default tiny LLaVA, built once per session."""
     from epdserve.tools.tiny_model import build_tiny_model
     return build_tiny_model("llava", tmp_path_factory.mktemp("tiny-llava") / "model")
 
 
 @pytest.fixture(scope="session")
-def tiny_llama4(tmp_path_factory) -> Path:
+def tiny_llama4(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The builder's default tiny Llama 4, built once per session."""
     from epdserve.tools.tiny_model import build_tiny_model
     return build_tiny_model("llama4", tmp_path_factory.mktemp("tiny-llama4") / "model")
 
 
 @pytest.fixture(scope="session")
-def tiny_runner(tiny_llava, tmp_path_factory):
+def cpu_kernels(tmp_path_factory: pytest.TempPathFactory):
+    """epdserve's CPU kernels, compiled once per session; None where they cannot run here."""
+    from epdserve.kernels.cpu import load_cpu_kernels
+    return load_cpu_kernels(tmp_path_factory.mktemp("kernels"))
+
+
+@pytest.fixture(scope="session")
+def tiny_runner(tiny_llava: Path, cpu_kernels):
     """The worker-side model of `tiny_llava` on the CPU, loaded once per session, with the CPU
     kernels as a worker loads it (torch's ops where they cannot run)."""
     import torch
 
-    from epdserve.kernels.cpu import load_cpu_kernels
     from epdserve.models.registry import load_family
-    kernels = load_cpu_kernels(tmp_path_factory.mktemp("kernels"))
-    return load_family(tiny_llava).load_runner(None, torch.device("cpu"), kernels)
+    return load_family(tiny_llava).load_runner(None, torch.device("cpu"), cpu_kernels)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama4_runner(tiny_llama4: Path, cpu_kernels):
+    """The worker-side model of `tiny_llama4`, loaded once per session like `tiny_runner`."""
+    import torch
+
+    from epdserve.models.registry import load_family
+    return load_family(tiny_llama4).load_runner(None, torch.device("cpu"), cpu_kernels)
+
+
+@pytest.fixture(scope="session")
+def llava_hf_style(tmp_path_factory: pytest.TempPathFactory):
+    """`llava_hf_style(dtype)`: the LLaVA directory laid out like llava-hf's, built once per dtype
+    per session. float16 is saved sharded (model-0000i-of-00003.safetensors + index) like the
+    published checkpoint; float32 as one model.safetensors."""
+    from support.llava_hf_style import build_llava_hf_style
+    built: dict[str, Path] = {}
+
+    def get(dtype: str) -> Path:
+        if dtype not in built:
+            built[dtype] = build_llava_hf_style(tmp_path_factory.mktemp(f"llava-hf-{dtype}") / "m", dtype,
+                                                num_shards=3 if dtype == "float16" else 1)
+        return built[dtype]
+    return get

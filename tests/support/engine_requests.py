@@ -12,7 +12,7 @@ from epdserve.media.image import decode_image, probe_image
 from epdserve.engine.paged import PagedEngine
 from epdserve.models.base import ModelFamily
 from epdserve.models.registry import load_family
-from oracle import load_hf
+from support.oracle import load_hf
 
 
 @lru_cache(maxsize=8)

@@ -10,15 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from epdserve.kernels import cpu
-from epdserve.kernels import linear
-from epdserve.kernels.cpu import CpuKernels, load_cpu_kernels
 from epdserve.attention.paged import AttentionMetadata, paged_attention
+from epdserve.kernels import cpu, linear
+from epdserve.kernels.cpu import CpuKernels, load_cpu_kernels
 
 
 @pytest.fixture(scope="module")
-def kernels(tmp_path_factory: pytest.TempPathFactory) -> CpuKernels:
-    found = load_cpu_kernels(tmp_path_factory.mktemp("kernels"))
+def kernels(cpu_kernels: CpuKernels | None) -> CpuKernels:
+    found = cpu_kernels
     if found is None:
         pytest.skip("CPU kernels unavailable here (no AVX-512 or no C compiler)")
     return found

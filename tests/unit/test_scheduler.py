@@ -10,7 +10,7 @@ import pytest
 from epdserve.engine.block_manager import BlockManager
 from epdserve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from epdserve.engine.sequence import Sequence, SequenceStatus
-from test_block_manager import ShadowKV, check_refcounts, image, make_seq
+from support.blocks import ShadowKV, check_refcounts, image, make_seq
 
 
 def make(num_blocks: int = 64, block_size: int = 4, **config) -> Scheduler:

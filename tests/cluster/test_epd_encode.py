@@ -1,6 +1,7 @@
 """E/PD clusters: `agg_multimodal_epd.sh` (embeddings over NIXL) and
-`agg_multimodal_ec_connector.sh` (embeddings through the cache on disk), driven by the
-official `openai` client and checked token-for-token against `transformers`.
+`agg_multimodal_ec_connector.sh` (embeddings through the cache on disk) serving the tiny LLaVA
+(the matrix's "llava/epd-nixl" and "llava/ec" clusters), driven by the official `openai` client
+and checked token-for-token against `transformers`.
 """
 
 from __future__ import annotations
@@ -15,47 +16,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chat import MAX_TOKENS, assert_matches_oracle, chat_all_at_once, chat_messages, run_chat
-from cluster import assert_idle, launch
-from oracle import hf_greedy, make_image
+from support.chat import MAX_TOKENS, assert_matches_oracle, chat_all_at_once, chat_messages, run_chat
+from support.cluster import assert_idle, launch
+from support.oracle import hf_greedy, make_image
+from support.topologies import CACHE_BYTES
 
-CACHE_BYTES = 1 << 20   # tiny LLaVA embeddings are 4 KiB: room for ~250, so eviction is exercised below
-TOPOLOGIES = {
-    "nixl": ("agg_multimodal_epd.sh", "--encode-workers", "2", "--encoder-cache-bytes", str(CACHE_BYTES),
-             "--embedding-buffer-bytes", str(128 << 10)),
-    "ec": ("agg_multimodal_ec_connector.sh",),
-}
+pytestmark = pytest.mark.topology("llava/epd-nixl", "llava/ec")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_llava):
-    return tiny_llava
-
-
-@pytest.fixture(scope="module", params=list(TOPOLOGIES))
-def cluster(request, infra, model_dir, tmp_path_factory):
-    script, *args = TOPOLOGIES[request.param]
-    c = launch(script, infra, tmp_path_factory.mktemp("logs"), *args, model_dir=model_dir)
-    yield c
-    c.stop()
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
-@pytest.mark.parametrize("num_images", [0, 1, 2])
-def test_chat_matches_transformers(cluster, model_dir, num_images, stream):
-    messages = chat_messages([make_image(20 + i) for i in range(num_images)])
-    text, ids, finish = run_chat(cluster.client(), cluster.model, messages, stream)
-    assert_matches_oracle(model_dir, messages, text, ids)
-    assert finish in ("stop", "length")
-
-
-def test_32_concurrent_requests_leave_nothing_behind(cluster, infra, model_dir):
+def test_32_concurrent_requests_leave_nothing_behind(cluster, model_dir):
     """Distinct and repeated images, over both encoders; then every pin, transfer, staging span,
     mailbox entry and KV block is back, and each agent registered its memory exactly once."""
     cases = [chat_messages([make_image(200 + i % 12)] * (1 + i % 2), f"Request number {i}.") for i in range(32)]
 
     assert chat_all_at_once(cluster, cases) == [hf_greedy(model_dir, m, max_tokens=MAX_TOKENS) for m in cases]
-    stats = cluster.worker_stats(infra)
+    stats = cluster.worker_stats()
     encoders = {k: v for k, v in stats.items() if k.startswith("encoder/")}
     backends = {k: v for k, v in stats.items() if k.startswith("backend/")}
     assert backends and encoders
@@ -79,7 +54,7 @@ def test_idle_workers_use_almost_no_cpu(cluster):
     assert_idle(cluster)
 
 
-def test_encoder_cache_evicts_and_stays_correct(cluster, infra, model_dir):
+def test_encoder_cache_evicts_and_stays_correct(cluster, model_dir):
     """More distinct images than the NIXL cache holds: old entries are evicted, and an evicted
     image is encoded again correctly."""
     client = cluster.client()
@@ -90,11 +65,12 @@ def test_encoder_cache_evicts_and_stays_correct(cluster, infra, model_dir):
         run_chat(client, cluster.model, messages, stream=False, max_tokens=1)
     text, ids, _ = run_chat(client, cluster.model, first, stream=False)
     assert_matches_oracle(model_dir, first, text, ids)
-    nixl = [s for k, s in cluster.worker_stats(infra).items() if k.startswith("encoder/") and "cache_evictions" in s]
+    nixl = [s for k, s in cluster.worker_stats().items() if k.startswith("encoder/") and "cache_evictions" in s]
     assert all(s["cache_evictions"] > 0 and s["region_allocated_bytes"] <= CACHE_BYTES for s in nixl)
 
 
-def test_killed_encoder_fails_over(infra, model_dir, tmp_path_factory):
+def test_killed_encoder_fails_over(infra, tiny_llava, tmp_path_factory):
+    model_dir = tiny_llava
     """One of two encode workers hangs and dies under load: every in-flight request ends (an
     answer or an error) within a deadline, and new requests are served by the other encoder."""
     c = launch("agg_multimodal_epd.sh", infra, tmp_path_factory.mktemp("logs"), "--encode-workers", "2",

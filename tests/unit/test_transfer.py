@@ -23,7 +23,7 @@ from epdserve.transfer.region import ALIGNMENT, RegionAllocator, Span
 from epdserve.worker.ec_storage import EmbeddingStorage
 from epdserve.worker.embedding_cache import EmbeddingCache
 from epdserve.worker.kv_transfer import KVTransfer
-from oracle import make_image
+from support.oracle import make_image
 
 CPU = torch.device("cpu")
 

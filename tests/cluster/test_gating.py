@@ -10,8 +10,8 @@ import sys
 import httpx
 import pytest
 
-from cluster import ROOT, start
-from oracle import data_url, hf_greedy, make_image
+from support.cluster import ROOT, start
+from support.oracle import data_url, hf_greedy, make_image
 
 
 def test_multimodal_role_without_flag_refuses_to_start(tmp_path):
@@ -24,10 +24,9 @@ def test_multimodal_role_without_flag_refuses_to_start(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def text_only(infra, tmp_path_factory):
+def text_only(infra, tiny_llava, tmp_path_factory):
     """Frontend plus a worker started without any multimodal flag."""
-    from epdserve.tools.tiny_model import build_tiny_model
-    model_dir = build_tiny_model("llava", tmp_path_factory.mktemp("llava") / "m")
+    model_dir = tiny_llava
 
     def command(port: int, namespace: str) -> list[str]:
         py = sys.executable

@@ -1,5 +1,6 @@
-"""E/P/D clusters from `launch/disagg_multimodal_epd.sh`: the prompt's KV goes from a prefill
-worker to a decode worker over NIXL. Driven by the official `openai` client and checked
+"""E/P/D clusters from `launch/disagg_multimodal_epd.sh` (the matrix's "llava/disagg-epd" cluster:
+1 prefill and 2 decode workers): the prompt's KV goes from a prefill worker to a decode worker
+over NIXL. Driven by the official `openai` client and checked
 token-for-token against `transformers`; then every block, pin and transfer is back, and a
 dead or frozen prefill or decode worker ends its requests with an error, never a hang."""
 
@@ -13,26 +14,14 @@ import time
 import openai
 import pytest
 
-from chat import MAX_TOKENS, assert_matches_oracle, chat_all_at_once, chat_messages, run_chat
-from cluster import assert_idle, launch
-from oracle import hf_greedy, make_image
+from support.chat import MAX_TOKENS, assert_matches_oracle, chat_all_at_once, chat_messages, run_chat
+from support.cluster import assert_idle, launch
+from support.oracle import hf_greedy, make_image
+
+pytestmark = pytest.mark.topology("llava/disagg-epd")
 
 # Small blocks: a prompt spans many, so READs merge runs and the prefix cache hits partly.
 FLAGS = ("--block-size", "4", "--num-kv-blocks", "512")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_llava):
-    return tiny_llava
-
-
-@pytest.fixture(scope="module")
-def cluster(infra, model_dir, tmp_path_factory):
-    c = launch("disagg_multimodal_epd.sh", infra, tmp_path_factory.mktemp("logs"), "--decode-workers", "2",
-               *FLAGS, model_dir=model_dir)
-    c.wait_for_workers(infra, prefill=1, decode=2)
-    yield c
-    c.stop()
 
 
 def _assert_nothing_held(stats: dict[str, dict[str, int]]) -> None:
@@ -44,15 +33,6 @@ def _assert_nothing_held(stats: dict[str, dict[str, int]]) -> None:
             assert s["running"] == s["waiting"] == s["held_requests"] == s["region_allocations"] == 0, name
         assert s.get("nixl_live_transfers", 0) == 0 and s.get("nixl_expected_notifs", 0) == 0, name
         assert s.get("cache_pinned", 0) == 0, name
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
-@pytest.mark.parametrize("num_images", [0, 1, 2])
-def test_chat_matches_transformers(cluster, model_dir, num_images, stream):
-    messages = chat_messages([make_image(30 + i) for i in range(num_images)])
-    text, ids, finish = run_chat(cluster.client(), cluster.model, messages, stream)
-    assert_matches_oracle(model_dir, messages, text, ids)
-    assert finish in ("stop", "length")
 
 
 def test_completions_and_requests_that_end_at_prefill(cluster, model_dir):
@@ -74,17 +54,17 @@ def test_completions_and_requests_that_end_at_prefill(cluster, model_dir):
     assert [c.text for c in n2.choices] == [r.choices[0].text] * 2
 
 
-def test_repeated_prompt_reads_only_what_the_decode_cache_lacks(cluster, infra, model_dir):
+def test_repeated_prompt_reads_only_what_the_decode_cache_lacks(cluster, model_dir):
     messages = chat_messages([make_image(77)], "Describe it once more, please.")
     client = cluster.client()
 
     def twice() -> tuple[int, int]:
         """Run `messages` on each decode worker (round-robin); (blocks read, blocks cached)."""
-        before = cluster.worker_stats(infra)
+        before = cluster.worker_stats()
         for _ in range(2):
             text, ids, _ = run_chat(client, cluster.model, messages, stream=False)
             assert_matches_oracle(model_dir, messages, text, ids)
-        after = cluster.worker_stats(infra)
+        after = cluster.worker_stats()
         decoders = [k for k in after if k.startswith("decode/")]
         assert len(decoders) == 2
         return tuple(sum(after[k][c] - before[k][c] for k in decoders) for c in ("kv_blocks_read", "kv_blocks_cached"))
@@ -95,13 +75,13 @@ def test_repeated_prompt_reads_only_what_the_decode_cache_lacks(cluster, infra, 
     assert read <= 2   # per worker, the last block at most: the rest is in its prefix cache
 
 
-def test_32_concurrent_requests_leave_nothing_behind(cluster, infra, model_dir):
+def test_32_concurrent_requests_leave_nothing_behind(cluster, model_dir):
     """Through 1 prefill and 2 decode workers: each answer is the oracle's, both decode workers
     took load, and afterwards every block is free and no transfer, pin or hold is left."""
     cases = [chat_messages([make_image(300 + i % 12)] * (i % 3), f"Request number {i}.") for i in range(32)]
 
     assert chat_all_at_once(cluster, cases) == [hf_greedy(model_dir, m, max_tokens=MAX_TOKENS) for m in cases]
-    stats = cluster.worker_stats(infra)
+    stats = cluster.worker_stats()
     assert sum(k.startswith("prefill/") for k in stats) == 1
     assert all(s["kv_blocks_read"] > 0 for k, s in stats.items() if k.startswith("decode/"))
     _assert_nothing_held(stats)
@@ -125,16 +105,16 @@ def _frozen(pid: int, cases_fn) -> tuple[list, float]:
         os.kill(pid, signal.SIGKILL)
 
 
-def test_dead_prefill_and_decode_workers_end_requests(infra, model_dir, tmp_path_factory):
+def test_dead_prefill_and_decode_workers_end_requests(infra, tiny_llava, tmp_path_factory):
     """2 prefill + 2 decode workers. A frozen, then killed, prefill worker fails only its own
     requests, in seconds; so does a frozen decode worker, and the prefill worker frees the KV
     it held for it; a decode worker killed mid-stream ends the client's stream with an error."""
     c = launch("disagg_multimodal_epd.sh", infra, tmp_path_factory.mktemp("logs"), "--prefill-workers", "2",
-               "--decode-workers", "2", "--lease-ttl", "2", *FLAGS, model_dir=model_dir, served_name="kills")
+               "--decode-workers", "2", "--lease-ttl", "2", *FLAGS, model_dir=tiny_llava, served_name="kills")
     try:
-        c.wait_for_workers(infra, prefill=2, decode=2)
+        c.wait_for_workers(prefill=2, decode=2)
         cases = [chat_messages([make_image(700 + i)], f"Load {i}.") for i in range(4)]
-        expected = [hf_greedy(model_dir, m, max_tokens=MAX_TOKENS) for m in cases]
+        expected = [hf_greedy(tiny_llava, m, max_tokens=MAX_TOKENS) for m in cases]
 
         def check(outcomes, elapsed):
             assert elapsed < 20
@@ -148,7 +128,7 @@ def test_dead_prefill_and_decode_workers_end_requests(infra, model_dir, tmp_path
 
         assert check(*_frozen(c.pids("--multimodal-decode-worker")[0], lambda: chat_all_at_once(c, cases))) == 2
         time.sleep(3)
-        _assert_nothing_held(c.worker_stats(infra))   # the KV held for the frozen decode worker is free
+        _assert_nothing_held(c.worker_stats())   # the KV held for the frozen decode worker is free
 
         # Mid-stream: a long generation on the last decode worker, killed once tokens flow.
         (decode,) = c.pids("--multimodal-decode-worker")
@@ -162,6 +142,6 @@ def test_dead_prefill_and_decode_workers_end_requests(infra, model_dir, tmp_path
                     started = time.monotonic()
                     threading.Thread(target=os.kill, args=(decode, signal.SIGKILL)).start()
         assert started is not None and time.monotonic() - started < 20
-        _assert_nothing_held({k: s for k, s in c.worker_stats(infra).items() if not k.startswith("decode/")})
+        _assert_nothing_held({k: s for k, s in c.worker_stats().items() if not k.startswith("decode/")})
     finally:
         c.stop()

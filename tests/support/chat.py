@@ -6,14 +6,14 @@ import asyncio
 
 import openai
 
-from oracle import data_url, hf_greedy, hf_text
+from support.oracle import data_url, hf_greedy, hf_text
 
 MAX_TOKENS = 12
 
 
 def chat_messages(images: list[bytes], text: str = "What is in this image?") -> list[dict]:
     parts = [{"type": "image_url", "image_url": {"url": data_url(png)}} for png in images]
-    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
 
 
 def run_chat(client: openai.OpenAI, model: str, messages: list[dict], stream: bool,

@@ -12,7 +12,7 @@ from epdserve.protocol import epdserve_pb2
 from epdserve.protocol.errors import EpdError
 from epdserve.protocol.openai import parse_request
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_generated_code_is_current(tmp_path):

@@ -8,11 +8,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from engine_requests import engine_request, load_kv, step_checked, step_outputs
 from epdserve.engine.base import KVAdmitted
 from epdserve.engine.paged import EngineConfig, PagedEngine
 from epdserve.engine.scheduler import SchedulerConfig
-from oracle import hf_greedy, make_image
+from support.engine import assert_no_leak, drive
+from support.engine_requests import engine_request, load_kv, step_checked, step_outputs
+from support.oracle import hf_greedy, make_image
 
 SHARED = "Describe the picture in great detail, please, with every colour you can see"
 
@@ -21,32 +22,6 @@ def oracle(tiny_llava, text: str, images: list[bytes], max_tokens: int) -> list[
     parts = [{"type": "image_url", "image_url": {"url": ""}}] * len(images)
     messages = [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
     return hf_greedy(tiny_llava, messages, images=images, max_tokens=max_tokens)
-
-
-def drive(engine: PagedEngine, abort_after: dict[str, int] | None = None, max_steps: int = 5000):
-    """Step until idle; abort requests once they produced the given number of tokens."""
-    abort_after = abort_after or {}
-    got: dict[str, list[int]] = {}
-    finish: dict[str, str] = {}
-    for _ in range(max_steps):
-        if not engine.has_unfinished():
-            break
-        for out in step_outputs(engine):
-            assert out.error is None, out.error
-            got.setdefault(out.request_id, []).extend(out.new_token_ids)
-            if out.finish_reason:
-                finish[out.request_id] = out.finish_reason
-        for rid, n in abort_after.items():
-            if len(got.get(rid, [])) >= n and rid not in finish:
-                engine.abort(rid)
-                finish[rid] = "abort"
-    assert not engine.has_unfinished()
-    return got, finish
-
-
-def assert_no_leak(engine: PagedEngine) -> None:
-    stats = engine.stats()
-    assert stats.kv_blocks_free == stats.kv_blocks_total and stats.running == stats.waiting == 0
 
 
 def mixed_cases() -> dict[str, tuple[str, list[bytes], int]]:

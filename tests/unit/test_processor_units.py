@@ -12,9 +12,8 @@ from epdserve.protocol.openai import ChatMessage
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from epdserve.tools.tiny_model import build_tiny_model
-    return AutoTokenizer.from_pretrained(build_tiny_model("llava", tmp_path_factory.mktemp("m") / "m"))
+def tokenizer(tiny_llava):
+    return AutoTokenizer.from_pretrained(tiny_llava)
 
 
 def test_streamed_text_equals_full_decode(tokenizer):
@@ -26,12 +25,11 @@ def test_streamed_text_equals_full_decode(tokenizer):
     assert all("\ufffd" not in p for p in pieces)
 
 
-def test_byte_fallback_run_is_released_once_it_cannot_change(tmp_path_factory):
+def test_byte_fallback_run_is_released_once_it_cannot_change(llava_hf_style):
     """A run of SentencePiece byte tokens that is not valid UTF-8 decodes to one U+FFFD per
     byte, so a later byte (0xEC) turns an earlier valid one ("#") into U+FFFD: the streamed
     text must not have emitted the "#"."""
-    from llava_hf_style import build_llava_hf_style
-    tokenizer = AutoTokenizer.from_pretrained(build_llava_hf_style(tmp_path_factory.mktemp("hf") / "m", "float32"))
+    tokenizer = AutoTokenizer.from_pretrained(llava_hf_style("float32"))
     byte = tokenizer.convert_tokens_to_ids
     ids = [tokenizer("Venor", add_special_tokens=False)["input_ids"][-1], byte("<0x23>"), byte("<0xEC>"),
            byte("<0x23>"), tokenizer(" 71", add_special_tokens=False)["input_ids"][-1], byte("<0x23>"), byte("<0xEC>")]

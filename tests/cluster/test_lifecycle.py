@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from cluster import launch, pid_of
+from support.cluster import launch, pid_of
 
 
 @pytest.fixture
@@ -20,9 +20,8 @@ def logs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from epdserve.tools.tiny_model import build_tiny_model
-    return build_tiny_model("llava", tmp_path_factory.mktemp("llava") / "m")
+def model_dir(tiny_llava):
+    return tiny_llava
 
 
 def wait_until_unlisted(cluster, name: str, limit: float) -> float:

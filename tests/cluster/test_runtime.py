@@ -21,7 +21,7 @@ from epdserve.config import PlaneTimeouts
 from epdserve.runtime import services
 from epdserve.runtime.discovery import Discovery
 from epdserve.runtime.request_plane import RequestPlane, round_trip
-from helpers import free_port
+from support.cluster import free_port
 
 
 class Registry:

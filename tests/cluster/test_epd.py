@@ -1,4 +1,5 @@
-"""EPD cluster from `launch/agg_multimodal.sh`, driven by the official `openai` client.
+"""EPD cluster from `launch/agg_multimodal.sh` serving the tiny LLaVA (the matrix's "llava/agg"
+cluster, shared with test_topologies.py), driven by the official `openai` client.
 
 Every generation is checked token-for-token against `transformers` greedy `generate()`.
 """
@@ -16,32 +17,11 @@ import openai
 import pytest
 from PIL import Image
 
-from chat import MAX_TOKENS, assert_matches_oracle, chat_messages, run_chat
-from cluster import launch
-from helpers import free_port
-from oracle import hf_greedy, make_image
+from support.chat import MAX_TOKENS, assert_matches_oracle, chat_messages, run_chat
+from support.cluster import free_port, launch
+from support.oracle import hf_greedy, make_image
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from epdserve.tools.tiny_model import build_tiny_model
-    return build_tiny_model("llava", tmp_path_factory.mktemp("llava") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def cluster(infra, model_dir, tmp_path_factory):
-    c = launch("agg_multimodal.sh", infra, tmp_path_factory.mktemp("logs"), model_dir=model_dir)
-    yield c
-    c.stop()
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
-@pytest.mark.parametrize("num_images", [0, 1, 2])
-def test_chat_matches_transformers(cluster, model_dir, num_images, stream):
-    messages = chat_messages([make_image(10 + i) for i in range(num_images)])
-    text, ids, finish = run_chat(cluster.client(), cluster.model, messages, stream)
-    assert_matches_oracle(model_dir, messages, text, ids)
-    assert finish in ("stop", "length")
+pytestmark = pytest.mark.topology("llava/agg")
 
 
 def test_completions_match_transformers(cluster, model_dir):
@@ -283,12 +263,12 @@ def test_n_choices_share_the_prompt(cluster, model_dir):
     assert sorted(finishes) == [0, 1, 2, 3] and len(set(texts.values())) > 1
 
 
-def test_tiny_kv_pool_and_token_budget_through_the_cluster(infra, model_dir, tmp_path_factory):
+def test_tiny_kv_pool_and_token_budget_through_the_cluster(infra, tiny_llava, tmp_path_factory):
     """Engine flags reach the worker: a pool of a few requests' blocks makes requests queue (or
     be preempted), a small budget chunks prefill, and concurrent requests still equal the oracle."""
     c = launch("agg_multimodal.sh", infra, tmp_path_factory.mktemp("logs"), "--num-kv-blocks", "24",
                "--block-size", "8", "--max-num-batched-tokens", "32", "--max-num-seqs", "6",
-               model_dir=model_dir, served_name="squeezed")
+               model_dir=tiny_llava, served_name="squeezed")
     cases = [chat_messages([make_image(300 + i)] * (i % 2), f"Squeezed request {i}.") for i in range(8)]
 
     async def one(client, messages):
@@ -302,6 +282,6 @@ def test_tiny_kv_pool_and_token_budget_through_the_cluster(infra, model_dir, tmp
 
     try:
         for messages, ids in zip(cases, asyncio.run(all_at_once())):
-            assert ids == hf_greedy(model_dir, messages, max_tokens=MAX_TOKENS)
+            assert ids == hf_greedy(tiny_llava, messages, max_tokens=MAX_TOKENS)
     finally:
         c.stop()

@@ -8,12 +8,12 @@ import torch
 
 from epdserve.engine.async_engine import AsyncEngine
 from epdserve.engine.base import EngineRequest, SamplingParams
-from epdserve.engine.sampling import make_generator, sample
 from epdserve.engine.paged import EngineConfig, PagedEngine
+from epdserve.engine.sampling import make_generator, sample
 from epdserve.engine.scheduler import SchedulerConfig
-from engine_requests import engine_request, load_kv, step_outputs
 from epdserve.engine.base import EngineOutput, KVAdmitted
-from oracle import hf_greedy, make_image
+from support.engine_requests import engine_request, load_kv, step_outputs
+from support.oracle import hf_greedy, make_image
 
 
 def test_interleaved_requests_match_generate_and_abort_frees(tiny_llava, tiny_runner):

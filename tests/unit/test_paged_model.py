@@ -17,10 +17,10 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, DynamicCache
 
-from epdserve.kernels.cpu import CpuKernels, load_cpu_kernels
-from epdserve.models.llama import PagedLlama
-from epdserve.attention.paged import AttentionMetadata
 from epdserve.attention.kv_cache import KVCache
+from epdserve.attention.paged import AttentionMetadata
+from epdserve.kernels.cpu import CpuKernels
+from epdserve.models.llama import PagedLlama
 from epdserve.tools.tiny_model import build_tiny_model
 
 BLOCK = 4
@@ -35,17 +35,19 @@ MODELS = {
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def hf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    path = build_tiny_model("llava", tmp_path_factory.mktemp(request.param),
-                            **MODELS[request.param])
+    if not MODELS[request.param]:   # the builder's default: the session's tiny LLaVA
+        path = request.getfixturevalue("tiny_llava")
+    else:
+        path = build_tiny_model("llava", tmp_path_factory.mktemp(request.param), **MODELS[request.param])
     return AutoModelForImageTextToText.from_pretrained(path).eval()
 
 
 @pytest.fixture(scope="module", params=["torch-ops", "cpu-kernels"])
-def kernels(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> CpuKernels | None:
+def kernels(request: pytest.FixtureRequest) -> CpuKernels | None:
     """Each case runs on torch's ops alone and with epdserve's CPU kernels."""
     if request.param == "torch-ops":
         return None
-    found = load_cpu_kernels(tmp_path_factory.mktemp("kernels"))
+    found = request.getfixturevalue("cpu_kernels")
     if found is None:
         pytest.skip("CPU kernels unavailable here (no AVX-512 or no C compiler)")
     return found

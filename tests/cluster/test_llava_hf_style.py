@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
-from cluster import launch
-from llava_hf_style import IMAGE_TOKEN_ID, IMAGE_TOKENS, build_llava_hf_style
-from oracle import data_url, decode_image, hf_generate, hf_messages, hf_text, load_hf, make_image
+from support.cluster import launch
+from support.llava_hf_style import IMAGE_TOKEN_ID, IMAGE_TOKENS
+from support.oracle import data_url, decode_image, hf_generate, hf_messages, hf_text, load_hf, make_image
 
 MAX_TOKENS = 8
 SERVED = "llava-hf-style"
@@ -117,12 +117,8 @@ def assert_same(served: tuple, expected: tuple) -> None:
 
 
 @pytest.fixture(scope="module", params=["float16", "float32"])
-def model_dir(request, tmp_path_factory) -> Path:
-    # float16 is saved sharded (model-0000i-of-00003.safetensors + index) like the published
-    # checkpoint; float32 as one model.safetensors.
-    shards = 3 if request.param == "float16" else 1
-    return build_llava_hf_style(tmp_path_factory.mktemp(f"llava-hf-{request.param}") / "m",
-                                request.param, num_shards=shards)
+def model_dir(request, llava_hf_style) -> Path:
+    return llava_hf_style(request.param)
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,17 @@ from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from epdserve.tools.tiny_model import build_tiny_model, main, make_spec
-from oracle import (
-    EOS_CHAT, EOS_CHAT_TOKENS, EOS_PROMPT, EOS_PROMPT_TOKENS, data_url, decode_image, hf_greedy,
-    hf_text, load_hf, make_image,
+from support.oracle import (
+    EOS_CHAT,
+    EOS_CHAT_TOKENS,
+    EOS_PROMPT,
+    EOS_PROMPT_TOKENS,
+    data_url,
+    decode_image,
+    hf_greedy,
+    hf_text,
+    load_hf,
+    make_image,
 )
 
 QUESTION = "What is shown in this picture?"
@@ -32,8 +40,8 @@ def safetensors_keys(model_dir: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model("llava", tmp_path_factory.mktemp("tiny"))
+def tiny(tiny_llava: Path) -> Path:
+    return tiny_llava
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,18 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from engine_requests import engine_request
 from epdserve.config import MediaConfig
 from epdserve.engine.paged import EngineConfig, PagedEngine
 from epdserve.engine.scheduler import SchedulerConfig
-from epdserve.kernels.cpu import load_cpu_kernels
 from epdserve.media.fetch import MediaFetcher
 from epdserve.media.image import probe_image
 from epdserve.models.llama4 import Llama4Family
 from epdserve.models.registry import load_family
 from epdserve.processor.prompt import PromptBuilder
 from epdserve.protocol.openai import ChatCompletionRequest
-from oracle import data_url, decode_image, hf_greedy, load_hf, make_image
-from test_paged_engine import assert_no_leak, drive
+from support.engine import assert_no_leak, drive
+from support.engine_requests import engine_request
+from support.oracle import data_url, decode_image, hf_greedy, load_hf, make_image
 
 # (width, height) -> tile grid with max_patches 4 on 32 px tiles: 1x1 (no global tile), 1x2,
 # 3x1 and 2x2 (+ a global tile each), and a panorama squeezed into 1x4.
@@ -30,10 +29,9 @@ SIZES = {"one-tile": (20, 20), "1x2": (64, 32), "3x1": (32, 96), "2x2": (64, 48)
 
 
 @pytest.fixture(scope="module")
-def runner(tiny_llama4: Path, tmp_path_factory: pytest.TempPathFactory):
+def runner(tiny_llama4_runner):
     """The worker-side model, with the CPU kernels as a worker loads it."""
-    kernels = load_cpu_kernels(tmp_path_factory.mktemp("kernels"))
-    return load_family(tiny_llama4).load_runner(None, torch.device("cpu"), kernels)
+    return tiny_llama4_runner
 
 
 def user_turn(text: str, images: list[bytes]) -> list[dict]:
