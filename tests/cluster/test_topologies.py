@@ -1,17 +1,22 @@
 """The topology matrix: every family served by every launch script, driven by the official
 `openai` client and checked token for token against `transformers` greedy `generate()`.
 
-    FAMILIES (support/topologies.py)   x   SCRIPTS (support/topologies.py)          x   CASES (below)
-    llava    tiny_llava, 64x48 PNGs        agg           agg_multimodal.sh              text    unary/stream
-    llama4   tiny_llama4, 1 to 4 tiles     epd-nixl      agg_multimodal_epd.sh          1 image unary/stream
-                                           ec            agg_multimodal_ec_connector.sh 2 images unary/stream
-                                           disagg-epd    disagg_multimodal_epd.sh
-                                           disagg-llama  disagg_multimodal_llama.sh (two nodes)
+    family/script   | agg | epd-nixl | ec | disagg-epd | disagg-llama |  x CASES (below):
+    ----------------+-----+----------+----+------------+--------------+  text, one image, two images,
+    llava           |  x  |    x     | x  |     x      |      x       |  each unary and streamed
+    llama4          |  x  |    x     | x  |     x      |      x       |
 
-One cluster per (family, script), started once (tests/cluster/conftest.py) and shared with the
-other tests of that topology (`@pytest.mark.topology(...)` in test_epd.py, test_epd_encode.py,
-test_disagg.py, test_llama4_cluster.py). Adding a family or a script is one entry in
-support/topologies.py; adding a case is one entry in CASES.
+    agg          launch/agg_multimodal.sh             E, P and D in one worker
+    epd-nixl     launch/agg_multimodal_epd.sh         2 encode workers, embeddings over NIXL
+    ec           launch/agg_multimodal_ec_connector.sh  embeddings through the cache on disk
+    disagg-epd   launch/disagg_multimodal_epd.sh      E, P, 2 D workers; the prompt's KV over NIXL
+    disagg-llama launch/disagg_multimodal_llama.sh    head node (EP) + worker node (D), one machine
+
+FAMILIES, SCRIPTS and UNSUPPORTED are in tests/support/topologies.py: adding a family or a script
+is one entry there; adding a case is one entry in CASES. One cluster per (family, script),
+started once (tests/cluster/conftest.py) and shared with that topology's other tests
+(`@pytest.mark.topology(...)` in test_epd.py, test_epd_encode.py, test_disagg.py,
+test_llama4_cluster.py).
 """
 
 from __future__ import annotations

@@ -46,5 +46,5 @@ def load_kv(dst, dst_blocks: list[int], src, src_blocks: list[int]) -> None:
     """What a decode worker's READ does: `src_blocks` of one engine's KV pool into `dst_blocks`
     of another's (PagedEngines), every layer's K and V."""
     dst_kv, src_kv = dst.runner.kv, src.runner.kv
-    for d, s in zip(dst_kv.key + dst_kv.value, src_kv.key + src_kv.value):
+    for d, s in zip(dst_kv.key + dst_kv.value, src_kv.key + src_kv.value, strict=True):
         d[dst_blocks] = s[src_blocks]

@@ -1,14 +1,11 @@
-"""The topology matrix: which model families are served by which launch scripts.
-
-    family \\ script | agg | epd-nixl | ec | disagg-epd | disagg-llama
-    ----------------+-----+----------+----+------------+-------------
-    llava           |  x  |    x     | x  |     x      |      x
-    llama4          |  x  |    x     | x  |     x      |      x
+"""The topology matrix: which model families are served by which launch scripts
+(`tests/cluster/test_topologies.py` runs every case on every pair).
 
 Every (family, script) pair is one cluster, started once by `tests/cluster/conftest.py` and shared
-by the matrix (`tests/cluster/test_topologies.py`) and every other test marked
-`@pytest.mark.topology("<family>/<script>")`. Adding a family or a script is one entry below;
-a pair that cannot work goes into `UNSUPPORTED`, with the reason.
+by the matrix and every other test marked `@pytest.mark.topology("<family>/<script>")`. Adding a
+family or a script is one entry below (a family names the session fixture of its tiny model, in
+`tests/conftest.py`, and its oracle adapter: the images of a case and the check against
+`transformers`); a pair that cannot work goes into `UNSUPPORTED`, with the reason.
 """
 
 from __future__ import annotations
