@@ -9,6 +9,7 @@ as the last test that uses it is done, so only one matrix cluster runs at a time
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,13 +22,17 @@ POOL = pytest.StashKey["ClusterPool"]()
 
 
 class ClusterPool:
-    """At most one matrix cluster alive; a cluster that failed to start fails its tests at once."""
+    """At most one matrix cluster serving; a cluster that failed to start fails its tests at once.
+
+    A cluster no longer needed is stopped in the background (its processes wind down while the
+    next one starts); `close(wait=True)` at the end of the session waits for every stop."""
 
     def __init__(self, infra: Infra, logs: Path):
         self.infra, self.logs = infra, logs
         self.name: str | None = None
         self.cluster: Cluster | None = None
         self.error: BaseException | None = None
+        self.stopping: list[threading.Thread] = []
 
     def get(self, topology: str, model_dir: Path) -> Cluster:
         if topology != self.name:
@@ -42,10 +47,16 @@ class ClusterPool:
         assert self.cluster is not None
         return self.cluster
 
-    def close(self) -> None:
+    def close(self, wait: bool = False) -> None:
         cluster, self.cluster, self.name, self.error = self.cluster, None, None, None
         if cluster is not None:
-            cluster.stop()
+            stop = threading.Thread(target=cluster.stop, name=f"stop {cluster.log.name}")
+            stop.start()
+            self.stopping.append(stop)
+        if wait:
+            for stop in self.stopping:
+                stop.join()
+            self.stopping.clear()
 
 
 def start_topology(topology: str, infra: Infra, logs: Path, model_dir: Path) -> Cluster:
@@ -98,7 +109,7 @@ def cluster_pool(request: pytest.FixtureRequest, infra: Infra,
     try:
         yield pool
     finally:
-        pool.close()
+        pool.close(wait=True)
         del request.config.stash[POOL]
 
 

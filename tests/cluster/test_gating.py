@@ -15,12 +15,21 @@ from support.oracle import data_url, hf_greedy, make_image
 
 
 def test_multimodal_role_without_flag_refuses_to_start(tmp_path):
-    for role in ("--multimodal-worker", "--multimodal-processor", "--multimodal-encode-worker",
-                 "--multimodal-decode-worker", "--multimodal-encode-prefill-worker"):
-        proc = subprocess.run([sys.executable, "-m", "epdserve.worker", role, "--model", str(tmp_path)],
-                              capture_output=True, text=True, timeout=120, cwd=ROOT)
-        assert proc.returncode != 0
-        assert "--enable-multimodal" in proc.stderr, proc.stderr
+    roles = ("--multimodal-worker", "--multimodal-processor", "--multimodal-encode-worker",
+             "--multimodal-decode-worker", "--multimodal-encode-prefill-worker")
+    procs = {role: subprocess.Popen([sys.executable, "-m", "epdserve.worker", role, "--model", str(tmp_path)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for role in roles}   # all at once: each spends its time importing torch
+    try:
+        for role, proc in procs.items():
+            _, stderr = proc.communicate(timeout=120)
+            assert proc.returncode != 0, role
+            assert "--enable-multimodal" in stderr, (role, stderr)
+    finally:
+        for proc in procs.values():   # any still running (a failed assertion above): killed by PID
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.fixture(scope="module")
