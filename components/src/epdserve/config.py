@@ -124,6 +124,51 @@ _ROLE_FLAGS = {
 }
 
 
+# Timeout flags: flag -> (field of the timeouts dataclass, which holds the default; help).
+_PLANE_FLAGS = {
+    "--heartbeat-interval": (
+        "heartbeat_interval",
+        "a running request's heartbeat; three missed: its server is dead (same in every process)",
+    ),
+    "--request-ack-timeout": ("ack_timeout", "how long a server has to ack a request"),
+    "--stream-idle-timeout": ("stream_idle_timeout", "how long a stream to a processor may be silent"),
+    "--partial-message-ttl": ("partial_ttl", "how long an incomplete chunked message is kept"),
+    "--nats-connect-timeout": ("connect_timeout", "the first connection to NATS"),
+    "--drain-timeout": ("drain_timeout", "how long in-flight requests get at shutdown"),
+}
+_TRANSFER_FLAGS = {
+    "--nixl-read-timeout": ("read_timeout", "bounds one NIXL READ"),
+    "--encoder-result-timeout": (
+        "encoder_result_timeout",
+        "PD/prefill worker: how long a request waits for its encode worker's embeddings",
+    ),
+    "--embedding-hold-timeout": (
+        "embedding_hold_timeout",
+        "encode worker: how long embeddings stay pinned for their READ",
+    ),
+    "--kv-handoff-timeout": (
+        "kv_handoff_timeout",
+        "prefill worker: how long it keeps a prompt's KV blocks for a decode worker to READ before freeing them",
+    ),
+    "--kv-hold-margin": (
+        "kv_hold_margin",
+        "decode worker: no READ starts this close to the end of the prefill worker's hold",
+    ),
+    "--mailbox-ttl": ("mailbox_ttl", "an unclaimed embedding delivery is dropped after this"),
+}
+
+
+def _add_timeout_args(
+    group: argparse._ArgumentGroup, defaults: PlaneTimeouts | TransferTimeouts, flags: dict[str, tuple[str, str]]
+) -> None:
+    for flag, (name, text) in flags.items():
+        group.add_argument(flag, dest=name, type=float, default=getattr(defaults, name), help=f"seconds: {text}")
+
+
+def _timeouts(args: argparse.Namespace, flags: dict[str, tuple[str, str]]) -> dict[str, float]:
+    return {name: getattr(args, name) for name, _ in flags.values()}
+
+
 def _add_runtime_args(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
     g = parser.add_argument_group("runtime")
     g.add_argument("--etcd-endpoints", default=env.get("ETCD_ENDPOINTS", RuntimeConfig.etcd_endpoints))
@@ -132,38 +177,11 @@ def _add_runtime_args(parser: argparse.ArgumentParser, env: Mapping[str, str]) -
     g.add_argument(
         "--lease-ttl", type=float, default=RuntimeConfig.lease_ttl, help="seconds a dead instance stays discoverable"
     )
-    t = PlaneTimeouts()
-    g.add_argument(
-        "--heartbeat-interval",
-        type=float,
-        default=t.heartbeat_interval,
-        help="seconds between a running request's heartbeats; three missed: its server is dead (same in every process)",
-    )
-    g.add_argument("--request-ack-timeout", type=float, default=t.ack_timeout, help="seconds a server has to ack")
-    g.add_argument(
-        "--stream-idle-timeout",
-        type=float,
-        default=t.stream_idle_timeout,
-        help="seconds a processor stream may be silent",
-    )
-    g.add_argument(
-        "--partial-message-ttl", type=float, default=t.partial_ttl, help="seconds an incomplete chunked message is kept"
-    )
-    g.add_argument("--nats-connect-timeout", type=float, default=t.connect_timeout)
-    g.add_argument(
-        "--drain-timeout", type=float, default=t.drain_timeout, help="seconds in-flight requests get at shutdown"
-    )
+    _add_timeout_args(g, PlaneTimeouts(), _PLANE_FLAGS)
 
 
 def _runtime(args: argparse.Namespace) -> RuntimeConfig:
-    plane = PlaneTimeouts(
-        heartbeat_interval=args.heartbeat_interval,
-        ack_timeout=args.request_ack_timeout,
-        stream_idle_timeout=args.stream_idle_timeout,
-        partial_ttl=args.partial_message_ttl,
-        connect_timeout=args.nats_connect_timeout,
-        drain_timeout=args.drain_timeout,
-    )
+    plane = PlaneTimeouts(**_timeouts(args, _PLANE_FLAGS))
     return RuntimeConfig(args.etcd_endpoints, args.nats_server, args.namespace, args.lease_ttl, plane)
 
 
@@ -237,7 +255,8 @@ def worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         default=WorkerConfig.embedding_buffer_bytes,
         help="PD/prefill worker: bytes registered with NIXL to receive embeddings into",
     )
-    _add_transfer_args(p)
+    hand_offs = p.add_argument_group("hand-offs between workers (seconds)")
+    _add_timeout_args(hand_offs, TransferTimeouts(), _TRANSFER_FLAGS)
     p.add_argument(
         "--cpu-kernels",
         action=argparse.BooleanOptionalAction,
@@ -253,50 +272,6 @@ def worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     _add_runtime_args(p, env)
     return p
-
-
-def _add_transfer_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("hand-offs between workers (seconds)")
-    t = TransferTimeouts()
-    g.add_argument("--nixl-read-timeout", type=float, default=t.read_timeout, help="bounds one NIXL READ")
-    g.add_argument(
-        "--encoder-result-timeout",
-        type=float,
-        default=t.encoder_result_timeout,
-        help="PD/prefill worker: how long a request waits for its encode worker's embeddings",
-    )
-    g.add_argument(
-        "--embedding-hold-timeout",
-        type=float,
-        default=t.embedding_hold_timeout,
-        help="encode worker: how long embeddings stay pinned for their READ",
-    )
-    g.add_argument(
-        "--kv-handoff-timeout",
-        type=float,
-        default=t.kv_handoff_timeout,
-        help="prefill worker: seconds it keeps a prompt's KV blocks for a decode worker to READ before freeing them",
-    )
-    g.add_argument(
-        "--kv-hold-margin",
-        type=float,
-        default=t.kv_hold_margin,
-        help="decode worker: no READ starts this close to the end of the prefill worker's hold",
-    )
-    g.add_argument(
-        "--mailbox-ttl", type=float, default=t.mailbox_ttl, help="an unclaimed embedding delivery is dropped after this"
-    )
-
-
-def _transfer(args: argparse.Namespace) -> TransferTimeouts:
-    return TransferTimeouts(
-        read_timeout=args.nixl_read_timeout,
-        encoder_result_timeout=args.encoder_result_timeout,
-        embedding_hold_timeout=args.embedding_hold_timeout,
-        kv_handoff_timeout=args.kv_handoff_timeout,
-        kv_hold_margin=args.kv_hold_margin,
-        mailbox_ttl=args.mailbox_ttl,
-    )
 
 
 def _role(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Role:
@@ -355,7 +330,7 @@ def parse_worker_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> Wor
         ec_storage_path=args.ec_storage_path,
         encoder_cache_bytes=args.encoder_cache_bytes,
         embedding_buffer_bytes=args.embedding_buffer_bytes,
-        transfer=_transfer(args),
+        transfer=TransferTimeouts(**_timeouts(args, _TRANSFER_FLAGS)),
         cpu_kernels=args.cpu_kernels,
         kernel_cache_dir=args.kernel_cache_dir,
     )
