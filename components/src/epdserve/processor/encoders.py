@@ -59,9 +59,9 @@ class EncoderRouter:
 
 
 class EncodeSession:
-    """One request's encode. `start` sends the media to an encode worker, which posts the
-    `EncodeResult` to `deliver_to` (the mailbox of the worker that prefills the request) and
-    answers here too; `answered` resolves then, or fails when no encoder answers (one retry
+    """One request's encode. `start` sends the media to an encode worker, which posts a
+    `MediaDelivery` to `deliver_to` (the mailbox of the worker that prefills the request) and
+    answers its `EncodeResult` here too; `answered` resolves then, or fails when no encoder answers (one retry
     on another encoder if the first dies before it answers). The encoder's stream stays open
     until the worker has read the embeddings. `close` (always call it) cancels whatever still
     runs, which frees the embeddings at the encoder."""
