@@ -18,6 +18,7 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 from support.cluster import Infra, infra_servers  # noqa: E402
+from support.lint import LINT_RUNS, LintRuns  # noqa: E402
 
 
 @pytest.hookimpl(tryfirst=True)   # before `-m` deselects
@@ -26,6 +27,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.path.is_relative_to(cluster_dir):
             item.add_marker(pytest.mark.cluster)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the lint and type gate's commands now if its tests run: mypy's ~20 s overlap the suite."""
+    if any(item.path.name == "test_lint.py" for item in session.items):
+        session.config.stash[LINT_RUNS] = LintRuns()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if (runs := session.config.stash.get(LINT_RUNS, None)) is not None:
+        runs.close()
 
 
 @pytest.fixture(scope="session")

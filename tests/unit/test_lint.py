@@ -1,27 +1,15 @@
 """The lint and type gate: ruff (lint and format) and mypy over the package, as pyproject.toml configures
-them. Zero findings, or the suite fails."""
+them. Zero findings, or the suite fails. The commands start in the background once the session has
+collected these tests (tests/conftest.py, support/lint.py)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-PACKAGE = "components/src/epdserve"
+from support.lint import COMMANDS, LINT_RUNS
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        ["ruff", "check", PACKAGE],
-        ["ruff", "format", "--check", PACKAGE],
-        ["mypy"],
-    ],
-    ids=["ruff-check", "ruff-format", "mypy"],
-)
-def test_no_findings(command):
-    done = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(command)}:\n{done.stdout}{done.stderr}"
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_no_findings(name: str, request: pytest.FixtureRequest) -> None:
+    code, output = request.config.stash[LINT_RUNS].result(name)
+    assert code == 0, f"{' '.join(COMMANDS[name])}:\n{output}"
