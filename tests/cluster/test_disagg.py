@@ -110,7 +110,8 @@ def test_dead_prefill_and_decode_workers_end_requests(infra, tiny_llava, tmp_pat
     requests, in seconds; so does a frozen decode worker, and the prefill worker frees the KV
     it held for it; a decode worker killed mid-stream ends the client's stream with an error."""
     c = launch("disagg_multimodal_epd.sh", infra, tmp_path_factory.mktemp("logs"), "--prefill-workers", "2",
-               "--decode-workers", "2", "--lease-ttl", "2", *FLAGS, model_dir=tiny_llava, served_name="kills")
+               "--decode-workers", "2", "--lease-ttl", "2", "--heartbeat-interval", "1", *FLAGS,
+               model_dir=tiny_llava, served_name="kills")
     try:
         c.wait_for_workers(prefill=2, decode=2)
         cases = [chat_messages([make_image(700 + i)], f"Load {i}.") for i in range(4)]

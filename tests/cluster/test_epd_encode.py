@@ -70,11 +70,11 @@ def test_encoder_cache_evicts_and_stays_correct(cluster, model_dir):
 
 
 def test_killed_encoder_fails_over(infra, tiny_llava, tmp_path_factory):
-    model_dir = tiny_llava
     """One of two encode workers hangs and dies under load: every in-flight request ends (an
     answer or an error) within a deadline, and new requests are served by the other encoder."""
+    model_dir = tiny_llava
     c = launch("agg_multimodal_epd.sh", infra, tmp_path_factory.mktemp("logs"), "--encode-workers", "2",
-               model_dir=model_dir, served_name="failover")
+               "--heartbeat-interval", "1", model_dir=model_dir, served_name="failover")
     try:
         encoders = c.pids("--multimodal-encode-worker")
         assert len(encoders) == 2
