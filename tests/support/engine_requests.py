@@ -31,12 +31,13 @@ def engine_request(model_dir, runner, rid: str, text: str, images: list[bytes], 
     ids = processor(text=prompt, images=pil or None, return_tensors="pt")["input_ids"][0].tolist()
     mm, pos = [], 0
     for k, img in enumerate(pil):
-        tokens, mask = family.expand_placeholder("image", probe_image(images[k]))
+        expansion = family.expand_placeholder("image", probe_image(images[k]))
+        tokens, mask = expansion.token_ids, expansion.embed_mask
         start = next((i for i in range(pos, len(ids)) if ids[i:i + len(tokens)] == tokens), None)
         assert start is not None, f"image {k}'s expansion is not in the HF processor's ids"
         mm.append(MultiModalInput("image", hashlib.sha256(images[k]).hexdigest(), start, len(tokens),
                                   features=runner.preprocess("image", [img]),
-                                  embed_mask=None if mask is None else torch.tensor(mask)))
+                                  embed_mask=None if mask is None else torch.tensor(mask), grid=expansion.grid))
         pos = start + len(tokens)
     eos = model.generation_config.eos_token_id
     stops = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)

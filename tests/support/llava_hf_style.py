@@ -53,7 +53,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import AutoConfig, LlavaForConditionalGeneration
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from epdserve.tools.tiny_model import init_model
+from epdserve.tools.tiny_spec import init_model
 from epdserve.tools.tiny_tokenizer import english_corpus
 
 # --------------------------------------------------------------------------- sizes

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 
 class Role(StrEnum):
@@ -64,6 +65,9 @@ class MediaConfig:
     allowed_local_path: str | None = None  # file:// URLs only under this directory
     limit_per_prompt: Mapping[str, int] = field(default_factory=lambda: {"image": 4, "video": 1, "audio": 1})
     enable_mm_embeds: bool = False
+    # Media processing options every request gets (`--mm-processor-kwargs`); a request's own
+    # `mm_processor_kwargs` win key by key. The model family allows the keys and bounds them.
+    mm_processor_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,13 @@ def _runtime(args: argparse.Namespace) -> RuntimeConfig:
     return RuntimeConfig(args.etcd_endpoints, args.nats_server, args.namespace, args.lease_ttl, plane)
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('expected a JSON object like {"max_pixels": 1003520}')
+    return value
+
+
 def _json_limits(text: str) -> dict[str, int]:
     limits = json.loads(text)
     if not isinstance(limits, dict) or not all(isinstance(v, int) and v >= 0 for v in limits.values()):
@@ -238,6 +249,13 @@ def worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--allowed-media-domains", nargs="*", default=[])
     p.add_argument("--allowed-local-media-path", default=None)
     p.add_argument("--enable-mm-embeds", action="store_true")
+    p.add_argument(
+        "--mm-processor-kwargs",
+        type=_json_object,
+        default={},
+        help='media processing options for every request, e.g. {"max_pixels": 1003520} (Qwen-VL); '
+        "a request's mm_processor_kwargs win key by key",
+    )
     p.add_argument(
         "--ec-storage-path",
         default=None,
@@ -310,6 +328,7 @@ def parse_worker_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> Wor
         allowed_domains=tuple(args.allowed_media_domains),
         allowed_local_path=args.allowed_local_media_path,
         enable_mm_embeds=args.enable_mm_embeds,
+        mm_processor_kwargs=args.mm_processor_kwargs,
         **({"limit_per_prompt": args.limit_mm_per_prompt} if args.limit_mm_per_prompt is not None else {}),
     )
     return WorkerConfig(

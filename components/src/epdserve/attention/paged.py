@@ -49,6 +49,9 @@ class AttentionMetadata:
     pass writes the K/V); None when they are all the rows (a decode step).
 
     decode: the one-query chunks again as a `DecodeBatch` (CPU only), for `CpuKernels`.
+
+    rope_positions [A, N] int64: the rotary positions of models whose positions have several
+    axes (M-RoPE), set by the caller; None: rotary positions are `positions`.
     """
 
     positions: torch.Tensor
@@ -61,6 +64,7 @@ class AttentionMetadata:
     output_rows: torch.Tensor
     outputs: AttentionMetadata | None = None
     decode: DecodeBatch | None = None
+    rope_positions: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

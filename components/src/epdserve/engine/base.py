@@ -41,7 +41,7 @@ class MultiModalInput:
     """One media item of a prompt, spliced in at `token_ids[offset : offset + length]`.
 
     Exactly one of `features` (encoder inputs, e.g. pixel_values, encoded by the engine) or
-    `embeddings` (`[num_embeddings, H]`, already encoded) is set. Items of one modality with
+    `embeddings` (`[num_embeddings, E]`, already encoded) is set. Items of one modality with
     `features` are encoded together, as `transformers` does for one prompt. `embed_mask`
     (bool `[length]`) names the positions that take embedding rows, in order; the others keep
     their token's embedding (Llama 4's tile separators). None: every position.
@@ -54,6 +54,7 @@ class MultiModalInput:
     features: dict[str, torch.Tensor] | None = None
     embeddings: torch.Tensor | None = None
     embed_mask: torch.Tensor | None = None
+    grid: tuple[int, int, int] | None = None  # its patch grid, for M-RoPE models (`Expansion.grid`)
 
     @property
     def num_embeddings(self) -> int:
@@ -85,6 +86,10 @@ class EngineRequest:
     # engine emits a `KVAdmitted` naming the blocks for the prompt's KV; the caller loads it
     # there and calls `kv_loaded`; decoding goes on from this token.
     prefilled_token: int | None = None
+    # With `prefilled_token`, for models with rotary positions of several axes (M-RoPE): the
+    # shift of the positions after the prompt, as the prefill worker's `EngineOutput.rope_delta`
+    # gave it (the prompt's own positions are never needed here).
+    rope_delta: int | None = None
 
 
 @dataclass
@@ -101,6 +106,9 @@ class EngineOutput:
     # prompt's KV, in order, kept for the caller (not freed, not reused) until
     # `Engine.release(request_id)`.
     held_blocks: list[int] | None = None
+    # With `held_blocks`, for M-RoPE models: the shift of positions after the prompt, which
+    # whoever decodes from the held KV passes on as `EngineRequest.rope_delta`.
+    rope_delta: int | None = None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from epdserve.attention.paged import AttentionMetadata
 from epdserve.engine.base import TokenLogprob
 from epdserve.engine.sampling import apply_penalties, sample, token_logprob
 from epdserve.engine.scheduler import ScheduledChunk
-from epdserve.models.base import MultimodalModel
+from epdserve.engine.sequence import Sequence
+from epdserve.models.base import MediaSpan, MultimodalModel, RopePositions
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +70,31 @@ class ModelRunner:
         return result
 
     def _metadata(self, chunks: list[ScheduledChunk]) -> AttentionMetadata:
-        return AttentionMetadata.build(
+        meta = AttentionMetadata.build(
             [(c.seq.block_table, c.start, c.num_tokens) for c in chunks],
             self.kv.block_size,
             self.model.device,
             [c.samples for c in chunks],
         )
+        ropes = [self._rope(c.seq) for c in chunks]
+        if any(r is not None for r in ropes):
+            rows = [r.at(c.start, c.num_tokens) for r, c in zip(ropes, chunks, strict=True) if r is not None]
+            if len(rows) < len(chunks):
+                raise ValueError("a batch mixes sequences with and without rotary positions")
+            axes = max(r.shape[0] for r in rows)
+            meta.rope_positions = torch.cat([r.expand(axes, -1) for r in rows], dim=1).to(self.model.device)
+        return meta
+
+    def _rope(self, seq: Sequence) -> RopePositions | None:
+        """`seq`'s rotary positions (M-RoPE models), computed once; None for other models."""
+        if seq.rope is None:
+            delta = seq.request.rope_delta
+            if delta is not None:
+                seq.rope = RopePositions(None, delta)
+            else:
+                spans = [MediaSpan(m.offset, m.length, m.grid) for m in seq.media]
+                seq.rope = self.model.rope_positions(seq.token_ids[: seq.num_prompt_tokens], spans)
+        return seq.rope
 
     def _encode_media(self, chunk: ScheduledChunk) -> None:
         """Encoder outputs for the items this chunk touches, batched per modality as

@@ -183,11 +183,12 @@ class PagedEngine(Engine):
             for i, choice in self.choices.take_siblings(sid):  # choice 0's prompt is cached: the others start
                 self._admit(choice, origin, i)
             reason = finished.get(sid)
-            held = None
+            held = rope_delta = None
             if reason is not None:
                 self.choices.done(sid)
                 if seq.request.hold_kv:
                     held = self.held.hold(seq)
+                    rope_delta = seq.rope.delta if seq.rope is not None else None
             logprob = result.logprobs.get(sid)
             events.append(
                 EngineOutput(
@@ -197,6 +198,7 @@ class PagedEngine(Engine):
                     index=index,
                     logprobs=[logprob] if logprob else None,
                     held_blocks=held,
+                    rope_delta=rope_delta,
                 )
             )
 

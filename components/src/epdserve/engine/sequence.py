@@ -8,6 +8,7 @@ from enum import Enum
 import torch
 
 from epdserve.engine.base import EngineRequest, MultiModalInput
+from epdserve.models.base import RopePositions
 
 
 class SequenceStatus(Enum):
@@ -41,6 +42,9 @@ class Sequence:
     awaiting_kv: bool = False  # admission loads the prompt's KV instead of computing it
     # Encoder outputs of the media items, kept while positions still need them.
     mm_embeddings: list[torch.Tensor | None] = field(default_factory=list)
+    # M-RoPE models: its rotary positions, computed at its first chunk; a pure function of the
+    # prompt, so they hold across preemption and recompute.
+    rope: RopePositions | None = None
 
     @property
     def request_id(self) -> str:

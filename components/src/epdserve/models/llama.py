@@ -1,9 +1,12 @@
-"""Paged forward of a Llama-family text decoder, over the modules of a `transformers` model.
+"""Paged forward of a Llama-architecture text decoder, over the modules of a `transformers` model.
 
 The weights and sub-modules (norms, projections, MLP, rotary embedding) are the loaded
-`LlamaModel`'s own; only the attention plumbing is ours, so each op runs as `transformers`
-runs it and greedy outputs stay equal to its `generate()` (logits to float rounding: see
-`epdserve.attention.paged`).
+model's own; only the attention plumbing is ours, so each op runs as `transformers` runs it
+and greedy outputs stay equal to its `generate()` (logits to float rounding: see
+`epdserve.attention.paged`). The decoders of the same layout run here too: Qwen2's (q/k/v
+biases live in the projections), Qwen3's (per-head q/k RMSNorm before the rotary), rotary
+tables of several position axes (M-RoPE: `meta.rope_positions`), and Qwen3-VL's deepstack
+(media features added to the first layers' outputs).
 """
 
 from __future__ import annotations
@@ -42,8 +45,13 @@ class PagedLlama:
     With `kernels`, float32 projections of few rows and one-query attention run through them.
     """
 
-    def __init__(self, decoder: LlamaModel, lm_head: nn.Linear, kernels: CpuKernels | None = None):
+    def __init__(
+        self, decoder: LlamaModel, lm_head: nn.Linear, kernels: CpuKernels | None = None, deepstack_layers: int = 0
+    ):
+        """`deepstack_layers` K > 0: input rows are (1 + K) * H wide, the input embedding then
+        K rows of H added to the outputs of layers 0 .. K-1 (zeros for text tokens)."""
         self.decoder = decoder
+        self.deepstack_layers = deepstack_layers
         self.kernels = kernels
         self.dtype = decoder.embed_tokens.weight.dtype
         self.device = decoder.embed_tokens.weight.device
@@ -71,8 +79,11 @@ class PagedLlama:
         self.head_dim = attn.head_dim
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """[N] token ids -> [N, H] input embeddings."""
-        return self.decoder.embed_tokens(token_ids)
+        """[N] token ids -> [N, (1 + deepstack_layers) * H] input embeddings."""
+        rows = self.decoder.embed_tokens(token_ids)
+        if not self.deepstack_layers:
+            return rows
+        return torch.cat([rows, rows.new_zeros(rows.shape[0], self.deepstack_layers * rows.shape[1])], dim=1)
 
     def allocate_cache(self, num_blocks: int, block_size: int) -> KVCache:
         """An empty cache of `num_blocks` blocks in this model's shapes, dtype and device."""
@@ -83,15 +94,23 @@ class PagedLlama:
     def forward(self, inputs_embeds: torch.Tensor, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
         """[N, H] embeddings of the packed chunks -> [M, H] final-norm hidden states of the
         rows `meta.output_rows`; writes the chunks' K/V into `kv`."""
-        hidden = inputs_embeds
-        # [1, N, D] like transformers' [batch, seq, D]; elementwise, so packing changes nothing.
-        cos, sin = (t[0] for t in self.decoder.rotary_emb(hidden, meta.positions[None]))
+        hidden, deepstack = inputs_embeds, None
+        if self.deepstack_layers:
+            deepstack = inputs_embeds.unflatten(1, (1 + self.deepstack_layers, -1))
+            hidden = deepstack[:, 0]
+        # [1, N, D] like transformers' [batch, seq, D] ([A, 1, N] positions for A axes);
+        # elementwise, so packing changes nothing.
+        positions = meta.positions if meta.rope_positions is None else meta.rope_positions
+        cos, sin = (t[0] for t in self.decoder.rotary_emb(hidden, positions.unsqueeze(-2)))
         for i in range(self.num_layers):
             # Past the last layer's K/V only the output rows matter: a prompt chunk computes
             # its queries, attention and MLP there for its last token alone.
-            hidden = self._layer(
-                i, hidden, cos, sin, meta, kv.key[i], kv.value[i], outputs_only=i == self.num_layers - 1
-            )
+            last = i == self.num_layers - 1
+            hidden = self._layer(i, hidden, cos, sin, meta, kv.key[i], kv.value[i], outputs_only=last)
+            if deepstack is not None and i < self.deepstack_layers:
+                # transformers adds them at media positions only; + 0 elsewhere changes nothing.
+                rows = deepstack[:, 1 + i]
+                hidden = hidden + (rows[meta.output_rows] if last and meta.outputs is not None else rows)
         return self._norm(self.decoder.norm, hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -114,14 +133,15 @@ class PagedLlama:
         layer: LlamaDecoderLayer = self.decoder.layers[index]
         proj = self.proj[index]
         normed = self._norm(layer.input_layernorm, hidden)
-        k = self._rotate(proj.k(normed), cos, sin)
+        attn = layer.self_attn
+        k = self._rotate(proj.k(normed), cos, sin, getattr(attn, "k_norm", None))
         write_kv(k, proj.v(normed).view(k.shape), cache_k, cache_v, meta)
         if outputs_only and meta.outputs is not None:  # from here on, the output rows alone
             rows = meta.output_rows
             hidden, normed, cos, sin = hidden[rows], normed[rows], cos[rows], sin[rows]
             meta = meta.outputs
-        q = self._rotate(proj.q(normed), cos, sin)
-        attended = paged_attention(q, cache_k, cache_v, meta, layer.self_attn.scaling, self.kernels)
+        q = self._rotate(proj.q(normed), cos, sin, getattr(attn, "q_norm", None))
+        attended = paged_attention(q, cache_k, cache_v, meta, attn.scaling, self.kernels)
         hidden = hidden + proj.o(attended.flatten(1))
         # LlamaMLP.forward, with our projections
         normed = self._norm(layer.post_attention_layernorm, hidden)
@@ -133,10 +153,15 @@ class PagedLlama:
         """A LlamaRMSNorm module applied to [N, H] rows."""
         return norm(hidden) if self.fused is None else self.fused.rms_norm(hidden, norm.weight, norm.variance_epsilon)
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotate(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_norm: nn.Module | None = None
+    ) -> torch.Tensor:
         """[N, heads * D] projections -> [N, heads, D] with rotary embedding, computed as
-        `apply_rotary_pos_emb` does; cos/sin [N, D] broadcast over the heads."""
+        `apply_rotary_pos_emb` does; cos/sin [N, D] broadcast over the heads. `head_norm`:
+        Qwen3's per-head RMSNorm, applied first."""
         x = x.unflatten(-1, (-1, self.head_dim))
+        if head_norm is not None:
+            x = head_norm(x)
         if self.fused is not None:
             return self.fused.rotary(x, cos, sin)
         cos, sin = cos[:, None], sin[:, None]

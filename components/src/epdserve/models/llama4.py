@@ -31,7 +31,7 @@ from transformers.models.llama4.modeling_llama4 import (
 
 from epdserve.kernels.cpu import CpuKernels
 from epdserve.media.types import MediaInfo
-from epdserve.models.base import MediaEncoder, ModelFamily
+from epdserve.models.base import NO_MM_KWARGS, Expansion, MediaEncoder, MMKwargs, ModelFamily
 from epdserve.models.llama4_text import PagedLlama4Text
 from epdserve.models.multimodal import PagedMultimodalModel
 from epdserve.models.weights import load_modules
@@ -60,7 +60,7 @@ class Llama4Family(ModelFamily):
         tiles = rows * cols + (1 if rows * cols > 1 else 0)
         return tiles * self._tokens_per_tile
 
-    def expand_placeholder(self, modality: str, info: MediaInfo) -> tuple[list[int], list[bool] | None]:
+    def expand_placeholder(self, modality: str, info: MediaInfo, mm_kwargs: MMKwargs = NO_MM_KWARGS) -> Expansion:
         """`Llama4Processor._prompt_split_image` from the image's size (see the module)."""
         ids = self._token_ids
         tile = [ids["patch"]] * self._tokens_per_tile
@@ -72,7 +72,7 @@ class Llama4Family(ModelFamily):
                     tokens += tile + ([ids["tile_x"]] if x < cols - 1 else [])
                 tokens.append(ids["tile_y"])
         tokens += [ids["image"], *tile, ids["end"]]
-        return tokens, [t == ids["patch"] for t in tokens]
+        return Expansion(tokens, [t == ids["patch"] for t in tokens])
 
     def load_runner(
         self, dtype: torch.dtype | None, device: torch.device, kernels: CpuKernels | None = None
@@ -131,7 +131,9 @@ class Llama4Vision(MediaEncoder):
             kernels.replace_linears(hf.vision_model)
             kernels.replace_linears(hf.multi_modal_projector)
 
-    def preprocess(self, modality: str, items: list[Image.Image]) -> dict[str, torch.Tensor]:
+    def preprocess(
+        self, modality: str, items: list[Image.Image], mm_kwargs: MMKwargs = NO_MM_KWARGS
+    ) -> dict[str, torch.Tensor]:
         out = self.image_processor(images=items, return_tensors="pt")
         return {"pixel_values": out["pixel_values"], "aspect_ratios": out["aspect_ratios"]}
 

@@ -10,7 +10,7 @@ from transformers.models.llava.modeling_llava import LlavaForConditionalGenerati
 
 from epdserve.kernels.cpu import CpuKernels
 from epdserve.media.types import MediaInfo
-from epdserve.models.base import MediaEncoder, ModelFamily
+from epdserve.models.base import NO_MM_KWARGS, MediaEncoder, MMKwargs, ModelFamily
 from epdserve.models.llama import PagedLlama
 from epdserve.models.multimodal import PagedMultimodalModel
 from epdserve.models.weights import load_modules
@@ -59,7 +59,9 @@ class LlavaVision(MediaEncoder):
             kernels.replace_linears(hf.model.vision_tower)
             kernels.replace_linears(hf.model.multi_modal_projector)
 
-    def preprocess(self, modality: str, items: list[Image.Image]) -> dict[str, torch.Tensor]:
+    def preprocess(
+        self, modality: str, items: list[Image.Image], mm_kwargs: MMKwargs = NO_MM_KWARGS
+    ) -> dict[str, torch.Tensor]:
         out = self.image_processor(images=items, return_tensors="pt")
         return {"pixel_values": out["pixel_values"]}
 

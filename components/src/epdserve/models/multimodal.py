@@ -9,7 +9,7 @@ from PIL import Image
 
 from epdserve.attention.kv_cache import KVCache
 from epdserve.attention.paged import AttentionMetadata
-from epdserve.models.base import MediaEncoder, MultimodalModel
+from epdserve.models.base import NO_MM_KWARGS, MediaEncoder, MMKwargs, MultimodalModel
 
 
 class PagedDecoder(Protocol):
@@ -43,8 +43,10 @@ class PagedMultimodalModel(MultimodalModel):
         self.device = device
         self.dtype = dtype
 
-    def preprocess(self, modality: str, items: list[Image.Image]) -> dict[str, torch.Tensor]:
-        return self.vision.preprocess(modality, items)
+    def preprocess(
+        self, modality: str, items: list[Image.Image], mm_kwargs: MMKwargs = NO_MM_KWARGS
+    ) -> dict[str, torch.Tensor]:
+        return self.vision.preprocess(modality, items, mm_kwargs)
 
     def encode(self, modality: str, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return self.vision.encode(modality, features)

@@ -9,8 +9,9 @@ from transformers import AutoConfig
 from epdserve.models.base import ModelFamily
 from epdserve.models.llama4 import Llama4Family
 from epdserve.models.llava import LlavaFamily
+from epdserve.models.qwen_vl import QwenVLFamily
 
-FAMILIES: tuple[type[ModelFamily], ...] = (LlavaFamily, Llama4Family)
+FAMILIES: tuple[type[ModelFamily], ...] = (LlavaFamily, Llama4Family, QwenVLFamily)
 
 
 def load_family(model_dir: str | Path) -> ModelFamily:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -56,3 +57,15 @@ def load_modules(
         for tensor in itertools.chain(module.parameters(), module.buffers()):
             if tensor.is_floating_point():
                 tensor.data = tensor.data.to(target)
+
+
+def check_loaded(model_dir: Path, info: Mapping[str, Any]) -> None:
+    """Fail on what `from_pretrained(..., output_loading_info=True)` only warns about: checkpoint
+    keys the model has no place for, and weights the checkpoint lacks. Names them."""
+    problems = {
+        "unknown checkpoint keys": sorted(info.get("unexpected_keys") or ()),
+        "weights missing from the checkpoint": sorted(info.get("missing_keys") or ()),
+    }
+    found = [f"{what} {keys[:8]} ({len(keys)} in all)" for what, keys in problems.items() if keys]
+    if found:
+        raise ValueError(f"{model_dir}: " + "; ".join(found))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,7 @@ from epdserve.config import MediaConfig
 from epdserve.media.fetch import MediaFetcher
 from epdserve.media.image import probe_image
 from epdserve.media.types import MediaInfo
-from epdserve.models.base import ModelFamily
+from epdserve.models.base import NO_MM_KWARGS, MMKwargs, ModelFamily
 from epdserve.processor.chat import MediaRef, attach_uuids, convert_messages, template_takes_parts
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
@@ -32,9 +33,17 @@ class _Media:
     data: bytes
     info: MediaInfo
 
-    @property
-    def hash(self) -> str:
-        return self.ref.uuid or hashlib.sha256(self.data).hexdigest()
+    def hash(self, mm_kwargs_key: str) -> str:
+        """The item's cache key (embedding cache, prefix cache, encoder routing): its content
+        hash or client uuid, folded with the processing options (another resolution, another
+        embedding)."""
+        base = self.ref.uuid or hashlib.sha256(self.data).hexdigest()
+        return hashlib.sha256(f"{base}\n{mm_kwargs_key}".encode()).hexdigest() if mm_kwargs_key else base
+
+
+def mm_kwargs_key(mm_kwargs: MMKwargs) -> str:
+    """Checked processing options as canonical JSON ("" for none): equal options, equal text."""
+    return json.dumps(dict(mm_kwargs), sort_keys=True, separators=(",", ":")) if mm_kwargs else ""
 
 
 class PromptBuilder:
@@ -60,6 +69,10 @@ class PromptBuilder:
         self.fetcher = fetcher
         self.placeholders = {family.placeholder_token_id(m): m for m in family.modalities}
         self.vocab_size = family.vocab_size
+        try:  # fails start-up on options the model does not take
+            family.check_mm_kwargs(media.mm_processor_kwargs)
+        except ValueError as exc:
+            raise ValueError(f"--mm-processor-kwargs: {exc}") from None
 
     async def build(self, req: ChatCompletionRequest | CompletionRequest) -> Prompt:
         if isinstance(req, CompletionRequest):
@@ -68,12 +81,23 @@ class PromptBuilder:
             raise EpdError.bad_request("this model has no chat template; use /v1/completions")
         messages, refs = convert_messages(req.messages, self.takes_parts)
         self._check_media_allowed(refs)
+        mm_kwargs = self._mm_kwargs(req.mm_processor_kwargs)
         refs = attach_uuids(refs, req.multi_modal_uuids)
         try:
             text = self.templater.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except jinja2.TemplateError as exc:  # e.g. the template's raise_exception on role order
             raise EpdError.bad_request(f"the chat template rejected the messages: {exc}", param="messages") from exc
-        return self._expand(self._tokenize(text), await self._load_all(refs))
+        return self._expand(self._tokenize(text), await self._load_all(refs), mm_kwargs)
+
+    def _mm_kwargs(self, requested: dict | None) -> MMKwargs:
+        """The server's processing options overridden by the request's, checked (400)."""
+        merged = {**self.media.mm_processor_kwargs, **(requested or {})}
+        if not merged:
+            return NO_MM_KWARGS
+        try:
+            return self.family.check_mm_kwargs(merged)
+        except ValueError as exc:
+            raise EpdError.bad_request(str(exc), param="mm_processor_kwargs") from None
 
     async def _load_all(self, refs: list[MediaRef]) -> list[_Media]:
         """Fetch every item concurrently; the first failure cancels the other fetches."""
@@ -134,8 +158,9 @@ class PromptBuilder:
         info = probe_image(data) if ref.modality == "image" else MediaInfo(ref.modality)
         return _Media(ref, data, info)
 
-    def _expand(self, ids: list[int], items: list[_Media]) -> Prompt:
+    def _expand(self, ids: list[int], items: list[_Media], mm_kwargs: MMKwargs) -> Prompt:
         """Replace each media placeholder with its item's tokens (`ModelFamily.expand_placeholder`)."""
+        options = mm_kwargs_key(mm_kwargs)
         queues = {m: [it for it in items if it.ref.modality == m] for m in self.family.modalities}
         out: list[int] = []
         media: list[pb.MediaItem] = []
@@ -147,18 +172,24 @@ class PromptBuilder:
             if not queues[modality]:
                 raise EpdError.bad_request(f"the prompt has more {modality} placeholders than {modality}s")
             item = queues[modality].pop(0)
-            tokens, mask = self.family.expand_placeholder(modality, item.info)
+            try:
+                expansion = self.family.expand_placeholder(modality, item.info, mm_kwargs)
+            except ValueError as exc:  # e.g. an image the processor cannot resize
+                raise EpdError.bad_request(str(exc), param="messages") from None
+            mask = expansion.embed_mask
             media.append(
                 pb.MediaItem(
                     modality=modality,
-                    hash=item.hash,
+                    hash=item.hash(options),
                     offset=len(out),
-                    length=len(tokens),
+                    length=len(expansion.token_ids),
                     data=item.data,
                     embed_mask=bytes(mask) if mask is not None else b"",
+                    grid=expansion.grid or (),
+                    mm_kwargs=options,
                 )
             )
-            out.extend(tokens)
+            out.extend(expansion.token_ids)
         if any(queues.values()):
             raise EpdError.bad_request("the chat template placed fewer media placeholders than media items")
         return Prompt(out, media)

@@ -107,7 +107,7 @@ class Logprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., token: _Optional[str] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[Logprob, _Mapping]]] = ...) -> None: ...
 
 class MediaItem(_message.Message):
-    __slots__ = ("modality", "hash", "offset", "length", "data", "embedding", "in_ec_storage", "embed_mask")
+    __slots__ = ("modality", "hash", "offset", "length", "data", "embedding", "in_ec_storage", "embed_mask", "grid", "mm_kwargs")
     MODALITY_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,8 @@ class MediaItem(_message.Message):
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     IN_EC_STORAGE_FIELD_NUMBER: _ClassVar[int]
     EMBED_MASK_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
+    MM_KWARGS_FIELD_NUMBER: _ClassVar[int]
     modality: str
     hash: str
     offset: int
@@ -124,7 +126,9 @@ class MediaItem(_message.Message):
     embedding: RemoteTensor
     in_ec_storage: bool
     embed_mask: bytes
-    def __init__(self, modality: _Optional[str] = ..., hash: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., data: _Optional[bytes] = ..., embedding: _Optional[_Union[RemoteTensor, _Mapping]] = ..., in_ec_storage: _Optional[bool] = ..., embed_mask: _Optional[bytes] = ...) -> None: ...
+    grid: _containers.RepeatedScalarFieldContainer[int]
+    mm_kwargs: str
+    def __init__(self, modality: _Optional[str] = ..., hash: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., data: _Optional[bytes] = ..., embedding: _Optional[_Union[RemoteTensor, _Mapping]] = ..., in_ec_storage: _Optional[bool] = ..., embed_mask: _Optional[bytes] = ..., grid: _Optional[_Iterable[int]] = ..., mm_kwargs: _Optional[str] = ...) -> None: ...
 
 class RemoteTensor(_message.Message):
     __slots__ = ("addr", "nbytes", "dtype", "shape")
@@ -165,18 +169,20 @@ class KVLayout(_message.Message):
     def __init__(self, base: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_bytes: _Optional[int] = ...) -> None: ...
 
 class KVHandoff(_message.Message):
-    __slots__ = ("holder", "layout", "blocks", "first_token", "hold_ms")
+    __slots__ = ("holder", "layout", "blocks", "first_token", "hold_ms", "rope_delta")
     HOLDER_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     HOLD_MS_FIELD_NUMBER: _ClassVar[int]
+    ROPE_DELTA_FIELD_NUMBER: _ClassVar[int]
     holder: EmbeddingHandoff
     layout: KVLayout
     blocks: _containers.RepeatedScalarFieldContainer[int]
     first_token: int
     hold_ms: int
-    def __init__(self, holder: _Optional[_Union[EmbeddingHandoff, _Mapping]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., blocks: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., hold_ms: _Optional[int] = ...) -> None: ...
+    rope_delta: int
+    def __init__(self, holder: _Optional[_Union[EmbeddingHandoff, _Mapping]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., blocks: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., hold_ms: _Optional[int] = ..., rope_delta: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "token_ids", "sampling", "media", "handoff", "kv", "media_mailbox_key")

@@ -58,6 +58,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     multi_modal_uuids: dict[str, list[str | None]] | None = None  # vLLM extension
+    mm_processor_kwargs: dict[str, Any] | None = None  # vLLM extension: per-request media processing options
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 

@@ -1,6 +1,6 @@
 """Tiny random-weight Hugging Face model directories for tests and benchmarks.
 
-    python -m epdserve.tools.tiny_model --family llava|llama4 --out DIR [--preset tiny|bench]
+    python -m epdserve.tools.tiny_model --family llava|llama4|qwen2_5_vl|qwen3_vl --out DIR [--preset tiny|bench]
         [--hidden-size N] [--num-layers N] [--num-heads N] [--num-kv-heads N]
         [--intermediate-size N] [--vocab-size N] [--image-size N] [--patch-size N]
         [--vision-hidden-size N] [--vision-layers N] [--seed N]
@@ -55,8 +55,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -71,84 +69,32 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
-    PreTrainedModel,
 )
 from transformers.models.llama4.processing_llama4 import chat_template as LLAMA4_CHAT_TEMPLATE
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from epdserve.tools.tiny_qwen import build_qwen2_5_vl, build_qwen3_vl
+from epdserve.tools.tiny_spec import (
+    DTYPES,
+    MAX_POSITIONS,
+    PRESETS,
+    VISION_HEADS,
+    WEIGHT_LAYOUTS,
+    TinySpec,
+    init_model,
+    save_model,
+)
 from epdserve.tools.tiny_tokenizer import train_bpe_tokenizer
-
-
-@dataclasses.dataclass(frozen=True)
-class TinySpec:
-    """Sizes and options of a tiny model; defaults are the ``tiny`` preset."""
-
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 128
-    vocab_size: int = 1024
-    image_size: int = 32
-    patch_size: int = 8
-    vision_hidden_size: int = 32
-    vision_layers: int = 2
-    seed: int = 0
-    weight_layout: str = "transformers"
-    dtype: str = "float32"
-
-
-PRESETS: dict[str, dict[str, int]] = {
-    "tiny": {},
-    "bench": dict(
-        hidden_size=512,
-        num_layers=8,
-        num_heads=8,
-        num_kv_heads=4,
-        intermediate_size=1376,
-        vocab_size=8192,
-        image_size=224,
-        patch_size=14,
-        vision_hidden_size=256,
-        vision_layers=4,
-    ),
-}
 
 # Per-family defaults under the preset: Llama 4's tiny model needs 4 layers to hold a dense, an
 # MoE, a RoPE and a NoPE layer twice, and 4px patches for 16 image tokens per tile.
-FAMILY_DEFAULTS: dict[str, dict[str, int]] = {"llava": {}, "llama4": {"num_layers": 4, "patch_size": 4}}
-
-WEIGHT_LAYOUTS = ("transformers", "llava-hf")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-INIT_SCALE = 3.0  # at the default init, greedy decoding repeats one token whatever the input
-VISION_HEADS = 4
-MAX_POSITIONS = 2048
-
-# --------------------------------------------------------------------------- weights
-
-
-def init_model(model_cls: type[PreTrainedModel], config: Any, seed: int) -> PreTrainedModel:
-    """Build ``model_cls(config)`` with seeded random weights; matrices scaled by INIT_SCALE."""
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim >= 2:  # linear/conv/embedding weights; keep norms and biases
-                param.mul_(INIT_SCALE)
-    return model
-
-
-def save_model(model: PreTrainedModel, out: Path, dtype: str, rename: Callable[[str], str] | None = None) -> None:
-    """``save_pretrained`` in ``dtype``, then optionally rename the safetensors keys."""
-    if DTYPES[dtype] != torch.float32:  # the init's dtype; to() would also make complex buffers real
-        model.to(DTYPES[dtype])
-    model.save_pretrained(out)
-    path = out / "model.safetensors"
-    if rename is not None:
-        tensors = load_file(path)
-        save_file({rename(k): v for k, v in tensors.items()}, path, metadata={"format": "pt"})
-    path.chmod(0o644)  # save_pretrained leaves it 0600; servers may run as another user
-
+# Qwen's 4px patches give 48 tokens for the 64x48 test image (1 to 64 within its pixel bounds).
+FAMILY_DEFAULTS: dict[str, dict[str, int]] = {
+    "llava": {},
+    "llama4": {"num_layers": 4, "patch_size": 4},
+    "qwen2_5_vl": {"patch_size": 4},
+    "qwen3_vl": {"patch_size": 4},
+}
 
 # --------------------------------------------------------------------------- llava
 
@@ -362,7 +308,12 @@ def build_llama4(spec: TinySpec, out: Path) -> None:
 
 # --------------------------------------------------------------------------- entry points
 
-FAMILIES: dict[str, Callable[[TinySpec, Path], None]] = {"llava": build_llava, "llama4": build_llama4}
+FAMILIES: dict[str, Callable[[TinySpec, Path], None]] = {
+    "llava": build_llava,
+    "llama4": build_llama4,
+    "qwen2_5_vl": build_qwen2_5_vl,
+    "qwen3_vl": build_qwen3_vl,
+}
 
 
 def make_spec(preset: str = "tiny", family: str = "llava", **overrides: Any) -> TinySpec:

@@ -21,7 +21,7 @@ _PLAIN = re.compile(r"[0-9a-f]{64}")  # content hashes name their file as they a
 
 
 class EmbeddingStorage:
-    """`[length, H]` embeddings under `root`, keyed by media hash or client uuid."""
+    """`[length, E]` embeddings under `root`, keyed by media hash or client uuid."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)

@@ -28,6 +28,7 @@ from epdserve.transfer.hold import ReadHold
 from epdserve.worker.ec_storage import EmbeddingStorage
 from epdserve.worker.embedding_cache import CachedEmbedding, EmbeddingCache
 from epdserve.worker.encode_batcher import EncodeBatcher
+from epdserve.worker.media_sources import item_mm_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class MediaEmbedder:
     def _preprocess_and_maybe_encode(self, item: pb.MediaItem) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """In a worker thread: the item's encoder inputs, and its embedding when the encoder
         was idle (one thread hop instead of three)."""
-        features = self.encoder.features(item.modality, item.data)
+        features = self.encoder.features(item.modality, item.data, item_mm_kwargs(item))
         return features, self.batcher.encode_if_idle(item.modality, features)
 
 

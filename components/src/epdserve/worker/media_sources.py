@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -23,7 +24,7 @@ import torch
 
 from epdserve.config import TransferTimeouts
 from epdserve.engine.base import MultiModalInput, embed_mask_from_bytes, embedding_rows
-from epdserve.models.base import MediaEncoder
+from epdserve.models.base import NO_MM_KWARGS, MediaEncoder, MMKwargs
 from epdserve.protocol import epdserve_pb2 as pb
 from epdserve.protocol.errors import EpdError
 from epdserve.runtime.mailbox import Mailbox
@@ -46,11 +47,22 @@ def apply_encode_result(req: pb.GenerateRequest, result: pb.EncodeResult) -> Non
 
 
 def placed_input(item: pb.MediaItem) -> MultiModalInput:
-    """`item`'s place in the prompt (positions, hash, embed mask) as an engine input, still
-    without its features or embeddings."""
+    """`item`'s place in the prompt (positions, hash, embed mask, grid) as an engine input,
+    still without its features or embeddings."""
+    grid = tuple(item.grid)
     return MultiModalInput(
-        item.modality, item.hash, item.offset, item.length, embed_mask=embed_mask_from_bytes(item.embed_mask)
+        item.modality,
+        item.hash,
+        item.offset,
+        item.length,
+        embed_mask=embed_mask_from_bytes(item.embed_mask),
+        grid=(grid[0], grid[1], grid[2]) if len(grid) == 3 else None,
     )
+
+
+def item_mm_kwargs(item: pb.MediaItem) -> MMKwargs:
+    """The processing options the processor checked for `item`."""
+    return json.loads(item.mm_kwargs) if item.mm_kwargs else NO_MM_KWARGS
 
 
 class MediaResolver:
@@ -112,7 +124,7 @@ class MediaResolver:
             mm = placed_input(item)
             source = item.WhichOneof("source")
             if source == "data":
-                mm.features = self.model.features(item.modality, item.data)
+                mm.features = self.model.features(item.modality, item.data, item_mm_kwargs(item))
             elif source == "embedding":
                 mm.embeddings = embeddings[i]
             elif source == "in_ec_storage":

@@ -116,6 +116,7 @@ class PDHandler:
             sampling,
             [placed_input(m) for m in req.media],
             prefilled_token=req.kv.first_token,
+            rope_delta=req.kv.rope_delta if req.kv.HasField("rope_delta") else None,
         )
         kv = self.kv
 
@@ -162,5 +163,7 @@ class PrefillHandler:
             if out.held_blocks is None:
                 raise EpdError(500, "the engine held no KV blocks for the prompt")
             delta.kv.CopyFrom(self.kv.handoff(hold.expect(), out.held_blocks, out.new_token_ids[0], self.hold_timeout))
+            if out.rope_delta is not None:
+                delta.kv.rope_delta = out.rope_delta
             yield delta.SerializeToString()
             await hold.wait(self.hold_timeout)
