@@ -62,6 +62,20 @@ def tiny_llama4(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The builder's default tiny Qwen2.5-VL, built once per session."""
+    from epdserve.tools.tiny_model import build_tiny_model
+    return build_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("tiny-qwen2_5_vl") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The builder's default tiny Qwen3-VL, built once per session."""
+    from epdserve.tools.tiny_model import build_tiny_model
+    return build_tiny_model("qwen3_vl", tmp_path_factory.mktemp("tiny-qwen3_vl") / "model")
+
+
+@pytest.fixture(scope="session")
 def cpu_kernels(tmp_path_factory: pytest.TempPathFactory):
     """epdserve's CPU kernels, compiled once per session; None where they cannot run here."""
     from epdserve.kernels.cpu import load_cpu_kernels

@@ -14,7 +14,14 @@ import time
 import openai
 import pytest
 
-from support.chat import MAX_TOKENS, assert_matches_oracle, chat_all_at_once, chat_messages, run_chat
+from support.chat import (
+    MAX_TOKENS,
+    assert_matches_oracle,
+    assert_nothing_held,
+    chat_all_at_once,
+    chat_messages,
+    run_chat,
+)
 from support.cluster import assert_idle, launch
 from support.oracle import hf_greedy, make_image
 
@@ -22,17 +29,6 @@ pytestmark = pytest.mark.topology("llava/disagg-epd")
 
 # Small blocks: a prompt spans many, so READs merge runs and the prefix cache hits partly.
 FLAGS = ("--block-size", "4", "--num-kv-blocks", "512")
-
-
-def _assert_nothing_held(stats: dict[str, dict[str, int]]) -> None:
-    """Every KV block and staging span free, nothing held for a READ, no transfer or pin left,
-    on every worker (an encoder's region is its cache: its entries stay)."""
-    for name, s in stats.items():
-        if "kv_blocks_total" in s:
-            assert s["kv_blocks_free"] == s["kv_blocks_total"], name
-            assert s["running"] == s["waiting"] == s["held_requests"] == s["region_allocations"] == 0, name
-        assert s.get("nixl_live_transfers", 0) == 0 and s.get("nixl_expected_notifs", 0) == 0, name
-        assert s.get("cache_pinned", 0) == 0, name
 
 
 def test_completions_and_requests_that_end_at_prefill(cluster, model_dir):
@@ -84,7 +80,7 @@ def test_32_concurrent_requests_leave_nothing_behind(cluster, model_dir):
     stats = cluster.worker_stats()
     assert sum(k.startswith("prefill/") for k in stats) == 1
     assert all(s["kv_blocks_read"] > 0 for k, s in stats.items() if k.startswith("decode/"))
-    _assert_nothing_held(stats)
+    assert_nothing_held(stats)
     for name, s in stats.items():   # the KV pool registered once, at start-up, beside the staging region
         if name.startswith(("prefill/", "decode/")):
             assert s["nixl_registrations"] == 2, name
@@ -129,7 +125,7 @@ def test_dead_prefill_and_decode_workers_end_requests(infra, tiny_llava, tmp_pat
 
         assert check(*_frozen(c.pids("--multimodal-decode-worker")[0], lambda: chat_all_at_once(c, cases))) == 2
         time.sleep(3)
-        _assert_nothing_held(c.worker_stats())   # the KV held for the frozen decode worker is free
+        assert_nothing_held(c.worker_stats())   # the KV held for the frozen decode worker is free
 
         # Mid-stream: a long generation on the last decode worker, killed once tokens flow.
         (decode,) = c.pids("--multimodal-decode-worker")
@@ -143,6 +139,6 @@ def test_dead_prefill_and_decode_workers_end_requests(infra, tiny_llava, tmp_pat
                     started = time.monotonic()
                     threading.Thread(target=os.kill, args=(decode, signal.SIGKILL)).start()
         assert started is not None and time.monotonic() - started < 20
-        _assert_nothing_held({k: s for k, s in c.worker_stats().items() if not k.startswith("decode/")})
+        assert_nothing_held({k: s for k, s in c.worker_stats().items() if not k.startswith("decode/")})
     finally:
         c.stop()

@@ -59,3 +59,37 @@ def chat_all_at_once(cluster, cases: list[list[dict]], max_tokens: int = MAX_TOK
                     return exc
             return await asyncio.gather(*(one(m) for m in cases))
     return asyncio.run(run())
+
+
+def chat_concurrently(cluster, jobs: list[tuple[list[dict], int, bool]], concurrency: int) -> list[list[int]]:
+    """Run (messages, max_tokens, streamed) chats at temperature 0, at most `concurrency` in
+    flight, on a test `Cluster`: each one's completion token ids (an error raises)."""
+    async def run():
+        limit = asyncio.Semaphore(concurrency)
+        async with cluster.async_client() as client:
+            async def one(messages, max_tokens, stream):
+                kw = dict(model=cluster.model, messages=messages, max_tokens=max_tokens, temperature=0,
+                          extra_body={"return_token_ids": True})
+                async with limit:
+                    if not stream:
+                        r = await client.chat.completions.create(**kw)
+                        return r.choices[0].model_extra["token_ids"]
+                    ids = []
+                    async for chunk in await client.chat.completions.create(**kw, stream=True):
+                        for choice in chunk.choices:
+                            ids += choice.model_extra.get("token_ids") or []
+                    return ids
+            return await asyncio.gather(*(one(*job) for job in jobs))
+    return asyncio.run(run())
+
+
+def assert_nothing_held(stats: dict[str, dict[str, int]]) -> None:
+    """Every KV block and staging span free, nothing held for a READ, no transfer or pin left,
+    on every worker of `Cluster.worker_stats()` (an encoder's region is its cache: its entries
+    stay)."""
+    for name, s in stats.items():
+        if "kv_blocks_total" in s:
+            assert s["kv_blocks_free"] == s["kv_blocks_total"], name
+            assert s["running"] == s["waiting"] == s["held_requests"] == s.get("region_allocations", 0) == 0, name
+        assert s.get("nixl_live_transfers", 0) == 0 and s.get("nixl_expected_notifs", 0) == 0, name
+        assert s.get("cache_pinned", 0) == 0, name

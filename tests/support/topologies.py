@@ -40,9 +40,16 @@ def _llama4_images(n: int) -> list[bytes]:
     return [[], [make_image(2, (64, 48))], [make_image(3, (200, 33)), make_image(1, (20, 20))]][n]
 
 
+def _qwen_images(n: int) -> list[bytes]:
+    # Dynamic resolution: 48 rows (a 12x16 patch grid); then 45 (18x10) and 16 (8x8).
+    return [[], [make_image(2, (64, 48))], [make_image(3, (40, 72)), make_image(1, (32, 32))]][n]
+
+
 FAMILIES: dict[str, FamilySpec] = {
     "llava": FamilySpec("tiny_llava", lambda n: [make_image(10 + i) for i in range(n)]),
     "llama4": FamilySpec("tiny_llama4", _llama4_images),
+    "qwen2_5_vl": FamilySpec("tiny_qwen2_5_vl", _qwen_images),
+    "qwen3_vl": FamilySpec("tiny_qwen3_vl", _qwen_images),
 }
 
 SCRIPTS: dict[str, ScriptSpec] = {
@@ -56,6 +63,7 @@ SCRIPTS: dict[str, ScriptSpec] = {
                              workers={"prefill": 1, "decode": 2}, disaggregated=True),
     "disagg-llama": ScriptSpec("disagg_multimodal_llama.sh", workers={"prefill": 1, "decode": 1},
                                two_nodes=True, disaggregated=True),
+    "agg-llama": ScriptSpec("agg_multimodal_llama.sh"),
 }
 
 UNSUPPORTED: dict[tuple[str, str], str] = {}   # (family, script) -> why not
