@@ -73,3 +73,12 @@ def test_mixed_load_matches_transformers_and_frees_everything(cluster: Cluster, 
     got = chat_concurrently(cluster, jobs, concurrency=12)
     assert got == [hf_greedy(model_dir, messages, max_tokens=n) for messages, n, _ in jobs]
     assert_nothing_held(cluster.worker_stats())
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_transparent_images_match_transformers(cluster: Cluster, model_dir, topology: str) -> None:
+    """RGBA, LA and palette images with transparency: composited on white, as the HF processor
+    does (dropping the alpha band would change the pixels)."""
+    messages = chat_messages([make_image(40 + i, (32, 32), mode) for i, mode in enumerate(("RGBA", "LA", "P"))])
+    text, ids, _ = run_chat(cluster.client(), cluster.model, messages, stream=False)
+    split(topology)[0].oracle(model_dir, messages, text, ids)

@@ -127,13 +127,16 @@ def hf_text(model_dir: str | Path, token_ids: list[int]) -> str:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Encoded image bytes -> an RGB PIL image, as the oracle feeds the processor."""
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    """Encoded image bytes -> the PIL image a `transformers` user hands the processor: as
+    decoded, in its own mode (the processor converts RGBA, LA and P images itself)."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
 
 
-def make_image(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
-    """A deterministic PNG of ``size`` (W, H); see `synthetic_png`."""
-    return synthetic_png(seed, size)
+def make_image(seed: int, size: tuple[int, int] = (64, 48), mode: str = "RGB") -> bytes:
+    """A deterministic PNG of ``size`` (W, H) in ``mode`` (RGB, RGBA, LA, P); see `synthetic_png`."""
+    return synthetic_png(seed, size, mode)
 
 
 def data_url(png: bytes) -> str:
