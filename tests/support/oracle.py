@@ -72,29 +72,31 @@ def _data_url_images(messages: list[dict]) -> list[bytes]:
 
 def hf_greedy(
     model_dir: str | Path, messages: list[dict] | None = None, *, prompt: str | None = None,
-    images: list[bytes] | tuple[bytes, ...] = (), max_tokens: int = 16,
+    images: list[bytes] | tuple[bytes, ...] = (), max_tokens: int = 16, processor_kwargs: dict | None = None,
 ) -> list[int]:
     """Greedy new token ids for a chat (``messages``) or a raw completion ``prompt``.
 
     ``images`` are encoded images (PNG, JPEG, ...) in prompt order; when empty, the images
     come from the ``data:`` URLs of the messages. The result stops after EOS like
     ``generate`` does and then includes the EOS id; otherwise it has ``max_tokens`` ids.
+    ``processor_kwargs`` go to the HF processor's call (e.g. Qwen-VL's ``size``).
     """
-    return hf_generate(model_dir, messages, prompt=prompt, images=images, max_tokens=max_tokens)[1]
+    return hf_generate(model_dir, messages, prompt=prompt, images=images, max_tokens=max_tokens,
+                       processor_kwargs=processor_kwargs)[1]
 
 
 def hf_generate(
     model_dir: str | Path, messages: list[dict] | None = None, *, prompt: str | None = None,
-    images: list[bytes] | tuple[bytes, ...] = (), max_tokens: int = 16,
+    images: list[bytes] | tuple[bytes, ...] = (), max_tokens: int = 16, processor_kwargs: dict | None = None,
 ) -> tuple[list[int], list[int]]:
     """(prompt token ids, greedy new token ids), with the arguments of ``hf_greedy``."""
     if (messages is None) == (prompt is None):
         raise ValueError("give exactly one of messages and prompt")
     path = Path(model_dir).resolve()
     key = (str(path), (path / "config.json").stat().st_mtime_ns, json.dumps(messages), prompt,
-           tuple(hashlib.sha256(b).hexdigest() for b in images), max_tokens)
+           tuple(hashlib.sha256(b).hexdigest() for b in images), max_tokens, json.dumps(processor_kwargs))
     if key not in _GENERATED:   # the same case on every topology of a family: generated once
-        _GENERATED[key] = _generate(path, messages, prompt, images, max_tokens)
+        _GENERATED[key] = _generate(path, messages, prompt, images, max_tokens, processor_kwargs or {})
     prompt_ids, new_ids = _GENERATED[key]
     return list(prompt_ids), list(new_ids)
 
@@ -103,7 +105,8 @@ _GENERATED: dict[tuple, tuple[list[int], list[int]]] = {}
 
 
 def _generate(model_dir: Path, messages: list[dict] | None, prompt: str | None,
-              images: list[bytes] | tuple[bytes, ...], max_tokens: int) -> tuple[list[int], list[int]]:
+              images: list[bytes] | tuple[bytes, ...], max_tokens: int,
+              processor_kwargs: dict) -> tuple[list[int], list[int]]:
     processor, model = load_hf(model_dir)
     if messages is not None:
         text = processor.apply_chat_template(
@@ -113,7 +116,7 @@ def _generate(model_dir: Path, messages: list[dict] | None, prompt: str | None,
         text = prompt
     pil = [decode_image(b) for b in images]
     # Float inputs in the model's dtype: Llama 4's image processor returns bfloat16 pixels.
-    inputs = processor(text=text, images=pil or None, return_tensors="pt").to(model.dtype)
+    inputs = processor(text=text, images=pil or None, return_tensors="pt", **processor_kwargs).to(model.dtype)
     with torch.inference_mode():
         out = model.generate(**inputs, do_sample=False, max_new_tokens=max_tokens)
     prompt_ids = inputs["input_ids"][0].tolist()
