@@ -47,32 +47,33 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
         yield servers
 
 
+def _tiny_model(tmp_path_factory: pytest.TempPathFactory, family: str) -> Path:
+    from epdserve.tools.tiny_model import build_tiny_model
+    return build_tiny_model(family, tmp_path_factory.mktemp(f"tiny-{family}") / "model")
+
+
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The builder's default tiny LLaVA, built once per session."""
-    from epdserve.tools.tiny_model import build_tiny_model
-    return build_tiny_model("llava", tmp_path_factory.mktemp("tiny-llava") / "model")
+    return _tiny_model(tmp_path_factory, "llava")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama4(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The builder's default tiny Llama 4, built once per session."""
-    from epdserve.tools.tiny_model import build_tiny_model
-    return build_tiny_model("llama4", tmp_path_factory.mktemp("tiny-llama4") / "model")
+    return _tiny_model(tmp_path_factory, "llama4")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_5_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The builder's default tiny Qwen2.5-VL, built once per session."""
-    from epdserve.tools.tiny_model import build_tiny_model
-    return build_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("tiny-qwen2_5_vl") / "model")
+    return _tiny_model(tmp_path_factory, "qwen2_5_vl")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The builder's default tiny Qwen3-VL, built once per session."""
-    from epdserve.tools.tiny_model import build_tiny_model
-    return build_tiny_model("qwen3_vl", tmp_path_factory.mktemp("tiny-qwen3_vl") / "model")
+    return _tiny_model(tmp_path_factory, "qwen3_vl")
 
 
 @pytest.fixture(scope="session")

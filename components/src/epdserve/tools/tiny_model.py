@@ -36,6 +36,9 @@ The tokenizer has Llama 4's special tokens and does not prepend <|begin_of_text|
 published chat template (the one `transformers` ships) writes it. EOS: <|end_of_text|>,
 <|eom|>, <|eot|> (generation_config), as the published checkpoints.
 
+Qwen2.5-VL and Qwen3-VL (``tools/tiny_qwen.py``): the preset's sizes with 4px patches and
+dynamic resolution (the 64x48 test image: 48 image tokens); the tiny ones build in about 1 s.
+
 Weight layouts (``--weight-layout``; llama4 writes what transformers 5 saves: ``vision_model.*``,
 ``multi_modal_projector.*``, ``language_model.model.*``, ``language_model.lm_head.*``):
   transformers -- what transformers 5 ``save_pretrained`` writes: ``vision_tower.embeddings.*``,
@@ -83,6 +86,7 @@ from epdserve.tools.tiny_spec import (
     TinySpec,
     init_model,
     save_model,
+    text_sizes,
 )
 from epdserve.tools.tiny_tokenizer import train_bpe_tokenizer
 
@@ -136,13 +140,7 @@ def build_llava(spec: TinySpec, out: Path) -> None:
     )
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
     text_config = LlamaConfig(
-        hidden_size=spec.hidden_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        intermediate_size=spec.intermediate_size,
-        vocab_size=spec.vocab_size,
-        max_position_embeddings=MAX_POSITIONS,
+        **text_sizes(spec),
         rms_norm_eps=1e-5,
         bos_token_id=ids["<s>"],
         eos_token_id=ids["</s>"],

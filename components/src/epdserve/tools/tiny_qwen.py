@@ -16,11 +16,15 @@ over (temporal, height, width) sections: contiguous in Qwen2.5-VL, interleaved i
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from transformers import (
+    BaseVideoProcessor,
     GenerationConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    ProcessorMixin,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
@@ -32,7 +36,7 @@ from transformers import (
     Qwen3VLVideoProcessor,
 )
 
-from epdserve.tools.tiny_spec import MAX_POSITIONS, VISION_HEADS, TinySpec, init_model, save_model
+from epdserve.tools.tiny_spec import MAX_POSITIONS, VISION_HEADS, TinySpec, init_model, save_model, text_sizes
 from epdserve.tools.tiny_tokenizer import train_bpe_tokenizer
 
 QWEN_SPECIALS = [
@@ -96,104 +100,96 @@ def _mrope_section(spec: TinySpec) -> list[int]:
     return [half - h - w, h, w]
 
 
-def _text_kwargs(spec: TinySpec, ids: dict[str, int]) -> dict:
-    return dict(
-        hidden_size=spec.hidden_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        intermediate_size=spec.intermediate_size,
-        vocab_size=spec.vocab_size,
-        max_position_embeddings=MAX_POSITIONS,
+def _build(
+    spec: TinySpec,
+    out: Path,
+    model_cls: type[PreTrainedModel],
+    config_cls: type[PretrainedConfig],
+    processor_cls: type[ProcessorMixin],
+    video_processor_cls: type[BaseVideoProcessor],
+    rope: dict[str, Any],
+    text: dict[str, Any],
+    vision: dict[str, Any],
+) -> None:
+    """What both families share; `rope`, `text` and `vision` add their own config fields."""
+    tokenizer, ids = _tokenizer(spec)
+    text_config = dict(
+        text_sizes(spec),
         rms_norm_eps=1e-6,
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
+        rope_parameters={"rope_type": "default", "rope_theta": QWEN_ROPE_THETA, "mrope_section": _mrope_section(spec)}
+        | rope,
+        **text,
     )
-
-
-def _token_kwargs(ids: dict[str, int]) -> dict:
-    return dict(
+    vision_config = dict(
+        depth=spec.vision_layers,
+        hidden_size=spec.vision_hidden_size,
+        intermediate_size=2 * spec.vision_hidden_size,
+        num_heads=VISION_HEADS,
+        patch_size=spec.patch_size,
+        spatial_merge_size=QWEN_MERGE,
+        temporal_patch_size=2,
+        out_hidden_size=spec.hidden_size,
+        **vision,
+    )
+    config = config_cls(
+        text_config=text_config,
+        vision_config=vision_config,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-
-
-def _save(model: PreTrainedModel, spec: TinySpec, out: Path, ids: dict[str, int]) -> None:
+    model = init_model(model_cls, config, spec.seed)
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
         pad_token_id=ids["<|endoftext|>"],
     )
     save_model(model, out, spec.dtype)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    processor = processor_cls(
+        image_processor=_image_processor(spec),
+        tokenizer=tokenizer,
+        video_processor=video_processor_cls(patch_size=spec.patch_size, merge_size=QWEN_MERGE),
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
 
 
 def build_qwen2_5_vl(spec: TinySpec, out: Path) -> None:
     """Qwen2.5-VL: Qwen2 text model with M-RoPE + windowed ViT with a 2x2 patch merger."""
-    tokenizer, ids = _tokenizer(spec)
-    text = dict(
-        _text_kwargs(spec, ids),
-        rope_parameters={"rope_type": "default", "rope_theta": QWEN_ROPE_THETA, "mrope_section": _mrope_section(spec)},
+    vision = dict(window_size=spec.patch_size * QWEN_MERGE * 2, fullatt_block_indexes=[spec.vision_layers - 1])
+    _build(
+        spec,
+        out,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLProcessor,
+        Qwen2VLVideoProcessor,
+        rope={},
+        text={},
+        vision=vision,
     )
-    vision = dict(
-        depth=spec.vision_layers,
-        hidden_size=spec.vision_hidden_size,
-        intermediate_size=2 * spec.vision_hidden_size,
-        num_heads=VISION_HEADS,
-        patch_size=spec.patch_size,
-        spatial_merge_size=QWEN_MERGE,
-        temporal_patch_size=2,
-        window_size=spec.patch_size * QWEN_MERGE * 2,
-        fullatt_block_indexes=[spec.vision_layers - 1],
-        out_hidden_size=spec.hidden_size,
-    )
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_token_kwargs(ids))
-    _save(init_model(Qwen2_5_VLForConditionalGeneration, config, spec.seed), spec, out, ids)
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    processor = Qwen2_5_VLProcessor(
-        image_processor=_image_processor(spec),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(patch_size=spec.patch_size, merge_size=QWEN_MERGE),
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(out)
 
 
 def build_qwen3_vl(spec: TinySpec, out: Path) -> None:
     """Qwen3-VL: Qwen3 text model with interleaved M-RoPE + ViT with deepstack mergers."""
-    tokenizer, ids = _tokenizer(spec)
-    text = dict(
-        _text_kwargs(spec, ids),
-        head_dim=spec.hidden_size // spec.num_heads,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": QWEN_ROPE_THETA,
-            "mrope_section": _mrope_section(spec),
-            "mrope_interleaved": True,
-        },
-    )
     vision = dict(
-        depth=spec.vision_layers,
-        hidden_size=spec.vision_hidden_size,
-        intermediate_size=2 * spec.vision_hidden_size,
-        num_heads=VISION_HEADS,
-        patch_size=spec.patch_size,
-        spatial_merge_size=QWEN_MERGE,
-        temporal_patch_size=2,
-        out_hidden_size=spec.hidden_size,
         num_position_embeddings=64,  # an 8x8 table, interpolated to each image's grid
         deepstack_visual_indexes=list(range(min(spec.vision_layers, spec.num_layers))),
     )
-    config = Qwen3VLConfig(text_config=text, vision_config=vision, **_token_kwargs(ids))
-    _save(init_model(Qwen3VLForConditionalGeneration, config, spec.seed), spec, out, ids)
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    processor = Qwen3VLProcessor(
-        image_processor=_image_processor(spec),
-        tokenizer=tokenizer,
-        video_processor=Qwen3VLVideoProcessor(patch_size=spec.patch_size, merge_size=QWEN_MERGE),
-        chat_template=QWEN_CHAT_TEMPLATE,
+    _build(
+        spec,
+        out,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLConfig,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+        rope={"mrope_interleaved": True},
+        text={"head_dim": spec.hidden_size // spec.num_heads},
+        vision=vision,
     )
-    processor.save_pretrained(out)

@@ -77,3 +77,16 @@ def save_model(model: PreTrainedModel, out: Path, dtype: str, rename: Callable[[
         tensors = load_file(path)
         save_file({rename(k): v for k, v in tensors.items()}, path, metadata={"format": "pt"})
     path.chmod(0o644)  # save_pretrained leaves it 0600; servers may run as another user
+
+
+def text_sizes(spec: TinySpec) -> dict[str, int]:
+    """The text decoder's sizes as `transformers` text configs name them."""
+    return dict(
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        intermediate_size=spec.intermediate_size,
+        vocab_size=spec.vocab_size,
+        max_position_embeddings=MAX_POSITIONS,
+    )
