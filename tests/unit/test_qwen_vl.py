@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from epdserve.config import MediaConfig
 from epdserve.engine.base import EngineOutput, KVAdmitted
@@ -25,6 +26,7 @@ from epdserve.models.registry import load_family
 from epdserve.processor.prompt import PromptBuilder
 from epdserve.protocol.errors import EpdError
 from epdserve.protocol.openai import ChatCompletionRequest
+from epdserve.tools.tiny_model import build_tiny_model
 from support.engine import assert_no_leak, drive
 from support.engine_requests import engine_request, load_kv, step_checked
 from support.oracle import data_url, decode_image, hf_greedy, load_hf, make_image
@@ -58,6 +60,21 @@ def _build(model_dir: Path, messages: list[dict], **request):
     media = MediaConfig()
     builder = PromptBuilder(load_family(model_dir), processor.tokenizer, processor, media, True, MediaFetcher(media))
     return asyncio.run(builder.build(ChatCompletionRequest(model="m", messages=messages, **request)))
+
+
+def test_tiny_model_is_a_standard_directory(model_dir: Path, tmp_path: Path) -> None:
+    """`save_pretrained` output that the auto classes load with no key left over or missing,
+    byte for byte the same on a rebuild, and whose greedy output depends on the image."""
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model, info = AutoModelForImageTextToText.from_pretrained(model_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert type(processor).__name__ == {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}[
+        model.config.model_type]
+    again = build_tiny_model(model.config.model_type, tmp_path / "again")
+    assert all((again / f.name).read_bytes() == f.read_bytes() for f in model_dir.iterdir())
+    outputs = {tuple(hf_greedy(model_dir, user_turn("What is shown?", [make_image(seed)]), max_tokens=8))
+               for seed in (1, 2, 3)}
+    assert len(outputs) > 1
 
 
 def test_prompt_grids_and_positions_equal_the_hf_processor(model_dir: Path) -> None:
