@@ -115,7 +115,7 @@ def test_dead_prefill_and_decode_workers_end_requests(infra, tiny_llava, tmp_pat
 
         def check(outcomes, elapsed):
             assert elapsed < 20
-            assert all(isinstance(o, openai.APIError) or o == e for o, e in zip(outcomes, expected))
+            assert all(isinstance(o, openai.APIError) or o == e for o, e in zip(outcomes, expected, strict=True))
             return sum(isinstance(o, openai.APIError) for o in outcomes)
 
         # Round-robin sends two of the four to the frozen prefill worker.

@@ -8,8 +8,8 @@ from functools import lru_cache
 import torch
 
 from epdserve.engine.base import EngineEvent, EngineOutput, EngineRequest, KVAdmitted, MultiModalInput, SamplingParams
-from epdserve.media.image import decode_image, probe_image
 from epdserve.engine.paged import PagedEngine
+from epdserve.media.image import decode_image, probe_image
 from epdserve.models.base import ModelFamily
 from epdserve.models.registry import load_family
 from support.oracle import load_hf

@@ -205,7 +205,7 @@ def test_unknown_checkpoint_keys_fail_start_up_naming_them(model_dir: Path, tmp_
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     family = load_family(broken)
     for load in (family.load_runner, family.load_encoder):
-        with pytest.raises(ValueError, match="model.surprise.weight"):
+        with pytest.raises(ValueError, match=r"model\.surprise\.weight"):
             load(None, torch.device("cpu"))
 
 
